@@ -1,0 +1,272 @@
+"""The generation loop: prefill the prompt once, then one token per step from the static KV cache.
+
+Window policy (what happens past the context length `block_size`):
+  * a prompt longer than `block_size` keeps its last `block_size` tokens (`GenerationStats.prompt_truncated`
+    says how many were dropped, so the caller can warn);
+  * when the window is full and another token must be written, the oldest quarter of the window is dropped, the
+    rest is re-prefilled at positions 0.. in one pass, and decoding goes on. Generation never stops or crashes
+    because of the context length.
+`use_cache=False` follows exactly the same windows but recomputes the whole window at every step: it is the
+reference the cached path is tested and benchmarked against.
+
+`generate_tokens` yields token ids; `stream_text` turns them into text for one sample (stop strings, EOS, UTF-8
+safe); `generate_texts` does it for several samples drawn from one prefill. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gptmini.config import SamplingConfig
+from gptmini.devices import synchronize
+from gptmini.kv_cache import KVCache
+from gptmini.model import GPT
+from gptmini.sampling import make_generator, sample_next
+from gptmini.tokenizer import Tokenizer
+
+FINISHED = -1  # placeholder id yielded for a sample that already hit <|endoftext|>
+
+
+def window_shift(block_size: int) -> int:
+    """How many of the oldest tokens a full window drops: a quarter (at least one)."""
+    return max(1, block_size // 4)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_truncated: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    window_slides: int = 0
+    stop_reason: str = ""
+    step_times: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # the first new token comes from the prefill; the rest from decode steps
+        steps = max(self.new_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: GPT,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    num_samples: int = 1,
+    eos_id: int | None = None,
+    use_cache: bool = True,
+    stats: GenerationStats | None = None,
+    record_step_times: bool = False,
+) -> Iterator[list[int]]:
+    """Yield, per step, one new token id per sample (`FINISHED` for samples that already emitted `eos_id`).
+
+    Stops after `max_new_tokens` steps or when every sample has emitted `eos_id` (pass None to ignore EOS).
+    """
+    config = model.config
+    device = model.lm_head.weight.device
+    stats = stats if stats is not None else GenerationStats()
+    block = config.block_size
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt must hold at least one token (use <|endoftext|> for unconditional text)")
+    stats.prompt_tokens = len(prompt_ids)
+    stats.prompt_truncated = max(0, len(prompt_ids) - block)
+    kept = list(prompt_ids[-block:])
+    if max_new_tokens <= 0:
+        return
+
+    generator = make_generator(sampling.seed, device)
+    # The current window of tokens per sample; positions 0..length-1 are in the cache (when there is one).
+    window = torch.zeros(num_samples, block, dtype=torch.long, device=device)
+    window[:, : len(kept)] = torch.tensor(kept, dtype=torch.long, device=device)
+    length = len(kept)
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.zeros(num_samples, config.vocab_size, dtype=torch.bool, device=device)
+        seen[:, torch.tensor(sorted(set(prompt_ids)), device=device)] = True
+
+    cache = KVCache.for_model(model, batch_size=1) if use_cache else None
+    t0 = time.perf_counter()
+    logits, _ = model(window[:1, :length], cache=cache, start_pos=0, last_only=True)
+    if cache is not None and num_samples > 1:
+        cache = cache.expand(num_samples)  # one prefill serves every sample
+    next_tok = sample_next(logits[:, -1].expand(num_samples, -1), sampling, generator, seen)
+    ids = next_tok.tolist()
+    synchronize(device)
+    stats.prefill_s = time.perf_counter() - t0
+
+    finished = [False] * num_samples
+    t_decode = time.perf_counter()
+    try:
+        for step in range(max_new_tokens):
+            out = []
+            for i, tok in enumerate(ids):
+                out.append(FINISHED if finished[i] else tok)
+                if eos_id is not None and tok == eos_id:
+                    finished[i] = True
+            stats.new_tokens = step + 1
+            yield out
+            if all(finished) or step == max_new_tokens - 1:
+                break
+            t_step = time.perf_counter()
+            if seen is not None:
+                seen.scatter_(1, next_tok[:, None], True)
+            if length == block:
+                # Window full: drop the oldest quarter, re-prefill the rest (+ the new token) at positions 0..
+                keep = block - window_shift(block)
+                window[:, : keep - 1] = window[:, length - keep + 1 : length].clone()
+                window[:, keep - 1] = next_tok
+                length = keep
+                logits, _ = model(window[:, :length], cache=cache, start_pos=0, last_only=True)
+                stats.window_slides += 1
+            else:
+                window[:, length] = next_tok
+                length += 1
+                if cache is not None:
+                    logits, _ = model(next_tok[:, None], cache=cache, start_pos=length - 1)
+                else:
+                    logits, _ = model(window[:, :length], last_only=True)
+            next_tok = sample_next(logits[:, -1], sampling, generator, seen)
+            ids = next_tok.tolist()  # the one host sync per step: the caller needs the token
+            if record_step_times:
+                stats.step_times.append(time.perf_counter() - t_step)
+    finally:
+        stats.decode_s = time.perf_counter() - t_decode
+
+
+class StopMatcher:
+    """Cuts text at the first stop string, holding back any tail that might still become one.
+
+    `feed(piece)` returns the text that is now safe to show; `done` turns True once a stop string appeared
+    (its text and everything after it are never returned). `flush()` releases what was held at the end.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.done = False
+
+    def feed(self, piece: str) -> str:
+        if self.done:
+            return ""
+        self.pending += piece
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.done = True
+            out, self.pending = self.pending[: min(hits)], ""
+            return out
+        hold = max(_longest_prefix_suffix(self.pending, s) for s in self.stops)
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.done else self.pending), ""
+        return out
+
+
+def _longest_prefix_suffix(text: str, stop: str) -> int:
+    """Length of the longest proper prefix of `stop` that `text` ends with."""
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0
+
+
+def stream_text(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    ignore_eos: bool = False,
+    use_cache: bool = True,
+    stats: GenerationStats | None = None,
+) -> Iterator[str]:
+    """Yield the completion of one sample as text pieces, as soon as each is certain."""
+    stats = stats if stats is not None else GenerationStats()
+    decoder = tokenizer.stream_decoder()
+    matcher = StopMatcher(sampling.stop)
+    stats.stop_reason = "max_new_tokens"
+    tokens = generate_tokens(
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        eos_id=None if ignore_eos else tokenizer.eot_id,
+        use_cache=use_cache,
+        stats=stats,
+    )
+    try:
+        for (tok,) in tokens:
+            if not ignore_eos and tok == tokenizer.eot_id:
+                stats.stop_reason = "eos"
+                break
+            piece = matcher.feed(decoder.push(tok))
+            if piece:
+                yield piece
+            if matcher.done:
+                stats.stop_reason = "stop"
+                break
+        tail = matcher.feed(decoder.flush()) + matcher.flush()
+        if tail:
+            yield tail
+    finally:
+        tokens.close()
+
+
+def generate_texts(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    num_samples: int,
+    ignore_eos: bool = False,
+    use_cache: bool = True,
+    stats: GenerationStats | None = None,
+) -> list[str]:
+    """`num_samples` completions of one prompt, drawn in one batch from a single prefill."""
+    eos_id = None if ignore_eos else tokenizer.eot_id
+    decoders = [tokenizer.stream_decoder() for _ in range(num_samples)]
+    matchers = [StopMatcher(sampling.stop) for _ in range(num_samples)]
+    texts = [""] * num_samples
+    done = [False] * num_samples
+    tokens = generate_tokens(
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        num_samples=num_samples,
+        eos_id=eos_id,
+        use_cache=use_cache,
+        stats=stats,
+    )
+    try:
+        for step_ids in tokens:
+            for i, tok in enumerate(step_ids):
+                if done[i]:
+                    continue
+                if tok in (FINISHED, eos_id):
+                    done[i] = True
+                    continue
+                texts[i] += matchers[i].feed(decoders[i].push(tok))
+                done[i] = matchers[i].done
+            if all(done):
+                break
+    finally:
+        tokens.close()
+    return [t + m.feed(d.flush()) + m.flush() for t, m, d in zip(texts, matchers, decoders, strict=True)]

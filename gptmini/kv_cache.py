@@ -1,0 +1,75 @@
+"""A static key/value cache: preallocated once, written in place at absolute positions.
+
+Decoding token t only needs the keys and values of tokens 0..t-1, which never change, so each layer keeps them in
+a `[batch, n_head, max_len, head_dim]` buffer. Nothing grows with `torch.cat`: a step writes one slot and reads a
+view, so the decode step allocates nothing that depends on the length of the text.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gptmini.config import GPTConfig
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        """A cache matching `model`'s shape, dtype and device; `max_len` defaults to its context length."""
+        config: GPTConfig = model.config
+        weight = model.lm_head.weight
+        return cls(
+            config.n_layer,
+            batch_size,
+            config.n_head,
+            max_len or config.block_size,
+            config.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(
+        self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store `k`, `v` (`[B, H, T, D]`) at positions start_pos.., return all keys/values up to the last one."""
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        self.k[layer, :, :, start_pos:end] = k
+        self.v[layer, :, :, start_pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def expand(self, batch_size: int) -> KVCache:
+        """Repeat a batch-1 cache (one prefilled prompt) into `batch_size` independent rows."""
+        if self.batch_size != 1:
+            raise ValueError("only a batch-1 cache can be expanded")
+        out = KVCache.__new__(KVCache)
+        out.k = self.k.expand(-1, batch_size, -1, -1, -1).contiguous()
+        out.v = self.v.expand(-1, batch_size, -1, -1, -1).contiguous()
+        return out
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2

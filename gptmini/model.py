@@ -1,0 +1,280 @@
+"""The GPT: a decoder-only transformer with GPT-2's layout, so its weights interoperate with GPT-2's.
+
+Read top to bottom:
+  token ids ─▶ token embedding + position embedding ─▶ n_layer × Block ─▶ LayerNorm ─▶ LM head (tied) ─▶ logits
+  Block(x) = x + Attention(LN(x)), then x + MLP(LN(x))           (pre-LayerNorm residual blocks)
+  Attention = softmax(Q·Kᵀ/√d_k + causal mask)·V over n_head heads, projected back to n_embd
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptmini.config import GPTConfig
+from gptmini.kv_cache import KVCache
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention where each position sees only itself and earlier positions."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.layer_idx = layer_idx
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # Q, K, V in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        # When set, forward also computes the attention probabilities explicitly and keeps them here.
+        self.keep_attention = False
+        self.attention: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+
+        mask = None
+        is_causal = True
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, start_pos, k, v)
+            if T == 1:
+                is_causal = False  # one new query may see every cached key
+            elif start_pos > 0:
+                # T new queries after start_pos cached keys: query i sees keys 0..start_pos+i. SDPA's is_causal
+                # aligns the triangle top-left, which is wrong here, so the mask is explicit.
+                is_causal = False
+                mask = causal_mask(T, start_pos, x.device)
+
+        if self.keep_attention:
+            self.attention = attention_probs(q, k, start_pos if cache is not None else 0)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+def causal_mask(n_query: int, start_pos: int, device: torch.device) -> torch.Tensor:
+    """Boolean `[n_query, start_pos + n_query]` mask: query i (at absolute position start_pos+i) sees keys ≤ it."""
+    query_pos = torch.arange(start_pos, start_pos + n_query, device=device)
+    key_pos = torch.arange(start_pos + n_query, device=device)
+    return key_pos[None, :] <= query_pos[:, None]
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    """softmax(Q·Kᵀ/√d_k) under the causal mask, spelled out: the weights SDPA uses but never shows."""
+    scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    allowed = causal_mask(q.shape[2], start_pos, q.device)
+    return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward network: n_embd → 4·n_embd → GELU (tanh form, as GPT-2) → n_embd."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start_pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+def sinusoidal_table(n_positions: int, n_embd: int) -> torch.Tensor:
+    """The fixed encoding of "Attention Is All You Need": PE[p, 2i] = sin(p/10000^(2i/d)), PE[p, 2i+1] = cos(...)."""
+    position = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    inv_freq = torch.exp(torch.arange(0, n_embd, 2, dtype=torch.float64) * (-math.log(10000.0) / n_embd))
+    table = torch.zeros(n_positions, n_embd, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq)
+    return table.float()
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+            )
+        )
+        if config.pos_embedding == "learned":
+            self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        else:
+            # A fixed table, not a parameter: rebuilt from the config, never saved.
+            self.register_buffer(
+                "pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False
+            )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix embeds and un-embeds
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/√(2·n_layer), so its variance
+        # does not grow with depth (two residual additions per block).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @classmethod
+    def skeleton(
+        cls, config: GPTConfig, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> GPT:
+        """A model with uninitialised weights, for loading into: skips the random init (seconds for GPT-2)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=device).to(dtype)
+        model.lm_head.weight = model.transformer.wte.weight  # re-tie: to_empty made two tensors
+        if config.pos_embedding == "sinusoidal":
+            model.pos_table = sinusoidal_table(config.block_size, config.n_embd).to(device)
+        return model
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    # ---- forward -------------------------------------------------------------------------------------------
+
+    def hidden_states(
+        self, idx: torch.Tensor, *, cache: KVCache | None = None, start_pos: int = 0
+    ) -> torch.Tensor:
+        """Final-LayerNorm output `[B, T, n_embd]` for tokens at absolute positions start_pos..start_pos+T-1."""
+        T = idx.shape[1]
+        if start_pos + T > self.config.block_size:
+            raise ValueError(
+                f"positions {start_pos}..{start_pos + T - 1} exceed the context length {self.config.block_size}"
+            )
+        tok = self.transformer.wte(idx)
+        if self.config.pos_embedding == "learned":
+            pos = self.transformer.wpe.weight[start_pos : start_pos + T]
+        else:
+            pos = self.pos_table[start_pos : start_pos + T].to(tok.dtype)
+        x = self.transformer.drop(tok + pos)
+        for block in self.transformer.h:
+            x = block(x, cache, start_pos)
+        return self.transformer.ln_f(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores over the real vocabulary: padding rows are computed (aligned matmul) but cut off."""
+        return self.lm_head(hidden)[..., : self.config.vocab_size]
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits `[B, T, vocab]` (or `[B, 1, vocab]` with `last_only`) and, given targets, the mean cross-entropy.
+
+        With a cache, only the new tokens `idx` are run; their keys/values are stored at start_pos.. and attention
+        reads everything cached before them. Targets equal to -1 are ignored by the loss.
+        """
+        hidden = self.hidden_states(idx, cache=cache, start_pos=start_pos)
+        if last_only:
+            hidden = hidden[:, -1:]
+        logits = self.logits(hidden)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-1
+            )
+        return logits, loss
+
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """Attention probabilities of every layer, each `[B, n_head, T, T]` (row = query, column = key)."""
+        blocks = list(self.transformer.h)
+        for block in blocks:
+            block.attn.keep_attention = True
+        try:
+            self.hidden_states(idx)
+            return [block.attn.attention for block in blocks]
+        finally:
+            for block in blocks:
+                block.attn.keep_attention = False
+                block.attn.attention = None
+
+    # ---- counting ------------------------------------------------------------------------------------------
+
+    def num_params(self) -> dict[str, int]:
+        """Parameters by component; padding rows of the embedding are not counted (they are never used)."""
+        c = self.config
+        token = c.vocab_size * c.n_embd
+        position = c.block_size * c.n_embd if c.pos_embedding == "learned" else 0
+        attention = sum(p.numel() for b in self.transformer.h for p in b.attn.parameters())
+        mlp = sum(p.numel() for b in self.transformer.h for p in b.mlp.parameters())
+        norms = sum(p.numel() for m in self.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters())
+        total = token + position + attention + mlp + norms
+        return dict(
+            token_embedding=token,
+            position_embedding=position,
+            attention=attention,
+            mlp=mlp,
+            layer_norm=norms,
+            total=total,
+            non_embedding=total - token - position,
+        )
+
+    def flops_per_token(self, *, training: bool = False, context: int | None = None) -> int:
+        """Matmul FLOPs per token at `context` (default block_size): 2·N + 4·L·T·C forward, ×3 for training.
+
+        N counts the weights each token multiplies through (blocks + LM head; embeddings are lookups), and
+        4·L·T·C the attention scores and weighted sum over T keys (the PaLM/nanoGPT convention).
+        """
+        c = self.config
+        counts = self.num_params()
+        n_matmul = counts["non_embedding"] - counts["layer_norm"] + c.vocab_size * c.n_embd
+        forward = 2 * n_matmul + 4 * c.n_layer * (context or c.block_size) * c.n_embd
+        return 3 * forward if training else forward
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        element = torch.empty((), dtype=dtype or self.lm_head.weight.dtype).element_size()
+        return 2 * self.config.n_layer * self.config.n_embd * element
+
+    def summary(self) -> dict[str, dict[str, int | float | str | bool]]:
+        """Parameters by component, per-token costs and the config, for `gptmini info`."""
+        c = self.config
+        return {
+            "parameters": self.num_params(),
+            "cost": {
+                "forward_flops_per_token_at_full_context": self.flops_per_token(),
+                "training_flops_per_token": self.flops_per_token(training=True),
+                "kv_cache_bytes_per_token": self.kv_cache_bytes_per_token(),
+                "kv_cache_bytes_at_full_context": self.kv_cache_bytes_per_token() * c.block_size,
+                "weight_bytes": sum(p.numel() * p.element_size() for p in self.parameters()),
+            },
+            "config": {**c.to_dict(), "padded_vocab_size": c.padded_vocab_size},
+        }

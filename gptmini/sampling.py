@@ -1,0 +1,85 @@
+"""Logits → next token.
+
+Applied in this order, the same as transformers' logits processors, so settings mean the same thing there:
+  1. repetition penalty: a seen token's logit is divided by the penalty if positive, multiplied if negative
+  2. temperature: logits / T; T = 0 means greedy (argmax after step 1, steps 3–5 skipped)
+  3. top-k: keep the k highest logits
+  4. top-p (nucleus): keep the smallest set of tokens whose probability sums to ≥ p
+  5. min-p: drop tokens whose probability is below min_p × the top token's probability
+  then softmax and one draw from a seeded `torch.Generator`, so a seed reproduces the text exactly.
+All of it works on the whole batch at once: no Python loop over tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gptmini.config import SamplingConfig
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """`seen` is a `[B, V]` bool mask of tokens already in the text (prompt included)."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(
+    logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None, min_p: float | None = None
+) -> torch.Tensor:
+    """Set the logits of tokens outside top-k / top-p / min-p to -inf (rows of `[B, V]`, already tempered)."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # A token is dropped when the tokens ranked above it already reach top_p; the top one always stays.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[..., 0] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    if min_p is not None and min_p > 0.0:
+        probs = logits.softmax(dim=-1)
+        threshold = min_p * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    return logits
+
+
+def next_token_probs(
+    logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The distribution the next token is drawn from (`[B, V]`); one-hot on the argmax when greedy."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
+    logits = filter_logits(logits / cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p)
+    return logits.softmax(dim=-1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One next token per row of `logits` (`[B, V]` → `[B]`)."""
+    if cfg.temperature == 0:
+        logits = logits.float()
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+        return logits.argmax(dim=-1)
+    probs = next_token_probs(logits, cfg, seen)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator

@@ -1,0 +1,102 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import hf_gpt2, random_gpt
+
+from gptmini.checkpoint import load_checkpoint, save_checkpoint
+from gptmini.errors import UserError
+from gptmini.hf import export_hf
+from gptmini.tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = ["ChatGPT is", "To be, or not to be", "The quick brown fox jumps over"]
+
+
+def hf_greedy(hf, ids, n):
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=50256
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def test_import_gives_transformers_logits(hf_dir):
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    model, info = load_checkpoint(hf_dir)
+    assert info["format"] == "huggingface-gpt2"
+    tok = Tokenizer()
+    batch = torch.tensor([tok.encode(p)[:4] for p in PROMPTS])
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch)[0], hf(batch).logits, atol=1e-4, rtol=0)
+
+
+def test_pytorch_model_bin_and_unprefixed_keys(tmp_path):
+    hf = hf_gpt2(n_layer=2, n_head=2, n_embd=32, std=0.2)
+    # As `gpt2` is published: a .bin whose keys lack `transformer.` and carry the causal-mask buffers.
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    hf.config.save_pretrained(directory)
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    state.update({f"h.{i}.attn.bias": torch.ones(1, 1, 64, 64) for i in range(2)})
+    torch.save(state, directory / "pytorch_model.bin")
+    model, _ = load_checkpoint(directory)
+    idx = torch.randint(0, 50257, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_greedy_cli_matches_transformers(hf_dir):
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    tok = Tokenizer()
+    for prompt in PROMPTS:
+        expected = tok.decode(hf_greedy(hf, tok.encode(prompt), 32))
+        out = subprocess.run(
+            [sys.executable, "-m", "gptmini", "generate", prompt, "-c", str(hf_dir), "--greedy"]
+            + ["--max-new-tokens", "32", "--ignore-eos"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert out.stdout == prompt + expected + "\n"
+
+
+def test_export_round_trips_through_transformers(tmp_path):
+    model = random_gpt(std=0.2, n_layer=3, n_head=2, n_embd=32)
+    export_hf(model, tmp_path / "out")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    idx = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overrides", [dict(pos_embedding="sinusoidal"), dict(bias=False)])
+def test_export_of_non_gpt2_variants_keeps_the_function(tmp_path, overrides):
+    model = random_gpt(std=0.2, **overrides)
+    export_hf(model, tmp_path / "out")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()
+    idx = torch.randint(0, 50257, (1, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
+
+
+def test_export_cli(tmp_path):
+    save_checkpoint(random_gpt(std=0.2), tmp_path / "ckpt")
+    subprocess.run(
+        [sys.executable, "-m", "gptmini", "export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")],
+        check=True,
+    )
+    reloaded, _ = load_checkpoint(tmp_path / "hf")  # and back in through the importer
+    original, _ = load_checkpoint(tmp_path / "ckpt")
+    vocab = original.config.vocab_size  # padding rows are not exported
+    assert torch.equal(reloaded.lm_head.weight[:vocab], original.lm_head.weight[:vocab])
+
+
+def test_unsupported_hf_config(tmp_path):
+    hf = hf_gpt2()
+    hf.config.activation_function = "relu"
+    hf.save_pretrained(tmp_path / "relu")
+    with pytest.raises(UserError, match="activation"):
+        load_checkpoint(tmp_path / "relu")
