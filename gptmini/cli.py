@@ -238,10 +238,45 @@ def eval_cmd() -> None:
     _not_yet("eval")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def chat() -> None:
-    """Interactive multi-turn chat."""
-    _not_yet("chat")
+@app.command()
+def chat(
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "-c",
+            "--checkpoint",
+            help="gptmini or Hugging Face GPT-2 dir [default: checkpoints/default-chat, else checkpoints/default]",
+        ),
+    ] = None,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.8,
+    top_k: Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens.")] = 200,
+    top_p: Annotated[
+        float | None, typer.Option("--top-p", help="Nucleus sampling threshold in (0, 1].")
+    ] = None,
+    min_p: Annotated[
+        float | None, typer.Option("--min-p", help="Drop tokens below min_p × top probability.")
+    ] = None,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats (1 = off).")] = 1.0,
+    system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", "-n", help="Maximum tokens per reply.")
+    ] = 200,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible replies.")] = None,
+    history: Annotated[
+        Path | None,
+        typer.Option("--history", help="Input history file [default: $GPTMINI_HISTORY or ~/.gptmini_history]"),
+    ] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Multi-turn chat: replies streamed, history kept and trimmed to the context, /help for commands.
+
+    With piped stdin, each line is one user turn and the replies go to stdout.
+    """
+    from gptmini.chat import ChatSettings, run_chat
+
+    settings = ChatSettings(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_new_tokens)
+    code = run_chat(checkpoint, settings=settings, system=system, device=device, history_file=history)
+    raise typer.Exit(code)
 
 
 # Typer ≥ 0.20 vendors its own click; older versions use click. Take the classes from whichever Typer uses.
