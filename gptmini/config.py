@@ -123,3 +123,100 @@ class SamplingConfig:
             raise UserError(f"min-p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise UserError(f"repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+
+# ---- training -------------------------------------------------------------------------------------------------
+
+ENCODING_ERRORS = ("strict", "replace")
+TRAIN_DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16")
+DEFAULT_TIME_BUDGET_S = 600.0  # with neither --max-iters nor --time: ten minutes
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run except the model's shape (that is `GPTConfig`).
+
+    A step is one optimizer update over `batch_size × grad_accum × world_size` sequences. The run ends at
+    `max_iters` steps or after `time_budget_s` seconds of wall clock, whichever comes first; the learning rate
+    follows whichever of the two is further along, so a time-boxed run still decays to its floor.
+    """
+
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # the cosine ends at lr × min_lr_ratio
+    warmup_iters: int = 50
+    max_iters: int | None = None
+    time_budget_s: float | None = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    val_fraction: float = 0.1
+    seed: int = 1337
+    dtype: str = "auto"
+    device: str = "auto"
+    compile: bool = False
+    encoding_errors: str = "strict"
+
+    def __post_init__(self) -> None:
+        if self.max_iters is None and self.time_budget_s is None:
+            self.time_budget_s = DEFAULT_TIME_BUDGET_S
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.max_iters is not None and (not isinstance(self.max_iters, int) or self.max_iters <= 0):
+            raise UserError(f"max-iters must be a positive integer, got {self.max_iters!r}")
+        if self.time_budget_s is not None and not self.time_budget_s > 0:
+            raise UserError(f"time must be positive, got {self.time_budget_s!r} seconds")
+        if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
+            raise UserError(f"warmup-iters must be >= 0, got {self.warmup_iters!r}")
+        if not self.lr > 0:
+            raise UserError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UserError(f"min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise UserError(f"weight-decay must be >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.grad_clip < 0:
+            raise UserError(f"grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.dtype not in TRAIN_DTYPES:
+            raise UserError(f"unknown dtype {self.dtype!r}; choose auto, float32 or bfloat16")
+        if self.encoding_errors not in ENCODING_ERRORS:
+            raise UserError(f"encoding-errors must be strict or replace, got {self.encoding_errors!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in `90`, `90s`, `10m`, `1.5h` or `1h30m`; a UserError for anything else."""
+    import re
+
+    spec = text.strip().lower()
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smh]?)", spec)
+    if not spec or re.sub(r"(\d+(?:\.\d+)?)\s*([smh]?)", "", spec).strip() or not parts:
+        raise UserError(f"cannot read the duration {text!r}; write e.g. 90s, 10m or 1h30m")
+    seconds = sum(float(n) * _DURATION_UNITS[u or "s"] for n, u in parts)
+    if seconds <= 0:
+        raise UserError(f"time must be positive, got {text!r}")
+    return seconds

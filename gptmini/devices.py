@@ -77,3 +77,52 @@ def peak_memory_bytes(device: torch.device) -> int | None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     except ImportError:  # pragma: no cover - Windows
         return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 matmul instructions (AVX512-BF16 / AMX), where bf16 autocast pays."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_train_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Training compute dtype: `auto` = bf16 autocast on bf16-capable GPUs and CPUs, fp32 elsewhere.
+
+    Weights and optimizer state stay fp32 either way; bf16 only applies to the matmuls (autocast).
+    """
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
+    dtype = resolve_dtype(name, device)
+    if dtype == torch.float16:
+        raise UserError(
+            "training in float16 is not supported (it needs loss scaling); use bfloat16 or float32"
+        )
+    return dtype
+
+
+def keep_freed_memory_on_cpu() -> None:
+    """Stop glibc from returning big freed blocks to the OS, so each training step reuses the last one's pages.
+
+    By default glibc serves large allocations with mmap and unmaps them on free; a training step allocates and frees
+    the same large activations every time, and faulting those pages back in cost about half of a small model's
+    step. Raising the mmap and trim thresholds keeps them in the heap. A no-op off glibc.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        pass

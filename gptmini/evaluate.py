@@ -1,0 +1,112 @@
+"""Loss, perplexity and bits per byte of a model on a token sequence.
+
+The text is cut into `block_size` windows (non-overlapping by default; `stride` < block_size overlaps them so each
+scored token sees more context). Every token but the first is scored exactly once. Bits per byte divides the summed
+loss by the UTF-8 bytes of the scored tokens: loss_nats · tokens / (bytes · ln 2), a figure that compares across
+tokenizers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from gptmini.devices import autocast
+from gptmini.errors import UserError
+from gptmini.loss import IGNORE_INDEX, linear_cross_entropy
+from gptmini.model import GPT
+
+
+@dataclass
+class EvalResult:
+    loss: float  # mean nats per scored token
+    ppl: float
+    bpb: float  # bits per UTF-8 byte of the scored text
+    tokens: int
+    bytes: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+def eval_windows(n_tokens: int, block_size: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """Windows `(begin, length, skip)`: inputs tokens[begin : begin+length], targets shifted by one, the first
+    `skip` targets already scored by an earlier window. Together they score targets 1 … n_tokens−1 exactly once."""
+    stride = stride or block_size
+    if not 0 < stride <= block_size:
+        raise UserError(f"stride must be in [1, block_size={block_size}], got {stride}")
+    last = n_tokens - 1  # index of the last target
+    windows = []
+    scored_to = 0  # targets 1..scored_to are done
+    begin = 0
+    while scored_to < last:
+        end = min(begin + block_size, last)  # targets begin+1 .. end
+        windows.append((begin, end - begin, scored_to - begin))
+        scored_to = end
+        begin += stride
+    return windows
+
+
+def evenly_spaced(windows: list, count: int | None) -> list:
+    """`count` windows spread over the whole list (all of them when count is None or large)."""
+    if count is None or count >= len(windows):
+        return windows
+    picks = np.unique(np.linspace(0, len(windows) - 1, count).round().astype(np.int64))
+    return [windows[i] for i in picks]
+
+
+@torch.no_grad()
+def evaluate_tokens(
+    model: GPT,
+    tokens: np.ndarray,
+    token_bytes: np.ndarray,
+    *,
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Score `tokens` with `model` (see the module docstring); `max_windows` scores an evenly spaced subset."""
+    block = model.config.block_size
+    if len(tokens) < 2:
+        raise UserError("need at least two tokens to evaluate")
+    device = model.lm_head.weight.device
+    windows = evenly_spaced(eval_windows(len(tokens), block, stride), max_windows)
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64)
+    n_scored = n_bytes = 0
+    try:
+        for first in range(0, len(windows), batch_size):
+            group = windows[first : first + batch_size]
+            width = max(length for _, length, _ in group)
+            x = np.zeros((len(group), width), dtype=np.int64)
+            y = np.full((len(group), width), IGNORE_INDEX, dtype=np.int64)
+            for row, (begin, length, skip) in enumerate(group):
+                x[row, :length] = tokens[begin : begin + length]
+                y[row, skip:length] = tokens[begin + 1 + skip : begin + 1 + length]
+            scored = y[y != IGNORE_INDEX]
+            n_scored += scored.size
+            n_bytes += int(token_bytes[scored].sum())
+            xt = torch.from_numpy(x).to(device)
+            yt = torch.from_numpy(y).to(device)
+            with autocast(device, dtype):
+                hidden = model.hidden_states(xt)
+                total += (
+                    linear_cross_entropy(hidden, model.lm_head.weight, yt, vocab_size=model.config.vocab_size)
+                    .double()
+                    .cpu()
+                )
+            if progress:
+                progress(min(first + batch_size, len(windows)), len(windows))
+    finally:
+        model.train(was_training)
+    loss_sum = float(total)
+    loss = loss_sum / n_scored
+    bpb = loss_sum / (max(n_bytes, 1) * math.log(2))
+    return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), bpb=bpb, tokens=n_scored, bytes=n_bytes)

@@ -1,0 +1,608 @@
+"""The training loop: text in, checkpoint directory out.
+
+    batches (BatchSource) ─▶ GPT hidden states ─▶ chunked LM-head cross-entropy ─▶ backward ─▶ clip ─▶ AdamW
+
+The loop never prints: it reports `TrainEvent`s to a callback (the CLI renders them with rich). Everything a run
+needs to continue exactly — weights, optimizer moments, step, elapsed time, RNG state — is saved together, and a
+step's batches depend only on (seed, step), so a resumed run repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from gptmini.checkpoint import (
+    CONFIG_FILE,
+    TRAIN_STATE_FILE,
+    WEIGHTS_FILE,
+    load_checkpoint,
+    load_state_into,
+    load_train_state,
+    read_checkpoint_info,
+    read_model_config,
+    read_safetensors,
+    save_checkpoint,
+)
+from gptmini.config import PRESETS, GPTConfig, TrainConfig
+from gptmini.data import BatchSource, RandomWindows, check_split, load_corpus, token_byte_lengths
+from gptmini.devices import (
+    autocast,
+    dtype_name,
+    keep_freed_memory_on_cpu,
+    resolve_device,
+    resolve_train_dtype,
+    synchronize,
+)
+from gptmini.errors import UserError
+from gptmini.evaluate import EvalResult, evaluate_tokens
+from gptmini.loss import IGNORE_INDEX, linear_cross_entropy
+from gptmini.model import GPT
+from gptmini.tokenizer import Tokenizer
+
+METRICS_FILE = "metrics.jsonl"
+BEST_DIR = "best"
+STAGING_DIR = ".saving"
+COMPLETE_MARK = "COMPLETE"
+DEFAULT_PRESET = "small"
+# Model fields that --init-from / --resume may not change (they fix the weights' shapes).
+SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_embedding")
+
+
+@dataclass
+class TrainEvent:
+    """One report from the loop. kind: data | start | log | eval | save | end."""
+
+    kind: str
+    step: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    reason: str  # done | time | interrupted | diverged
+    elapsed_s: float
+    tokens_seen: int
+    train_loss: float | None
+    final: EvalResult | None  # full validation split at the end (None if interrupted/diverged)
+    best_val_loss: float | None
+    message: str = ""
+
+
+Callback = Callable[[TrainEvent], Any]
+
+
+# ---- schedule -------------------------------------------------------------------------------------------------
+
+
+def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
+    """Linear warm-up over `warmup_iters` steps, then cosine from lr down to lr·min_lr_ratio as progress → 1.
+
+    `progress` is the fraction of the run done (of max_iters, or of the time budget), so the same formula serves
+    step-bounded and time-bounded runs.
+    """
+    if step < config.warmup_iters:
+        return config.lr * (step + 1) / config.warmup_iters
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, LayerNorm gains or other vectors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    kwargs: dict[str, Any] = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # fused kernels missing for this device/dtype
+        return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+class LossModel(nn.Module):
+    """GPT + chunked LM-head cross-entropy in one module, so DDP and torch.compile see the whole step.
+
+    Named `module` so `checkpoint.unwrap` finds the GPT inside. Returns (summed loss, number of scored positions).
+    """
+
+    def __init__(self, gpt: GPT) -> None:
+        super().__init__()
+        self.module = gpt
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.module.hidden_states(x)
+        loss_sum = linear_cross_entropy(
+            hidden, self.module.lm_head.weight, y, vocab_size=self.module.config.vocab_size
+        )
+        return loss_sum, (y != IGNORE_INDEX).sum()
+
+
+# ---- run directory --------------------------------------------------------------------------------------------
+
+
+def default_out(paths: Sequence[str | Path]) -> Path:
+    first = Path(paths[0]) if paths else Path("run")
+    return Path("runs") / (first.stem or first.name or "run")
+
+
+def recover_staged(directory: Path) -> None:
+    """Finish or discard a save that was interrupted (see `commit_checkpoint`)."""
+    staging = directory / STAGING_DIR
+    if not staging.is_dir():
+        return
+    if (staging / COMPLETE_MARK).exists():
+        for name in (WEIGHTS_FILE, TRAIN_STATE_FILE, CONFIG_FILE):
+            if (staging / name).exists():
+                os.replace(staging / name, directory / name)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def commit_checkpoint(model: nn.Module, directory: Path, *, train_state: dict | None, meta: dict) -> None:
+    """Save a checkpoint so that a kill at any moment leaves a whole one: the previous or the new.
+
+    Each file is written atomically by `save_checkpoint` into a staging directory; a marker then says the set is
+    complete, and only then do the files move into place (a few renames). A save killed before the marker is
+    discarded on resume; one killed after it is rolled forward.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = directory / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)
+    save_checkpoint(model, staging, train_state=train_state, meta=meta)
+    (staging / COMPLETE_MARK).touch()
+    recover_staged(directory)
+
+
+def run_in(directory: Path) -> dict[str, Any] | None:
+    """The `run` record of the training run saved in `directory`, or None if it holds none."""
+    if not (directory / CONFIG_FILE).exists():
+        return None
+    try:
+        info = read_checkpoint_info(directory)
+    except UserError:
+        return None
+    return info.get("run")
+
+
+def check_out_dir(out: Path, *, resume: bool, force: bool) -> dict[str, Any] | None:
+    """Refuse to clobber: an --out holding another run needs --resume or --force. Returns the run to resume."""
+    if resume and force:
+        raise UserError("--resume and --force contradict each other; pass one")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; pass a directory")
+    run = run_in(out) if out.is_dir() else None
+    if resume:
+        if run is None or not (out / TRAIN_STATE_FILE).exists():
+            raise UserError(
+                f"nothing to resume in {out} (no training run saved there); start without --resume"
+            )
+        return run
+    if run is not None and not force:
+        raise UserError(
+            f"{out} already holds a training run (step {run.get('step', '?')}); "
+            "pass --resume to continue it or --force to start over"
+        )
+    if run is None and out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} is not empty and holds no gptmini run; choose another --out or pass --force")
+    return None
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --out {out} ({e.strerror or e})") from None
+
+
+# ---- model config ---------------------------------------------------------------------------------------------
+
+
+def build_model_config(
+    preset: str | None, overrides: dict[str, Any], base: GPTConfig | None = None, what: str = ""
+) -> GPTConfig:
+    """The model shape: a base (resumed run / init checkpoint) or a preset, then the flags given on top."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if base is not None:
+        if preset is not None:
+            raise UserError(
+                f"--preset cannot be combined with {what}: the model shape comes from the checkpoint"
+            )
+        changed = {k: v for k, v in overrides.items() if k in SHAPE_FIELDS and getattr(base, k) != v}
+        if changed:
+            diffs = ", ".join(f"{k} {getattr(base, k)} → {v}" for k, v in changed.items())
+            raise UserError(
+                f"{what} has a different model config ({diffs}); drop those flags or use a new --out"
+            )
+        return base.replace(**overrides)
+    name = preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+# ---- the loop -------------------------------------------------------------------------------------------------
+
+
+class _StopFlag:
+    """Ctrl-C sets a flag the loop checks between steps (a second Ctrl-C aborts at once)."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        with contextlib.suppress(ValueError):  # not the main thread: no signal handling
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train(
+    paths: Sequence[str | Path] = (),
+    *,
+    config: TrainConfig | dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+    preset: str | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    force: bool = False,
+    init_from: str | Path | None = None,
+    callback: Callback | None = None,
+    train_data: BatchSource | None = None,
+) -> TrainResult:
+    """Train a GPT on text files and save it to `out` (see the module docstring and `gptmini train --help`).
+
+    `config` is a TrainConfig, or a dict of the settings to change (on --resume, the saved run's settings are the
+    base). `model` holds GPTConfig fields to change from the preset. `train_data` replaces the text windows by any
+    BatchSource (e.g. chat fine-tuning); validation then still uses the val split of `paths`.
+    The callback may return True to stop the run gracefully, exactly as Ctrl-C does.
+    """
+    report = callback or (lambda event: None)
+    out = Path(out) if out is not None else default_out(paths)
+
+    # 1. Validate everything before writing anything.
+    run = check_out_dir(out, resume=resume, force=force)
+    overrides = config.to_dict() if isinstance(config, TrainConfig) else dict(config or {})
+    if run is not None:
+        tcfg = TrainConfig.from_dict(
+            {**run["train"], **{k: v for k, v in overrides.items() if v is not None}}
+        )
+        base_model = read_model_config(out)[0]
+        mcfg = build_model_config(preset, model or {}, base_model, f"the run in {out}")
+        if init_from is not None:
+            raise UserError("--init-from cannot be combined with --resume")
+        paths = list(paths) or run["data"]["files"]
+    else:
+        tcfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+        base_model = read_model_config(init_from)[0] if init_from is not None else None
+        mcfg = build_model_config(preset, model or {}, base_model, f"--init-from {init_from}")
+    if not paths:
+        raise UserError("no corpus given; pass one or more text files or directories")
+
+    tokenizer = Tokenizer()
+    report(TrainEvent("data", 0, {"files": [str(p) for p in paths]}))
+    corpus = load_corpus(paths, tokenizer, encoding_errors=tcfg.encoding_errors)
+    train_tokens, val_tokens = corpus.split(tcfg.val_fraction)
+    check_split(train_tokens, val_tokens, mcfg.block_size, len(corpus.tokens))
+    if run is not None and run["data"]["key"] != corpus.key:
+        raise UserError(
+            f"the corpus differs from the one the run in {out} trained on; resume with the same files"
+        )
+    token_bytes = token_byte_lengths(tokenizer, mcfg.vocab_size)
+
+    device = resolve_device(tcfg.device)
+    dtype = resolve_train_dtype(tcfg.dtype, device)
+    state = load_train_state(out) if run is not None else None
+
+    if device.type == "cpu":
+        keep_freed_memory_on_cpu()
+    torch.manual_seed(tcfg.seed)
+    if init_from is not None:
+        gpt, _ = load_checkpoint(init_from, device=device)
+        gpt.config.dropout = mcfg.dropout
+        for m in gpt.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = mcfg.dropout
+        for block in gpt.transformer.h:
+            block.attn.dropout = mcfg.dropout
+    else:
+        gpt = GPT(mcfg).to(device)
+    if state is not None:
+        load_state_into(gpt, read_safetensors(out / WEIGHTS_FILE), out / WEIGHTS_FILE)
+    gpt.train()
+    optimizer = make_optimizer(gpt, tcfg, device)
+    step, elapsed_before, tokens_seen, best_val = 0, 0.0, 0, None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        elapsed_before = float(state["elapsed_s"])
+        tokens_seen = int(state["tokens_seen"])
+        best_val = state.get("best_val_loss")
+        _set_rng_state(state["rng"], device)
+
+    source = train_data or RandomWindows(
+        train_tokens, mcfg.block_size, tcfg.batch_size, seed=tcfg.seed, grad_accum=tcfg.grad_accum
+    )
+    loss_model: nn.Module = LossModel(gpt)
+    if tcfg.compile:
+        loss_model = torch.compile(loss_model)
+
+    # 2. Now the directory: create it, start or continue metrics.jsonl.
+    check_writable(out)
+    metrics_path = out / METRICS_FILE
+    if run is None:
+        metrics_path.unlink(missing_ok=True)
+        shutil.rmtree(out / BEST_DIR, ignore_errors=True)
+    else:
+        _truncate_metrics(metrics_path, step)
+
+    flops_per_token = gpt.flops_per_token(training=True)
+    tokens_per_step = tcfg.batch_size * tcfg.grad_accum * mcfg.block_size
+    run_meta = {
+        "train": tcfg.to_dict(),
+        "data": {"files": [str(p) for p in corpus.files], "key": corpus.key, "n_tokens": len(corpus.tokens)},
+    }
+    n_params = gpt.num_params()["total"]
+    report(
+        TrainEvent(
+            "start",
+            step,
+            {
+                "out": str(out),
+                "resumed": run is not None,
+                "device": str(device),
+                "dtype": dtype_name(dtype),
+                "params": n_params,
+                "model": mcfg.to_dict(),
+                "train": tcfg.to_dict(),
+                "train_tokens": len(train_tokens),
+                "val_tokens": len(val_tokens),
+                "flops_per_token": flops_per_token,
+                "max_iters": tcfg.max_iters,
+                "time_budget_s": tcfg.time_budget_s,
+            },
+        )
+    )
+
+    def save(directory: Path, val_loss: float | None, with_state: bool = True) -> None:
+        meta = {"run": {**run_meta, "step": step, "val_loss": val_loss, "elapsed_s": elapsed()}}
+        train_state = None
+        if with_state:
+            train_state = {
+                "step": step,
+                "elapsed_s": elapsed(),
+                "tokens_seen": tokens_seen,
+                "best_val_loss": best_val,
+                "optimizer": optimizer.state_dict(),
+                "rng": _rng_state(device),
+            }
+        commit_checkpoint(gpt, directory, train_state=train_state, meta=meta)
+
+    def write_metrics(record: dict[str, Any]) -> None:
+        with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def progress() -> float:
+        fractions = [0.0]
+        if tcfg.max_iters:
+            fractions.append(step / tcfg.max_iters)
+        if tcfg.time_budget_s:
+            fractions.append(elapsed() / tcfg.time_budget_s)
+        return max(fractions)
+
+    def evaluate(final: bool) -> EvalResult:
+        return evaluate_tokens(
+            gpt,
+            val_tokens,
+            token_bytes,
+            batch_size=tcfg.batch_size,
+            max_windows=None if final else tcfg.eval_iters * tcfg.batch_size,
+            dtype=dtype,
+        )
+
+    t0 = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t0
+
+    reason, message = "done", ""
+    last_loss: float | None = None
+    window_tokens, window_time = 0, 0.0
+    with _StopFlag() as flag:
+        while True:
+            if tcfg.max_iters is not None and step >= tcfg.max_iters:
+                reason = "done"
+                break
+            if tcfg.time_budget_s is not None and elapsed() >= tcfg.time_budget_s:
+                reason = "time"
+                break
+            if flag.stop:
+                reason = "interrupted"
+                break
+            step_start = time.perf_counter()
+            lr = learning_rate(tcfg, step, progress_before_warmup(tcfg, step, progress()))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_value = 0.0
+            for micro in range(tcfg.grad_accum):
+                x, y = source.batch(step, micro)
+                xt = torch.as_tensor(x, device=device)
+                yt = torch.as_tensor(y, device=device)
+                with autocast(device, dtype):
+                    loss_sum, count = loss_model(xt, yt)
+                loss = loss_sum / count.clamp_min(1) / tcfg.grad_accum
+                loss.backward()
+                loss_value += float(loss.detach())
+            if not math.isfinite(loss_value):
+                reason = "diverged"
+                message = (
+                    f"the loss became {loss_value} at step {step + 1}; stopped and kept the last good checkpoint "
+                    f"in {out}. Lower --lr (now {tcfg.lr:g}) or raise --warmup-iters"
+                )
+                optimizer.zero_grad(set_to_none=True)
+                break
+            grad_norm = None
+            if tcfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(gpt.parameters(), tcfg.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            step += 1
+            tokens_seen += tokens_per_step
+            last_loss = loss_value
+            window_tokens += tokens_per_step
+            window_time += time.perf_counter() - step_start
+
+            if step % tcfg.log_interval == 0 or step == tcfg.max_iters:
+                tps = window_tokens / window_time if window_time else 0.0
+                record = {
+                    "step": step,
+                    "elapsed_s": round(elapsed(), 3),
+                    "tokens_seen": tokens_seen,
+                    "train_loss": loss_value,
+                    "val_loss": None,
+                    "val_bpb": None,
+                    "lr": lr,
+                    "tokens_per_s": round(tps, 1),
+                    "grad_norm": grad_norm,
+                    "flops_per_s": tps * flops_per_token,
+                }
+                write_metrics(record)
+                window_tokens, window_time = 0, 0.0
+                if report(TrainEvent("log", step, {**record, "progress": progress()})):
+                    flag.stop = True
+            if step % tcfg.eval_interval == 0 and not (tcfg.max_iters is not None and step >= tcfg.max_iters):
+                result = evaluate(final=False)
+                improved = best_val is None or result.loss < best_val
+                if improved:
+                    best_val = result.loss
+                save(out, result.loss)
+                if improved:
+                    save(out / BEST_DIR, result.loss, with_state=False)
+                record = _eval_record(step, elapsed(), tokens_seen, loss_value, lr, result)
+                write_metrics(record)
+                if report(TrainEvent("eval", step, {**record, "best": improved, "progress": progress()})):
+                    flag.stop = True
+
+    final = None
+    if reason != "diverged":
+        if reason in ("done", "time"):
+            final = evaluate(final=True)
+            improved = best_val is None or final.loss < best_val
+            if improved:
+                best_val = final.loss
+                save(out / BEST_DIR, final.loss, with_state=False)
+            record = _eval_record(step, elapsed(), tokens_seen, last_loss, None, final)
+            write_metrics({**record, "final": True})
+            report(TrainEvent("eval", step, {**record, "best": improved, "final": True}))
+        save(out, final.loss if final else None)
+        report(TrainEvent("save", step, {"out": str(out)}))
+        if reason == "interrupted":
+            message = f"interrupted at step {step}; saved to {out} (continue with --resume)"
+    result = TrainResult(
+        out=out,
+        step=step,
+        reason=reason,
+        elapsed_s=elapsed(),
+        tokens_seen=tokens_seen,
+        train_loss=last_loss,
+        final=final,
+        best_val_loss=best_val,
+        message=message,
+    )
+    report(TrainEvent("end", step, {"reason": reason, "message": message}))
+    return result
+
+
+def progress_before_warmup(config: TrainConfig, step: int, progress: float) -> float:
+    """Progress through the cosine part: 0 at the end of warm-up, 1 at the end of the run."""
+    if config.max_iters is not None and config.time_budget_s is None:
+        span = max(config.max_iters - config.warmup_iters, 1)
+        return (step - config.warmup_iters) / span
+    return progress
+
+
+def _eval_record(
+    step: int,
+    elapsed: float,
+    tokens_seen: int,
+    train_loss: float | None,
+    lr: float | None,
+    result: EvalResult,
+) -> dict[str, Any]:
+    return {
+        "step": step,
+        "elapsed_s": round(elapsed, 3),
+        "tokens_seen": tokens_seen,
+        "train_loss": train_loss,
+        "val_loss": result.loss,
+        "val_ppl": result.ppl,
+        "val_bpb": result.bpb,
+        "lr": lr,
+        "tokens_per_s": None,
+    }
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop lines logged after the checkpoint (those steps are about to be redone)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of `run_dir/metrics.jsonl` (for `gptmini plot`)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not Path(run_dir).exists():
+        raise UserError(f"run directory {run_dir} does not exist")
+    if not path.exists():
+        raise UserError(f"{run_dir} has no {METRICS_FILE}; pass a directory written by `gptmini train`")
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
