@@ -15,6 +15,7 @@ from gptmini.devices import resolve_device, resolve_dtype
 from gptmini.errors import UserError
 from gptmini.generation import GenerationStats, generate_texts, stream_text
 from gptmini.model import GPT
+from gptmini.quantize import check_quantize, prepare_for_decoding
 from gptmini.tokenizer import Tokenizer
 
 DEFAULT_CHECKPOINT = Path("checkpoints/default")
@@ -30,10 +31,13 @@ def default_checkpoint() -> Path:
 class LM:
     """A loaded model with its tokenizer: text in, text out."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, info: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, model: GPT, tokenizer: Tokenizer, info: dict[str, Any] | None = None, *, compile: bool = False
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.info = info or {}
+        self.compile = compile  # decode steps run through a compiled, static-shape graph
 
     @property
     def config(self) -> GPTConfig:
@@ -41,12 +45,20 @@ class LM:
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return self.model.transformer.wte.weight.device
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        """Prompt ids; an empty prompt starts from <|endoftext|>, as GPT-2's unconditional samples do."""
-        ids = self.tokenizer.encode(prompt)
-        return ids or [self.tokenizer.eot_id]
+        """Prompt ids; an empty prompt starts from <|endoftext|>, as GPT-2's unconditional samples do.
+
+        A prompt longer than the context length warns here; generation then keeps its last `block_size` tokens.
+        """
+        ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
+        if len(ids) > self.config.block_size:
+            warnings.warn(
+                f"prompt has {len(ids)} tokens; keeping the last {self.config.block_size} (the context length)",
+                stacklevel=3,
+            )
+        return ids
 
     def stream(
         self,
@@ -69,11 +81,6 @@ class LM:
         _check_max_new_tokens(max_new_tokens)
         stats = stats if stats is not None else GenerationStats()
         ids = self.encode_prompt(prompt)
-        if len(ids) > self.config.block_size:
-            warnings.warn(
-                f"prompt has {len(ids)} tokens; keeping the last {self.config.block_size} (the context length)",
-                stacklevel=2,
-            )
         yield from stream_text(
             self.model,
             self.tokenizer,
@@ -82,6 +89,7 @@ class LM:
             sampling=sampling,
             ignore_eos=ignore_eos,
             use_cache=use_cache,
+            compile=self.compile,
             stats=stats,
         )
 
@@ -131,6 +139,7 @@ class LM:
             num_samples=num_samples,
             ignore_eos=ignore_eos,
             use_cache=use_cache,
+            compile=self.compile,
             stats=stats,
         )
 
@@ -160,8 +169,14 @@ def load(
     device: str = "auto",
     dtype: str = "auto",
     threads: int | None = None,
+    quantize: str | None = None,
+    compile: bool = False,
 ) -> LM:
-    """Load a gptmini checkpoint directory or a Hugging Face GPT-2 directory, ready to generate."""
+    """Load a gptmini checkpoint directory or a Hugging Face GPT-2 directory, ready to generate.
+
+    `quantize="int8"` stores the linear layers and LM head as int8 (CPU only, see `gptmini.quantize`); bf16 on a
+    CPU gets prepacked oneDNN linears; `compile=True` compiles the one-token decode step on first use.
+    """
     if threads is not None:
         torch.set_num_threads(threads)
     path = Path(path) if path is not None else default_checkpoint()
@@ -170,5 +185,8 @@ def load(
             f"no default checkpoint at {path}; train one with `gptmini train FILE` or pass -c DIR"
         )
     dev = resolve_device(device)
-    model, info = load_checkpoint(path, device=dev, dtype=resolve_dtype(dtype, dev))
-    return LM(model, Tokenizer(), info)
+    torch_dtype = resolve_dtype(dtype, dev)
+    quantize = check_quantize(quantize, dev)
+    model, info = load_checkpoint(path, device=dev, dtype=torch_dtype)
+    prepare_for_decoding(model, quantize=quantize)
+    return LM(model, Tokenizer(), info, compile=compile)

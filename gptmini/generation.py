@@ -16,7 +16,7 @@ safe); `generate_texts` does it for several samples drawn from one prefill. Noth
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -64,15 +64,18 @@ def generate_tokens(
     num_samples: int = 1,
     eos_id: int | None = None,
     use_cache: bool = True,
+    compile: bool = False,
     stats: GenerationStats | None = None,
     record_step_times: bool = False,
 ) -> Iterator[list[int]]:
     """Yield, per step, one new token id per sample (`FINISHED` for samples that already emitted `eos_id`).
 
     Stops after `max_new_tokens` steps or when every sample has emitted `eos_id` (pass None to ignore EOS).
+    `compile` runs each cached step through `compiled_decode_step` (ignored without the cache: that path is the
+    plain reference).
     """
     config = model.config
-    device = model.lm_head.weight.device
+    device = model.transformer.wte.weight.device
     stats = stats if stats is not None else GenerationStats()
     block = config.block_size
     if len(prompt_ids) == 0:
@@ -94,11 +97,17 @@ def generate_tokens(
         seen[:, torch.tensor(sorted(set(prompt_ids)), device=device)] = True
 
     cache = KVCache.for_model(model, batch_size=1) if use_cache else None
+    step_fn = compiled_decode_step(model) if compile and use_cache else None
     t0 = time.perf_counter()
-    logits, _ = model(window[:1, :length], cache=cache, start_pos=0, last_only=True)
+    logits = model(window[:1, :length], cache=cache, start_pos=0, last_only=True)[0][:, -1]
     if cache is not None and num_samples > 1:
         cache = cache.expand(num_samples)  # one prefill serves every sample
-    next_tok = sample_next(logits[:, -1].expand(num_samples, -1), sampling, generator, seen)
+    if step_fn is not None:
+        # The compiled step's inputs live at fixed addresses (CUDA graphs replay from them); refilled each step.
+        step_tok = torch.zeros(num_samples, 1, dtype=torch.long, device=device)
+        step_pos = torch.zeros((), dtype=torch.long, device=device)
+        _mark_static(cache.k, cache.v, step_tok, step_pos)
+    next_tok = sample_next(logits.expand(num_samples, -1), sampling, generator, seen)
     ids = next_tok.tolist()
     synchronize(device)
     stats.prefill_s = time.perf_counter() - t0
@@ -125,21 +134,48 @@ def generate_tokens(
                 window[:, : keep - 1] = window[:, length - keep + 1 : length].clone()
                 window[:, keep - 1] = next_tok
                 length = keep
-                logits, _ = model(window[:, :length], cache=cache, start_pos=0, last_only=True)
+                logits = model(window[:, :length], cache=cache, start_pos=0, last_only=True)[0][:, -1]
                 stats.window_slides += 1
             else:
                 window[:, length] = next_tok
                 length += 1
-                if cache is not None:
-                    logits, _ = model(next_tok[:, None], cache=cache, start_pos=length - 1)
+                if step_fn is not None:
+                    step_tok.copy_(next_tok[:, None])
+                    step_pos.fill_(length - 1)
+                    logits = step_fn(step_tok, step_pos, cache)
+                elif cache is not None:
+                    logits = model(next_tok[:, None], cache=cache, start_pos=length - 1)[0][:, -1]
                 else:
-                    logits, _ = model(window[:, :length], last_only=True)
-            next_tok = sample_next(logits[:, -1], sampling, generator, seen)
+                    logits = model(window[:, :length], last_only=True)[0][:, -1]
+            next_tok = sample_next(logits, sampling, generator, seen)
             ids = next_tok.tolist()  # the one host sync per step: the caller needs the token
             if record_step_times:
                 stats.step_times.append(time.perf_counter() - t_step)
     finally:
         stats.decode_s = time.perf_counter() - t_decode
+
+
+def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor]:
+    """`model.decode_step` compiled once per model (static shapes; on CUDA also captured as a CUDA graph).
+
+    On CPU, inductor's freezing folds the weights into the graph as constants and prepacks them for oneDNN.
+    The first call compiles (seconds to tens of seconds); later calls, at any position, reuse the graph.
+    """
+    step = model.__dict__.get("_compiled_decode_step")
+    if step is None:
+        device = model.transformer.wte.weight.device
+        mode = "reduce-overhead" if device.type == "cuda" else None  # reduce-overhead = CUDA graphs
+        options = {"freezing": True} if device.type == "cpu" else None
+        step = torch.compile(model.decode_step, mode=mode, dynamic=False, options=options)
+        model.__dict__["_compiled_decode_step"] = step  # not a submodule: keep it out of state_dict
+    return step
+
+
+def _mark_static(*tensors: torch.Tensor) -> None:
+    """Tell CUDA-graph capture these inputs keep their address, so replays read them without a copy."""
+    if tensors[0].device.type == "cuda":
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
 
 
 class StopMatcher:
@@ -193,6 +229,7 @@ def stream_text(
     sampling: SamplingConfig,
     ignore_eos: bool = False,
     use_cache: bool = True,
+    compile: bool = False,
     stats: GenerationStats | None = None,
 ) -> Iterator[str]:
     """Yield the completion of one sample as text pieces, as soon as each is certain."""
@@ -207,6 +244,7 @@ def stream_text(
         sampling=sampling,
         eos_id=None if ignore_eos else tokenizer.eot_id,
         use_cache=use_cache,
+        compile=compile,
         stats=stats,
     )
     try:
@@ -237,6 +275,7 @@ def generate_texts(
     num_samples: int,
     ignore_eos: bool = False,
     use_cache: bool = True,
+    compile: bool = False,
     stats: GenerationStats | None = None,
 ) -> list[str]:
     """`num_samples` completions of one prompt, drawn in one batch from a single prefill."""
@@ -253,6 +292,7 @@ def generate_texts(
         num_samples=num_samples,
         eos_id=eos_id,
         use_cache=use_cache,
+        compile=compile,
         stats=stats,
     )
     try:

@@ -27,12 +27,13 @@ class KVCache:
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.positions = torch.arange(max_len, device=device)  # for the static decode step's mask
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int = 1, max_len: int | None = None) -> KVCache:
         """A cache matching `model`'s shape, dtype and device; `max_len` defaults to its context length."""
         config: GPTConfig = model.config
-        weight = model.lm_head.weight
+        weight = model.transformer.wte.weight  # the head may be swapped for a quantised one
         return cls(
             config.n_layer,
             batch_size,
@@ -62,6 +63,15 @@ class KVCache:
         self.v[layer, :, :, start_pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def write_at(
+        self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one position's `k`, `v` (`[B, H, 1, D]`) at `pos` (a 1-element long tensor, so the position is data,
+        not a shape) and return the whole buffers of this layer."""
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return self.k[layer], self.v[layer]
+
     def expand(self, batch_size: int) -> KVCache:
         """Repeat a batch-1 cache (one prefilled prompt) into `batch_size` independent rows."""
         if self.batch_size != 1:
@@ -69,6 +79,7 @@ class KVCache:
         out = KVCache.__new__(KVCache)
         out.k = self.k.expand(-1, batch_size, -1, -1, -1).contiguous()
         out.v = self.v.expand(-1, batch_size, -1, -1, -1).contiguous()
+        out.positions = self.positions
         return out
 
     def nbytes(self) -> int:

@@ -60,6 +60,20 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
+    def decode(self, x: torch.Tensor, cache: KVCache, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One new token per row (`[B, 1, C]`) at position `pos`, attending over the whole cache through `mask`.
+
+        Every shape is the same at every position, so one compiled graph (or CUDA graph) serves them all.
+        """
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        keys, values = cache.write_at(self.layer_idx, pos, k, v)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
 
 def causal_mask(n_query: int, start_pos: int, device: torch.device) -> torch.Tensor:
     """Boolean `[n_query, start_pos + n_query]` mask: query i (at absolute position start_pos+i) sees keys ≤ it."""
@@ -98,6 +112,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache, start_pos)
+        return x + self.mlp(self.ln_2(x))
+
+    def decode(self, x: torch.Tensor, cache: KVCache, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn.decode(self.ln_1(x), cache, pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -212,6 +230,24 @@ class GPT(nn.Module):
                 logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-1
             )
         return logits, loss
+
+    def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits `[B, vocab]` of one token per row (`idx` `[B, 1]`) at position `pos` (a 0-d long tensor).
+
+        The static-shape twin of `forward(idx, cache=cache, start_pos=pos)`: K/V are written at `pos` and attention
+        reads the whole preallocated cache, masked beyond `pos`, so nothing depends on the position's value and the
+        step compiles once. Positions past `pos` may hold stale keys from before a window slide; the mask hides them.
+        """
+        tok = self.transformer.wte(idx)
+        at = pos.view(1)
+        if self.config.pos_embedding == "learned":
+            x = tok + self.transformer.wpe(at)
+        else:
+            x = tok + self.pos_table.index_select(0, at).to(tok.dtype)
+        mask = (cache.positions <= pos).view(1, -1)  # [1, max_len] bool: keys 0..pos are visible
+        for block in self.transformer.h:
+            x = block.decode(x, cache, at, mask)
+        return self.logits(self.transformer.ln_f(x))[:, 0]
 
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor) -> list[torch.Tensor]:
