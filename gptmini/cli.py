@@ -88,10 +88,23 @@ def generate(
     ] = True,
     stats: Annotated[bool, typer.Option("--stats", help="Print timing and memory to stderr.")] = False,
     device: DeviceOpt = "auto",
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16, float16")] = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto (bf16 on CUDA, else fp32), float32, bfloat16, float16")
+    ] = "auto",
+    quantize: Annotated[
+        str, typer.Option(help="none, or int8: int8 weights for faster CPU decoding (small quality cost).")
+    ] = "none",
+    compile: Annotated[
+        bool, typer.Option("--compile", help="Compile the decode step (slow start; for long runs).")
+    ] = False,
 ) -> None:
     """Continue a prompt (greedy, temperature, top-k/top-p/min-p sampling, KV cache, stop strings)."""
     import warnings
+
+    from gptmini.config import SamplingConfig
+
+    # Sampling flag mistakes are reported before torch is imported or weights are read.
+    SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed).validate()
 
     import gptmini
     from gptmini.generation import GenerationStats
@@ -99,7 +112,7 @@ def generate(
     text = _read_prompt(prompt)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        lm = gptmini.load(checkpoint, device=device, dtype=dtype)
+        lm = gptmini.load(checkpoint, device=device, dtype=dtype, quantize=quantize, compile=compile)
         run_stats = GenerationStats()
         kwargs = dict(
             max_new_tokens=max_new_tokens,
@@ -122,7 +135,7 @@ def generate(
                     out.write("\n" + "-" * 40 + "\n")
                 out.write(text + sample)
             out.write("\n")
-        else:
+        elif stream:
             pieces = lm.stream(text, **kwargs)
             first = next(pieces, "")  # warnings (e.g. a truncated prompt) surface before any output
             _show_warnings(caught)
@@ -130,9 +143,10 @@ def generate(
             out.flush()
             for piece in pieces:
                 out.write(piece)
-                if stream:
-                    out.flush()
+                out.flush()
             out.write("\n")
+        else:
+            out.write(text + lm.generate(text, **kwargs) + "\n")
         out.flush()
     _show_warnings(caught)
     if stats:
