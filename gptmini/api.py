@@ -188,5 +188,5 @@ def load(
     torch_dtype = resolve_dtype(dtype, dev)
     quantize = check_quantize(quantize, dev)
     model, info = load_checkpoint(path, device=dev, dtype=torch_dtype)
-    prepare_for_decoding(model, quantize=quantize)
+    prepare_for_decoding(model, quantize=quantize, compile=compile)
     return LM(model, Tokenizer(), info, compile=compile)

@@ -120,9 +120,14 @@ def pack_bf16_linears(model: nn.Module) -> nn.Module:
     return _swap_linears(model, PackedBF16Linear)
 
 
-def prepare_for_decoding(model: nn.Module, *, quantize: str | None = None) -> nn.Module:
-    """The fastest inference form of a loaded model on its device: int8 if asked, else packed bf16 on CPU."""
+def prepare_for_decoding(
+    model: nn.Module, *, quantize: str | None = None, compile: bool = False
+) -> nn.Module:
+    """The fastest inference form of a loaded model on its device: int8 if asked, else packed bf16 on CPU.
+
+    With `compile`, bf16 weights stay plain: inductor's freezing packs them itself and cannot trace opaque ones.
+    """
     model.eval()
     if quantize == "int8":
         return quantize_int8(model)
-    return pack_bf16_linears(model)
+    return model if compile else pack_bf16_linears(model)

@@ -1,0 +1,244 @@
+"""Decode speed of gptmini against transformers' GPT2LMHeadModel.generate(use_cache=True), same weights for every row.
+
+Greedy, batch 1, a fixed thread count. One process measures every row, rows interleaved within each repeat (so
+a noisy neighbour slows all rows alike), and reports medians:
+  * decode tokens/s: new tokens after the first, over the time after the prefill (prefill excluded);
+  * per-token latency at positions 100–200 and 800–900: a prompt of 100 (800) tokens, then 100 timed steps.
+transformers' steps are timed by a logits processor that stamps the clock at every step.
+
+    flock /tmp/gptmini-heavy.lock python scripts/bench_generate.py            # both shapes, all rows
+    python scripts/bench_generate.py --shapes narrow --repeats 1 --tokens 64  # quick look
+    python scripts/bench_generate.py --checkpoint DIR   # a trained model: also greedy agreement and bits/byte
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gptmini.config import GPTConfig, SamplingConfig
+from gptmini.generation import GenerationStats, generate_tokens
+from gptmini.hf import export_hf
+from gptmini.model import GPT
+from gptmini.quantize import prepare_for_decoding
+
+SHAPES = {
+    "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+    "narrow": dict(n_layer=4, n_head=4, n_embd=256, block_size=1024),
+}
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def gptmini_rows(base: GPT) -> dict[str, tuple[GPT, dict]]:
+    """name → (model, generate_tokens kwargs); every model is a copy of the same fp32 weights."""
+
+    def bf16(compile: bool = False) -> GPT:
+        return prepare_for_decoding(copy.deepcopy(base).to(torch.bfloat16), compile=compile)
+
+    return {
+        "gptmini fp32": (base, {}),
+        "gptmini bf16": (bf16(), {}),
+        "gptmini int8": (prepare_for_decoding(copy.deepcopy(base), quantize="int8"), {}),
+        "gptmini fp32 --compile": (copy.deepcopy(base), dict(compile=True)),
+        "gptmini bf16 --compile": (bf16(compile=True), dict(compile=True)),
+        "gptmini fp32 --no-kv-cache": (base, dict(use_cache=False)),
+    }
+
+
+def gptmini_decode(model: GPT, prompt: list[int], n: int, kwargs: dict) -> tuple[float, list[float]]:
+    """(decode tokens/s, per-step seconds) of one greedy run."""
+    stats = GenerationStats()
+    for _ in generate_tokens(
+        model, prompt, max_new_tokens=n, sampling=GREEDY, stats=stats, record_step_times=True, **kwargs
+    ):
+        pass
+    return stats.decode_tokens_per_s, stats.step_times
+
+
+class StepClock:
+    """A transformers logits processor that only records when each step's logits arrive."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def hf_decode(hf, prompt: list[int], n: int) -> tuple[float, list[float]]:
+    from transformers import LogitsProcessorList
+
+    clock = StepClock()
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=50256,
+            logits_processor=LogitsProcessorList([clock]),
+        )
+    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)]
+    return (len(steps) / sum(steps) if steps else float("nan")), steps
+
+
+def median(xs: list[float]) -> float:
+    xs = [x for x in xs if not math.isnan(x)]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def bench_shape(name: str, base: GPT, hf, args: argparse.Namespace) -> list[dict]:
+    rows = gptmini_rows(base)
+    runners = {"transformers fp32": lambda p, n: hf_decode(hf, p, n)}
+    for row, (model, kwargs) in rows.items():
+        runners[row] = lambda p, n, m=model, k=kwargs: gptmini_decode(m, p, n, k)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 50257, (args.prompt_tokens,), generator=gen).tolist()
+    long_prompt = torch.randint(0, 50257, (800,), generator=gen).tolist()
+
+    def n_tokens(row: str, n: int) -> int:
+        return max(8, n // 8) if "no-kv-cache" in row else n  # the reference path is O(T²): fewer tokens
+
+    print(f"[{name}] warming up (compiles the --compile rows)", file=sys.stderr, flush=True)
+    for row, run in runners.items():
+        t = time.perf_counter()
+        run(prompt, 4)
+        print(f"  {row}: {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+
+    speed: dict[str, list[float]] = {r: [] for r in runners}
+    early: dict[str, list[float]] = {r: [] for r in runners}
+    late: dict[str, list[float]] = {r: [] for r in runners}
+    for rep in range(args.repeats):
+        for row, run in runners.items():
+            speed[row].append(run(prompt, n_tokens(row, args.tokens))[0])
+            if not args.no_latency:
+                early[row].append(median(run(long_prompt[:100], n_tokens(row, 101))[1]))
+                late[row].append(median(run(long_prompt, n_tokens(row, 101))[1]))
+        print(f"[{name}] repeat {rep + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    hf_speed = median(speed["transformers fp32"])
+    return [
+        dict(
+            shape=name,
+            row=row,
+            tokens_per_s=median(speed[row]),
+            ratio=median(speed[row]) / hf_speed,
+            ms_100_200=1000 * median(early[row]),
+            ms_800_900=1000 * median(late[row]),
+        )
+        for row in runners
+    ]
+
+
+@torch.inference_mode()
+def quality(base: GPT, text: str, max_tokens: int = 8192) -> list[dict]:
+    """Bits per byte of each variant on `text`, and how far greedy continuations agree with fp32."""
+    from gptmini.tokenizer import Tokenizer
+
+    tok = Tokenizer()
+    ids = tok.encode(text)[: max_tokens + 1]
+    n_bytes = len(tok.decode_bytes(ids[1:]))
+    block = base.config.block_size
+    prompts = [ids[i : i + 32] for i in range(0, min(len(ids) - 32, 32 * 64), 32 * 4)][:16]
+    variants = {name: model for name, (model, kwargs) in gptmini_rows(base).items() if not kwargs}
+    out, reference = [], None
+    for name, model in variants.items():
+        nll = 0.0
+        for start in range(0, len(ids) - 1, block):
+            chunk = torch.tensor([ids[start : start + block + 1]])
+            _, loss = model(chunk[:, :-1], chunk[:, 1:])
+            nll += loss.item() * (chunk.shape[1] - 1)
+        greedy = [
+            [t[0] for t in generate_tokens(model, p, max_new_tokens=64, sampling=GREEDY)] for p in prompts
+        ]
+        reference = reference or greedy
+        agree = [
+            next((i for i, (a, b) in enumerate(zip(g, r, strict=True)) if a != b), 64)
+            for g, r in zip(greedy, reference, strict=True)
+        ]
+        out.append(
+            dict(
+                row=name,
+                bits_per_byte=nll / (n_bytes * math.log(2)),
+                identical=sum(a == 64 for a in agree),
+                prompts=len(prompts),
+                mean_agree=statistics.mean(agree),
+            )
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", default="gpt2-small,narrow", help=f"comma list of {', '.join(SHAPES)}")
+    parser.add_argument("--tokens", type=int, default=256, help="new tokens per speed run")
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency-vs-position runs")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="trained gptmini checkpoint: its weights, plus quality"
+    )
+    parser.add_argument("--quality-text", type=Path, default=Path("data/shakespeare.txt"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    results, qual = [], []
+    shapes = ["checkpoint"] if args.checkpoint else args.shapes.split(",")
+    for name in shapes:
+        if args.checkpoint:
+            from gptmini.checkpoint import load_checkpoint
+
+            base, _ = load_checkpoint(args.checkpoint)
+        else:
+            torch.manual_seed(0)
+            base = GPT(GPTConfig(**SHAPES[name])).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            export_hf(base, tmp)
+            hf = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
+        results += bench_shape(name, base, hf, args)
+        if args.checkpoint and args.quality_text.exists():
+            qual = quality(base, args.quality_text.read_text(encoding="utf-8"))
+
+    print(
+        f"\ntorch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, greedy, "
+        f"batch 1, medians of {args.repeats}; decode tokens/s over {args.tokens} new tokens "
+        f"({max(8, args.tokens // 8)} for --no-kv-cache), prefill excluded\n"
+    )
+    header = f"| {'shape':<10} | {'row':<28} | {'tokens/s':>9} | {'vs transformers':>15} | {'ms/token @100–200':>17} | {'ms/token @800–900':>17} | {'late/early':>10} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for r in results:
+        print(
+            f"| {r['shape']:<10} | {r['row']:<28} | {r['tokens_per_s']:>9.1f} | {r['ratio']:>14.2f}× | "
+            f"{r['ms_100_200']:>17.2f} | {r['ms_800_900']:>17.2f} | {r['ms_800_900'] / r['ms_100_200']:>10.2f} |"
+        )
+    if qual:
+        print(f"\nquality on {args.quality_text} (bits per byte; greedy 64-token continuations vs fp32)\n")
+        print("| row | bits/byte | vs fp32 | identical continuations | mean tokens before divergence |")
+        print("|---|---|---|---|---|")
+        ref = qual[0]["bits_per_byte"]
+        for q in qual:
+            print(
+                f"| {q['row']} | {q['bits_per_byte']:.4f} | {100 * (q['bits_per_byte'] / ref - 1):+.2f}% | "
+                f"{q['identical']}/{q['prompts']} | {q['mean_agree']:.1f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
