@@ -236,20 +236,279 @@ def export_hf_cmd(
     _stderr().print(f"wrote {out}/config.json and {out}/model.safetensors")
 
 
-def _not_yet(command: str) -> None:
-    raise UserError(f"`gptmini {command}` is not yet available in this version")
+@app.command()
+def train(
+    files: Annotated[
+        list[Path] | None, typer.Argument(help="Text files or directories of .txt (optional with --resume).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run directory [default: runs/<corpus>]")
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="Model size: tiny, small (default), gpt2.")] = None,
+    n_layer: Annotated[int | None, typer.Option(help="Transformer blocks.")] = None,
+    n_head: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
+    n_embd: Annotated[int | None, typer.Option(help="Width.")] = None,
+    block_size: Annotated[int | None, typer.Option(help="Context length in tokens.")] = None,
+    dropout: Annotated[float | None, typer.Option(help="Dropout probability.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    min_lr_ratio: Annotated[float | None, typer.Option(help="Final lr as a fraction of the peak.")] = None,
+    warmup_iters: Annotated[int | None, typer.Option(help="Linear warm-up steps.")] = None,
+    max_iters: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    time: Annotated[
+        str | None, typer.Option("--time", help="Wall-clock budget, e.g. 90s, 10m, 1h [default: 10m]")
+    ] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (matrices only).")] = None,
+    grad_clip: Annotated[float | None, typer.Option(help="Clip the gradient norm (0 = off).")] = None,
+    eval_interval: Annotated[int | None, typer.Option(help="Steps between evals + checkpoints.")] = None,
+    eval_iters: Annotated[int | None, typer.Option(help="Val batches per eval.")] = None,
+    log_interval: Annotated[int | None, typer.Option(help="Steps between log lines.")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Last fraction of tokens held out.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for init, batches and dropout.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, mps")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto (bf16 where the hardware has it), float32, bfloat16")
+    ] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
+    ] = None,
+    encoding_errors: Annotated[
+        str | None, typer.Option(help="strict (stop at invalid UTF-8) or replace.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the run saved in --out.")] = False,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Start from a gptmini checkpoint or Hugging Face GPT-2 dir.")
+    ] = None,
+) -> None:
+    """Train a GPT on text files (next-token prediction); saves to --out, resumable."""
+    from gptmini.config import parse_duration
+
+    budget = parse_duration(time) if time is not None else None
+    settings = dict(
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        min_lr_ratio=min_lr_ratio,
+        warmup_iters=warmup_iters,
+        max_iters=max_iters,
+        time_budget_s=budget,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        eval_interval=eval_interval,
+        eval_iters=eval_iters,
+        log_interval=log_interval,
+        val_fraction=val_fraction,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        compile=compile,
+        encoding_errors=encoding_errors,
+    )
+    shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout)
+    from gptmini.train import train as run_training
+
+    view = _TrainView()
+    try:
+        result = run_training(
+            [str(f) for f in files or []],
+            config=settings,
+            model=shape,
+            preset=preset,
+            out=out,
+            resume=resume,
+            force=force,
+            init_from=init_from,
+            callback=view,
+        )
+    finally:
+        view.close()
+    view.summary(result)
+    if result.reason == "diverged":
+        print(f"error: {result.message}", file=sys.stderr)
+        sys.exit(1)
+    if result.reason == "interrupted":
+        _stderr().print(result.message)
+        sys.exit(130)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train() -> None:
-    """Pretrain a model on text files (next-token prediction)."""
-    _not_yet("train")
+class _TrainView:
+    """Renders TrainEvents: a progress bar (step, loss, lr, tokens/s, MFU, ETA) and eval lines above it."""
+
+    def __init__(self) -> None:
+        self.console = _stderr()
+        self.progress = None
+        self.task = None
+        self.peak_flops = None
+        self.start: dict = {}
+        self.tokens_per_s: list[float] = []
+
+    def __call__(self, event) -> None:
+        if event.kind == "data":
+            self.console.print(f"[dim]reading {', '.join(event.info['files'])} …[/]")
+        elif event.kind == "start":
+            self._on_start(event)
+        elif event.kind == "log" and self.progress is not None:
+            info = event.info
+            self.tokens_per_s.append(info["tokens_per_s"])
+            mfu = info["flops_per_s"] / self.peak_flops if self.peak_flops else 0.0
+            self.progress.update(
+                self.task,
+                completed=min(info["progress"], 1.0),
+                description=(
+                    f"step {event.step} · loss {info['train_loss']:.3f} · lr {info['lr']:.2e} · "
+                    f"{info['tokens_per_s']:,.0f} tok/s · MFU {mfu:.0%}"
+                ),
+            )
+        elif event.kind == "eval":
+            info = event.info
+            tag = "final (full val split)" if info.get("final") else "val"
+            best = " [green]best[/]" if info.get("best") else ""
+            self.console.print(
+                f"step {event.step:>6} · {tag} loss {info['val_loss']:.4f} · ppl {info['val_ppl']:.1f} · "
+                f"[bold]{info['val_bpb']:.4f} bits/byte[/]{best}"
+            )
+            if self.progress is not None and "progress" in info:
+                self.progress.update(self.task, completed=min(info["progress"], 1.0))
+
+    def _on_start(self, event) -> None:
+        import torch
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from gptmini.devices import measure_matmul_flops
+
+        info = self.start = event.info
+        device = torch.device(info["device"])
+        dtype = getattr(torch, info["dtype"])
+        self.peak_flops = measure_matmul_flops(device, dtype, seconds=0.3)
+        m = info["model"]
+        verb = "resuming" if info["resumed"] else "training"
+        budget = []
+        if info["max_iters"]:
+            budget.append(f"{info['max_iters']:,} steps")
+        if info["time_budget_s"]:
+            budget.append(f"{info['time_budget_s']:g} s")
+        self.console.print(
+            f"{verb} {info['params'] / 1e6:.1f}M params ({m['n_layer']} layers, {m['n_head']} heads, "
+            f"{m['n_embd']} wide, context {m['block_size']}) on {info['device']} {info['dtype']} · "
+            f"{info['train_tokens']:,} train / {info['val_tokens']:,} val tokens · budget {' or '.join(budget)} · "
+            f"→ {info['out']}"
+        )
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(f"step {event.step}", total=1.0)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def summary(self, result) -> None:
+        from rich.table import Table
+
+        table = Table(title="Training run", title_justify="left")
+        table.add_column("quantity")
+        table.add_column("value", justify="right")
+        table.add_row("stopped because", result.reason)
+        table.add_row("steps", f"{result.step:,}")
+        table.add_row("tokens seen", f"{result.tokens_seen:,}")
+        table.add_row("wall time", f"{result.elapsed_s:,.1f} s")
+        if self.tokens_per_s:
+            table.add_row(
+                "tokens/s (median)", f"{sorted(self.tokens_per_s)[len(self.tokens_per_s) // 2]:,.0f}"
+            )
+        if result.train_loss is not None:
+            table.add_row("last train loss", f"{result.train_loss:.4f}")
+        if result.final is not None:
+            table.add_row("val loss (full split)", f"{result.final.loss:.4f}")
+            table.add_row("val perplexity", f"{result.final.ppl:.2f}")
+            table.add_row("val bits per byte", f"{result.final.bpb:.4f}")
+        if result.best_val_loss is not None:
+            table.add_row("best val loss", f"{result.best_val_loss:.4f}")
+        table.add_row("checkpoint", f"{result.out}  (best: {result.out}/best)")
+        self.console.print(table)
 
 
-@app.command("eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def eval_cmd() -> None:
-    """Loss, perplexity and bits per byte of a checkpoint on any text."""
-    _not_yet("eval")
+@app.command("eval")
+def eval_cmd(
+    files: Annotated[list[Path] | None, typer.Argument(help="Text files or directories to score.")] = None,
+    checkpoint: CheckpointOpt = None,
+    split: Annotated[
+        str, typer.Option(help="all: the whole text; val: the part its training held out.")
+    ] = "all",
+    json_out: Annotated[bool, typer.Option("--json", help="Print {loss, ppl, bpb, tokens, bytes}.")] = False,
+    stride: Annotated[
+        int | None,
+        typer.Option(help="Overlapping windows: step between window starts [default: block size]."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[str, typer.Option(help="float32 (exact) or bfloat16/auto (faster).")] = "float32",
+    encoding_errors: Annotated[str, typer.Option(help="strict or replace.")] = "strict",
+) -> None:
+    """Loss, perplexity and bits per byte of a checkpoint on any text (every position scored)."""
+    import json
+
+    from gptmini.api import default_checkpoint
+    from gptmini.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(
+        checkpoint or default_checkpoint(),
+        [str(f) for f in files or []],
+        split=split,
+        stride=stride,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        encoding_errors=encoding_errors,
+    )
+    if json_out:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{checkpoint or default_checkpoint()} on {split}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("loss (nats/token)", f"{result.loss:.4f}")
+    table.add_row("perplexity", f"{result.ppl:.2f}")
+    table.add_row("bits per byte", f"{result.bpb:.4f}")
+    table.add_row("tokens scored", f"{result.tokens:,}")
+    table.add_row("UTF-8 bytes", f"{result.bytes:,}")
+    Console().print(table)
+
+
+@app.command()
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `gptmini train`.")],
+    png: Annotated[
+        Path | None, typer.Option("--png", help="Where to write the PNG [default: RUN_DIR/loss.png]")
+    ] = None,
+    terminal: Annotated[
+        bool, typer.Option("--terminal", help="Draw in the terminal even if matplotlib is here.")
+    ] = False,
+) -> None:
+    """Train/val loss curves of a run: a PNG with matplotlib installed, else drawn in the terminal."""
+    import importlib.util
+
+    from gptmini.plotting import curves, plot_png, plot_text, read_metrics
+
+    series = curves(read_metrics(run_dir))
+    if not terminal and importlib.util.find_spec("matplotlib") is not None:
+        path = png or run_dir / "loss.png"
+        plot_png(series, path, str(run_dir))
+        _stderr().print(f"wrote {path}")
+        return
+    typer.echo(plot_text(series))
 
 
 @app.command()
@@ -278,7 +537,9 @@ def chat(
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible replies.")] = None,
     history: Annotated[
         Path | None,
-        typer.Option("--history", help="Input history file [default: $GPTMINI_HISTORY or ~/.gptmini_history]"),
+        typer.Option(
+            "--history", help="Input history file [default: $GPTMINI_HISTORY or ~/.gptmini_history]"
+        ),
     ] = None,
     device: DeviceOpt = "auto",
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 
@@ -126,3 +127,29 @@ def keep_freed_memory_on_cpu() -> None:
         libc.mallopt(m_trim_threshold, (1 << 31) - 1)
     except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
         pass
+
+
+def measure_matmul_flops(
+    device: torch.device,
+    dtype: torch.dtype,
+    shape: tuple[int, int, int] = (2048, 1024, 1024),
+    seconds: float = 0.5,
+) -> float:
+    """Measured matmul throughput (FLOP/s) of an (m×k)·(k×n) product: the peak MFU is quoted against."""
+    m, k, n = shape
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    c = torch.empty(
+        m, n, device=device, dtype=dtype
+    )  # reused: time the product, not page faults of its output
+    torch.matmul(a, b, out=c)  # warm-up: kernel selection
+    synchronize(device)
+    times = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < 3 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return 2 * m * k * n / times[len(times) // 2]

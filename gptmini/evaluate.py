@@ -9,8 +9,9 @@ tokenizers.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -110,3 +111,61 @@ def evaluate_tokens(
     loss = loss_sum / n_scored
     bpb = loss_sum / (max(n_bytes, 1) * math.log(2))
     return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), bpb=bpb, tokens=n_scored, bytes=n_bytes)
+
+
+SPLITS = ("all", "val")
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    files: Sequence[str | Path] = (),
+    *,
+    split: str = "all",
+    stride: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "float32",
+    encoding_errors: str = "strict",
+) -> EvalResult:
+    """Loss, perplexity and bits per byte of a checkpoint on `files` (or on the val split its run held out).
+
+    `split="val"` scores the last `val_fraction` of the tokens, the part training never saw; without files it uses
+    the files recorded in the checkpoint's run.
+    """
+    from gptmini.checkpoint import load_checkpoint, read_model_config
+    from gptmini.data import load_corpus, token_byte_lengths
+    from gptmini.devices import resolve_device, resolve_train_dtype
+    from gptmini.tokenizer import Tokenizer
+
+    if split not in SPLITS:
+        raise UserError(f"split must be all or val, got {split!r}")
+    if batch_size <= 0:
+        raise UserError(f"batch-size must be a positive integer, got {batch_size}")
+    config, info = read_model_config(checkpoint)
+    if stride is not None and not 0 < stride <= config.block_size:
+        raise UserError(f"stride must be in [1, {config.block_size}] (the block size), got {stride}")
+    run = info.get("run") or {}
+    if not files:
+        if split != "val" or not run.get("data"):
+            raise UserError(
+                "no text given; pass FILES (or --split val for a checkpoint written by gptmini train)"
+            )
+        files = run["data"]["files"]
+    dev = resolve_device(device)
+    compute = resolve_train_dtype(dtype, dev)
+    tokenizer = Tokenizer()
+    corpus = load_corpus(files, tokenizer, encoding_errors=encoding_errors)
+    tokens = corpus.tokens
+    if split == "val":
+        tokens = corpus.split(run.get("train", {}).get("val_fraction", 0.1))[1]
+    if len(tokens) < 2:
+        raise UserError(f"the text has {len(tokens)} tokens; need at least 2 to score one")
+    model, _ = load_checkpoint(checkpoint, device=dev)
+    return evaluate_tokens(
+        model,
+        tokens,
+        token_byte_lengths(tokenizer, config.vocab_size),
+        stride=stride,
+        batch_size=batch_size,
+        dtype=compute,
+    )

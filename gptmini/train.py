@@ -50,9 +50,9 @@ from gptmini.errors import UserError
 from gptmini.evaluate import EvalResult, evaluate_tokens
 from gptmini.loss import IGNORE_INDEX, linear_cross_entropy
 from gptmini.model import GPT
+from gptmini.plotting import METRICS_FILE
 from gptmini.tokenizer import Tokenizer
 
-METRICS_FILE = "metrics.jsonl"
 BEST_DIR = "best"
 STAGING_DIR = ".saving"
 COMPLETE_MARK = "COMPLETE"
@@ -462,29 +462,16 @@ def train(
             lr = learning_rate(tcfg, step, progress_before_warmup(tcfg, step, progress()))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_value = 0.0
-            for micro in range(tcfg.grad_accum):
-                x, y = source.batch(step, micro)
-                xt = torch.as_tensor(x, device=device)
-                yt = torch.as_tensor(y, device=device)
-                with autocast(device, dtype):
-                    loss_sum, count = loss_model(xt, yt)
-                loss = loss_sum / count.clamp_min(1) / tcfg.grad_accum
-                loss.backward()
-                loss_value += float(loss.detach())
+            loss_value, grad_norm = train_step(
+                loss_model, optimizer, source, step, device=device, dtype=dtype, config=tcfg
+            )
             if not math.isfinite(loss_value):
                 reason = "diverged"
                 message = (
                     f"the loss became {loss_value} at step {step + 1}; stopped and kept the last good checkpoint "
                     f"in {out}. Lower --lr (now {tcfg.lr:g}) or raise --warmup-iters"
                 )
-                optimizer.zero_grad(set_to_none=True)
                 break
-            grad_norm = None
-            if tcfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(gpt.parameters(), tcfg.grad_clip))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             synchronize(device)
             step += 1
             tokens_seen += tokens_per_step
@@ -553,6 +540,39 @@ def train(
     return result
 
 
+def train_step(
+    loss_model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    source: BatchSource,
+    step: int,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    config: TrainConfig,
+) -> tuple[float, float | None]:
+    """One optimizer update over `grad_accum` micro-batches; returns (mean loss, grad norm before clipping).
+
+    A non-finite loss leaves the weights untouched (no update) and is returned for the caller to stop on.
+    """
+    loss_value = 0.0
+    for micro in range(config.grad_accum):
+        x, y = source.batch(step, micro)
+        xt = torch.as_tensor(x, device=device)
+        yt = torch.as_tensor(y, device=device)
+        with autocast(device, dtype):
+            loss_sum, count = loss_model(xt, yt)
+        loss = loss_sum / count.clamp_min(1) / config.grad_accum
+        loss.backward()
+        loss_value += float(loss.detach())
+    grad_norm = None
+    if math.isfinite(loss_value):
+        if config.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(loss_model.parameters(), config.grad_clip))
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm
+
+
 def progress_before_warmup(config: TrainConfig, step: int, progress: float) -> float:
     """Progress through the cosine part: 0 at the end of warm-up, 1 at the end of the run."""
     if config.max_iters is not None and config.time_budget_s is None:
@@ -592,17 +612,3 @@ def _truncate_metrics(path: Path, step: int) -> None:
             if json.loads(line).get("step", 0) <= step:
                 keep.append(line)
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of `run_dir/metrics.jsonl` (for `gptmini plot`)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not Path(run_dir).exists():
-        raise UserError(f"run directory {run_dir} does not exist")
-    if not path.exists():
-        raise UserError(f"{run_dir} has no {METRICS_FILE}; pass a directory written by `gptmini train`")
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
-    return records

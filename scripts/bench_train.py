@@ -1,0 +1,317 @@
+"""Training throughput of gptmini against a nanoGPT-style reference step, on the same machine in the same run.
+
+    python scripts/bench_train.py                 # matmul peak, then tokens/s and MFU, with ratios
+    python scripts/bench_train.py --curves 300    # also: loss per step, default dtype vs fp32 vs the reference
+
+Config (the issue's): 4 layers, 4 heads, n_embd 256, block 256, batch 8, GPT-2 vocab, CPU, 2 threads.
+Each measurement runs in its own subprocess, so allocator state and thread pools never leak between them.
+The reference is written here the way nanoGPT's model.py/train.py do it: fp32, full logits for every position,
+F.cross_entropy over them, AdamW (not fused on CPU) with decay on matrices, clipping at 1.0.
+MFU = tokens/s × (6·N + 12·L·T·C) / (best matmul FLOP/s measured in this run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CONFIG = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=50257)
+BATCH = 8
+NANOGPT_REPORTED_TOKENS_PER_S = 885  # the issue's nanoGPT run on this config
+
+
+# ---- the nanoGPT-style reference ------------------------------------------------------------------------------
+
+
+def reference_model():
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    c = CONFIG
+
+    class CausalSelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = nn.Linear(c["n_embd"], 3 * c["n_embd"])
+            self.c_proj = nn.Linear(c["n_embd"], c["n_embd"])
+            self.n_head = c["n_head"]
+
+        def forward(self, x):
+            B, T, C = x.size()
+            q, k, v = self.c_attn(x).split(C, dim=2)
+            k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+            q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+            v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc = nn.Linear(c["n_embd"], 4 * c["n_embd"])
+            self.gelu = nn.GELU()
+            self.c_proj = nn.Linear(4 * c["n_embd"], c["n_embd"])
+
+        def forward(self, x):
+            return self.c_proj(self.gelu(self.c_fc(x)))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1 = nn.LayerNorm(c["n_embd"])
+            self.attn = CausalSelfAttention()
+            self.ln_2 = nn.LayerNorm(c["n_embd"])
+            self.mlp = MLP()
+
+        def forward(self, x):
+            x = x + self.attn(self.ln_1(x))
+            return x + self.mlp(self.ln_2(x))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(c["vocab_size"], c["n_embd"])
+            self.wpe = nn.Embedding(c["block_size"], c["n_embd"])
+            self.h = nn.ModuleList([Block() for _ in range(c["n_layer"])])
+            self.ln_f = nn.LayerNorm(c["n_embd"])
+            self.lm_head = nn.Linear(c["n_embd"], c["vocab_size"], bias=False)
+            self.wte.weight = self.lm_head.weight
+            self.apply(self._init)
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c["n_layer"]))
+
+        @staticmethod
+        def _init(m):
+            if isinstance(m, nn.Linear):
+                torch.nn.init.normal_(m.weight, mean=0.0, std=0.02)
+                if m.bias is not None:
+                    torch.nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                torch.nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+        def forward(self, idx, targets):
+            pos = torch.arange(idx.shape[1], dtype=torch.long)
+            x = self.wte(idx) + self.wpe(pos)
+            for block in self.h:
+                x = block(x)
+            logits = self.lm_head(self.ln_f(x))
+            return logits, F.cross_entropy(
+                logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
+            )
+
+    model = GPT()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    # nanoGPT: fused AdamW only on CUDA, so the default (foreach) implementation on CPU.
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=6e-4,
+        betas=(0.9, 0.95),
+    )
+
+    def step(x, y):
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return model, step
+
+
+# ---- gptmini ---------------------------------------------------------------------------------------------------
+
+
+def gptmini_step(dtype_name: str):
+    import torch
+
+    from gptmini.config import GPTConfig, TrainConfig
+    from gptmini.devices import keep_freed_memory_on_cpu, resolve_train_dtype
+    from gptmini.model import GPT
+    from gptmini.train import LossModel, make_optimizer, train_step
+
+    device = torch.device("cpu")
+    keep_freed_memory_on_cpu()  # what `gptmini train` does on CPU
+    dtype = resolve_train_dtype(dtype_name, device)
+    tcfg = TrainConfig(batch_size=BATCH, max_iters=1, lr=6e-4)
+    gpt = GPT(GPTConfig(**CONFIG))
+    loss_model = LossModel(gpt)
+    optimizer = make_optimizer(gpt, tcfg, device)
+
+    class Fixed:
+        def __init__(self):
+            self.xy = None
+
+        def batch(self, step, micro=0):
+            return self.xy
+
+    source = Fixed()
+
+    def step(x, y):
+        source.xy = (x, y)
+        return train_step(loss_model, optimizer, source, 0, device=device, dtype=dtype, config=tcfg)[0]
+
+    return gpt, step, dtype
+
+
+def batches(n: int, seed: int = 0):
+    """The same random windows of the shipped corpus for every contestant."""
+    import numpy as np
+    import torch
+
+    from gptmini.data import load_corpus
+
+    tokens = load_corpus([ROOT / "data" / "shakespeare.txt"]).tokens
+    rng = np.random.default_rng(seed)
+    T = CONFIG["block_size"]
+    for _ in range(n):
+        ix = rng.integers(0, len(tokens) - T - 1, size=BATCH)
+        rows = torch.from_numpy(np.stack([tokens[i : i + T + 1].astype(np.int64) for i in ix]))
+        yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+# ---- workers (one per subprocess) -----------------------------------------------------------------------------
+
+
+def worker(kind: str, steps: int, warmup: int, threads: int, seed: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    if kind == "matmul":
+        from gptmini.devices import measure_matmul_flops
+
+        cpu = torch.device("cpu")
+        shapes = [(2048, 1024, 1024), (2048, 256, 50304)]
+        out = {}
+        for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            out[name] = max(measure_matmul_flops(cpu, dt, s, seconds=1.0) for s in shapes)
+        return out
+    if kind == "reference":
+        _model, step = reference_model()
+        dtype = "float32"
+    else:
+        _model, step, dt = gptmini_step("auto" if kind == "gptmini-default" else "float32")
+        dtype = str(dt).removeprefix("torch.")
+    times, losses = [], []
+    for i, (x, y) in enumerate(batches(warmup + steps, seed)):
+        start = time.perf_counter()
+        losses.append(step(x, y))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return {"dtype": dtype, "step_s": statistics.median(times), "times": times, "losses": losses}
+
+
+def run_worker(kind: str, args) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
+    cmd += ["--threads", str(args.threads), "--seed", str(args.seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{kind} failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def flops_per_token() -> int:
+    import torch
+
+    from gptmini.config import GPTConfig
+    from gptmini.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**CONFIG))
+    # 6·N + 12·L·T·C with N = the weights each token multiplies through (blocks + LM head), as the issue defines.
+    return model.flops_per_token(training=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per contestant (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each contestant, interleaved")
+    parser.add_argument("--curves", type=int, default=0, help="also log the loss of the first N steps")
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.steps, args.warmup, args.threads, args.seed)))
+        return
+
+    peak = run_worker("matmul", args)
+    best = max(peak.values())
+    print(
+        f"matmul ({args.threads} threads): fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s",
+        flush=True,
+    )
+    fpt = flops_per_token()
+    tokens_per_step = BATCH * CONFIG["block_size"]
+    kinds = ["reference", "gptmini-default", "gptmini-fp32"]
+    results: dict[str, list[dict]] = {k: [] for k in kinds}
+    for _ in range(args.repeats):
+        for kind in kinds:
+            results[kind].append(run_worker(kind, args))
+    rows = {}
+    for kind in kinds:
+        step_s = statistics.median(r["step_s"] for r in results[kind])
+        tps = tokens_per_step / step_s
+        rows[kind] = (results[kind][0]["dtype"], step_s, tps, tps * fpt / best, tps * fpt / peak["fp32"])
+    ref_tps = rows["reference"][2]
+    print(f"config {CONFIG}, batch {BATCH}; {fpt / 1e6:.1f} MFLOP per token (6N + 12LTC)")
+    print(
+        f"{'step':<18}{'dtype':<10}{'s/step':>8}{'tokens/s':>10}{'MFU(best)':>11}{'MFU(fp32)':>11}{'× ref':>8}"
+    )
+    for kind in kinds:
+        dtype, step_s, tps, mfu, mfu32 = rows[kind]
+        print(
+            f"{kind:<18}{dtype:<10}{step_s:>8.3f}{tps:>10.0f}{mfu:>11.3f}{mfu32:>11.3f}{tps / ref_tps:>8.2f}"
+        )
+    print(
+        f"vs nanoGPT's reported {NANOGPT_REPORTED_TOKENS_PER_S} tokens/s: default "
+        f"{rows['gptmini-default'][2] / NANOGPT_REPORTED_TOKENS_PER_S:.2f}×, fp32 "
+        f"{rows['gptmini-fp32'][2] / NANOGPT_REPORTED_TOKENS_PER_S:.2f}×"
+    )
+    if args.curves:
+        args.steps, args.warmup = args.curves, 0
+        curves = {kind: run_worker(kind, args)["losses"] for kind in kinds}
+        print("\nloss per step (same batches; gptmini runs share one init, the reference has its own)")
+        print(f"{'steps':<12}" + "".join(f"{k:>18}" for k in kinds) + f"{'|default-fp32|':>16}")
+        bucket = max(1, args.curves // 15)
+        for start in range(0, args.curves, bucket):
+            means = {k: statistics.fmean(curves[k][start : start + bucket]) for k in kinds}
+            diff = abs(means["gptmini-default"] - means["gptmini-fp32"])
+            print(
+                f"{start:>4}-{start + bucket - 1:<7}"
+                + "".join(f"{means[k]:>18.4f}" for k in kinds)
+                + f"{diff:>16.4f}"
+            )
+        diffs = [abs(a - b) for a, b in zip(curves["gptmini-default"], curves["gptmini-fp32"], strict=False)]
+        print(
+            f"max |default − fp32| over {args.curves} steps: {max(diffs):.4f} nats (mean {statistics.fmean(diffs):.4f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
