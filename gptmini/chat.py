@@ -35,6 +35,7 @@ ROLES = ("system", "user", "assistant")
 SYSTEM, USER, ASSISTANT, END = (
     CHAT_TOKENS[t] for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 )
+ROLE_IDS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 CHAT_VOCAB_SIZE = max(CHAT_TOKENS.values()) + 1  # a chat model reads and emits ids up to <|end|>
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
@@ -45,7 +46,7 @@ Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content":
 
 class Template(Protocol):
     name: str
-    stop: list[str]
+    stop: tuple[str, ...]
 
     def encode(self, tokenizer: Tokenizer, messages: Sequence[Message], *, reply: bool = True) -> list[int]:
         """Ids of `messages`; with `reply`, followed by the cue for the assistant's next message."""
@@ -57,8 +58,7 @@ class TokenTemplate:
 
     name = "tokens"
     # The reply ends at <|end|>; a chat token starting another message means the same.
-    stop = list(CHAT_TOKENS)
-    _role_ids = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+    stop = tuple(CHAT_TOKENS)
 
     def encode(self, tokenizer: Tokenizer, messages: Sequence[Message], *, reply: bool = True) -> list[int]:
         return self.encode_with_mask(tokenizer, messages, reply=reply)[0]
@@ -74,7 +74,7 @@ class TokenTemplate:
         mask: list[bool] = []
         for m in messages:
             body = [*tokenizer.encode(m["content"]), END]
-            ids += [self._role_ids[m["role"]], *body]
+            ids += [ROLE_IDS[m["role"]], *body]
             mask += [False] + [m["role"] == "assistant"] * len(body)
         if reply:
             ids.append(ASSISTANT)
@@ -86,7 +86,7 @@ class PlainTemplate:
     """A plain-text transcript a base model can continue (see the module docstring)."""
 
     name = "plain"
-    stop = ["\nUser:"]
+    stop = ("\nUser:",)
 
     def render(self, messages: Sequence[Message], *, reply: bool = True) -> str:
         parts = []
@@ -291,11 +291,10 @@ class ChatSession:
             self.total_tokens += gen.new_tokens
             self.total_seconds += seconds
 
-    def context_tokens(self) -> int:
-        """Tokens the conversation in context takes now (what the next prompt starts from)."""
-        msgs = (
-            [{"role": "system", "content": self.conversation.system}] if self.conversation.system else []
-        ) + (self.conversation.messages[self.conversation.start :])
+    def history_tokens(self) -> int:
+        """Tokens of the conversation still in context (the next prompt starts from these, trimmed if needed)."""
+        c = self.conversation
+        msgs = ([{"role": "system", "content": c.system}] if c.system else []) + c.messages[c.start :]
         return len(self.template.encode(self.lm.tokenizer, msgs, reply=False)) if msgs else 0
 
 
@@ -591,8 +590,8 @@ class Repl:
         lines = [
             f"last reply: {self._reply_line(s.last)}",
             f"session: {turns} turns, {s.total_tokens} tokens generated, {rate:.1f} tokens/s overall",
-            f"context: {s.context_tokens()}/{s.block_size} tokens in use, "
-            f"{s.conversation.start} old messages outside it",
+            f"context: window {s.block_size} tokens, last prompt {s.last.prompt_tokens}, "
+            f"history {s.history_tokens()} tokens, {s.conversation.start} old messages outside the window",
             f"template: {s.template.name}; settings: {settings}",
         ]
         for line in lines:
