@@ -6,6 +6,7 @@ argmax loop over the model) on prompts written out by hand here, never against r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -346,10 +347,8 @@ class Terminal:
                 return os.waitstatus_to_exitcode(status)
             ready, _, _ = select.select([self.fd], [], [], 0.1)
             if ready:
-                try:
+                with contextlib.suppress(OSError):
                     self.raw += os.read(self.fd, 65536)
-                except OSError:
-                    pass
         os.kill(self.pid, 9)
         raise AssertionError("the REPL did not exit")
 
