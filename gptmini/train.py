@@ -288,12 +288,14 @@ def train(
     init_from: str | Path | None = None,
     callback: Callback | None = None,
     train_data: BatchSource | None = None,
+    evaluator: Callable[[GPT, bool], EvalResult] | None = None,
 ) -> TrainResult:
     """Train a GPT on text files and save it to `out` (see the module docstring and `gptmini train --help`).
 
     `config` is a TrainConfig, or a dict of the settings to change (on --resume, the saved run's settings are the
     base). `model` holds GPTConfig fields to change from the preset. `train_data` replaces the text windows by any
-    BatchSource (e.g. chat fine-tuning); validation then still uses the val split of `paths`.
+    BatchSource (e.g. chat fine-tuning); validation then still uses the val split of `paths`, unless
+    `evaluator(model, final)` is given to score the model instead (chat fine-tuning: held-out conversations).
     The callback may return True to stop the run gracefully, exactly as Ctrl-C does.
     """
     report = callback or (lambda event: None)
@@ -322,7 +324,8 @@ def train(
     report(TrainEvent("data", 0, {"files": [str(p) for p in paths]}))
     corpus = load_corpus(paths, tokenizer, encoding_errors=tcfg.encoding_errors)
     train_tokens, val_tokens = corpus.split(tcfg.val_fraction)
-    check_split(train_tokens, val_tokens, mcfg.block_size, len(corpus.tokens))
+    if evaluator is None:  # with an evaluator, the text split is not used for validation
+        check_split(train_tokens, val_tokens, mcfg.block_size, len(corpus.tokens))
     if run is not None and run["data"]["key"] != corpus.key:
         raise UserError(
             f"the corpus differs from the one the run in {out} trained on; resume with the same files"
@@ -430,6 +433,8 @@ def train(
         return max(fractions)
 
     def evaluate(final: bool) -> EvalResult:
+        if evaluator is not None:
+            return evaluator(gpt, final)
         return evaluate_tokens(
             gpt,
             val_tokens,
