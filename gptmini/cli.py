@@ -128,7 +128,7 @@ def generate(
             stats=run_stats,
         )
         out = sys.stdout
-        if num_samples > 1:
+        if num_samples != 1:
             samples = lm.generate(text, num_samples=num_samples, **kwargs)
             for i, sample in enumerate(samples):
                 if i:
