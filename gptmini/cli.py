@@ -554,6 +554,73 @@ def chat(
     raise typer.Exit(code)
 
 
+@app.command()
+def finetune(
+    data: Annotated[
+        Path, typer.Argument(help='JSONL, one {"messages": [{"role", "content"}, ...]} per line.')
+    ],
+    checkpoint: CheckpointOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run directory [default: runs/<data>-chat]")
+    ] = None,
+    max_iters: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    time: Annotated[
+        str | None, typer.Option("--time", help="Wall-clock budget, e.g. 90s, 10m, 1h [default: 10m]")
+    ] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate [default: 5e-4].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Conversations per micro-batch.")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
+    warmup_iters: Annotated[int | None, typer.Option(help="Linear warm-up steps [default: 20].")] = None,
+    eval_interval: Annotated[int | None, typer.Option(help="Steps between evals + checkpoints.")] = None,
+    eval_iters: Annotated[int | None, typer.Option(help="Val batches per eval.")] = None,
+    log_interval: Annotated[int | None, typer.Option(help="Steps between log lines.")] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Last fraction of the conversations held out [default: 0.1].")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for batches and dropout.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, mps")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto (bf16 where the hardware has it), float32, bfloat16")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the run saved in --out.")] = False,
+) -> None:
+    """Turn a model into a chat model: train on conversations, loss on the assistant's replies only."""
+    from gptmini.config import parse_duration
+    from gptmini.finetune import finetune as run_finetune
+
+    settings = dict(
+        max_iters=max_iters,
+        time_budget_s=parse_duration(time) if time is not None else None,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        warmup_iters=warmup_iters,
+        eval_interval=eval_interval,
+        eval_iters=eval_iters,
+        log_interval=log_interval,
+        val_fraction=val_fraction,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+    )
+    view = _TrainView()
+    try:
+        result = run_finetune(
+            data, checkpoint=checkpoint, out=out, config=settings, resume=resume, force=force, callback=view
+        )
+    finally:
+        view.close()
+    view.summary(result)
+    if result.reason == "diverged":
+        print(f"error: {result.message}", file=sys.stderr)
+        sys.exit(1)
+    if result.reason == "interrupted":
+        _stderr().print(result.message)
+        sys.exit(130)
+    _stderr().print(f"chat with it: gptmini chat -c {result.out}")
+
+
 # Typer ≥ 0.20 vendors its own click; older versions use click. Take the classes from whichever Typer uses.
 UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
