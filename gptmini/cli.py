@@ -345,9 +345,7 @@ class _TrainView:
         self.tokens_per_s: list[float] = []
 
     def __call__(self, event) -> None:
-        if event.kind == "data":
-            self.console.print(f"[dim]reading {', '.join(event.info['files'])} …[/]")
-        elif event.kind == "start":
+        if event.kind == "start":
             self._on_start(event)
         elif event.kind == "log" and self.progress is not None:
             info = event.info

@@ -15,7 +15,9 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,13 +155,16 @@ def recover_staged(directory: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
-def commit_checkpoint(model: nn.Module, directory: Path, *, train_state: dict | None, meta: dict) -> None:
+def commit_checkpoint(
+    model: nn.Module, directory: str | Path, *, train_state: dict | None, meta: dict
+) -> None:
     """Save a checkpoint so that a kill at any moment leaves a whole one: the previous or the new.
 
     Each file is written atomically by `save_checkpoint` into a staging directory; a marker then says the set is
     complete, and only then do the files move into place (a few renames). A save killed before the marker is
     discarded on resume; one killed after it is rolled forward.
     """
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     staging = directory / STAGING_DIR
     shutil.rmtree(staging, ignore_errors=True)
@@ -617,3 +622,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
             if json.loads(line).get("step", 0) <= step:
                 keep.append(line)
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+class _CallableModule(types.ModuleType):
+    """`gptmini.train` is both this module and the API function `gptmini.train(...)`: importing the module
+    replaces the package attribute, so the module itself forwards calls to `train`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> TrainResult:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
