@@ -391,3 +391,167 @@ def test_terminal_repl_streams_survives_ctrl_c_keeps_history(base_ckpt, tmp_path
         "go on",
         "/stats",
     ]
+
+
+# ---- fine-tuning ----------------------------------------------------------------------------------------------
+
+
+def test_finetune_examples_mask_everything_but_the_assistant(tok):
+    from gptmini.finetune import ChatBatches, encode_examples
+
+    [(x, y)] = encode_examples([CONVO], tok, block_size=64)
+    assert x.tolist() == [SYSTEM, 3856, 4506, 13, END, USER, 17250, 30, END, ASSISTANT, 5297, 13]
+    # position i predicts token i+1: only "Yes", "." and the closing <|end|> are targets
+    assert y.tolist() == [-1] * 9 + [5297, 13, END]
+    # longer than the context: cut into windows, each keeping its own targets
+    long = [{"role": "user", "content": "a b c d e f g h"}, {"role": "assistant", "content": "one two three"}]
+    windows = encode_examples([long], tok, block_size=8)
+    full_x, full_y = encode_examples([long], tok, block_size=64)[0]
+    assert [w[0].tolist() for w in windows] == [
+        full_x[8:].tolist()
+    ]  # the first window has no target: left out
+    assert windows[0][1].tolist() == full_y[8:].tolist()
+    # batches: a pure function of the step; every epoch visits each example once
+    examples = encode_examples([[{"role": "user", "content": f"q{i}"}, CONVO[2]] for i in range(10)], tok, 64)
+    source = ChatBatches(examples, batch_size=5, seed=3)
+    epoch = [row.tolist() for step in (0, 1) for row in source.batch(step)[0]]
+    assert sorted(epoch) == sorted(x.tolist() for x, _ in examples)
+    assert [r.tolist() for r in source.batch(1)[0]] == [
+        r.tolist() for r in ChatBatches(examples, batch_size=5, seed=3).batch(1)[0]
+    ]
+
+
+def test_finetune_reports_malformed_lines_by_number(tmp_path, base_ckpt):
+    data = tmp_path / "bad.jsonl"
+    good = json.dumps({"messages": CONVO})
+    data.write_text(f'{good}\nnot json\n{good}\n\n{{"messages": [{{"role": "user", "content": "x"}}]}}\n')
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gptmini",
+            "finetune",
+            str(data),
+            "-c",
+            str(base_ckpt),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "2 malformed line(s)" in out.stderr
+    assert "line 2: not valid JSON" in out.stderr and "line 5: no assistant message" in out.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def yes_no_dataset(path, n: int, seed: int) -> None:
+    """Questions (ending in ?) are answered "yes", statements "no"."""
+    import random
+
+    rng = random.Random(seed)
+    words = [
+        "cat",
+        "dog",
+        "sun",
+        "rain",
+        "tree",
+        "river",
+        "stone",
+        "bird",
+        "cloud",
+        "fire",
+        "wind",
+        "road",
+        "house",
+        "ship",
+        "king",
+    ]
+    with open(path, "w") as f:
+        for i in range(n):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(2, 5)))
+            user, answer = (text + "?", "yes") if i % 2 else (text + ".", "no")
+            messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+
+
+def test_finetune_learns_a_tiny_dataset_and_resumes(tmp_path, base_ckpt):
+    data = tmp_path / "yesno.jsonl"
+    yes_no_dataset(data, 200, seed=0)
+    out = tmp_path / "chat"
+    common = [
+        "--lr",
+        "1e-2",
+        "--batch-size",
+        "8",
+        "--warmup-iters",
+        "5",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]
+    cmd = [sys.executable, "-m", "gptmini", "finetune", str(data), "-c", str(base_ckpt), "--out", str(out)]
+    env = {**os.environ, "GPTMINI_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*cmd, "--max-iters", "30", *common], capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    resumed = subprocess.run(
+        [*cmd, "--max-iters", "50", "--resume", *common], capture_output=True, text=True, env=env
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if m.get("final")]
+    assert [m["step"] for m in evals] == [30, 50]  # one final eval per run: the resumed run went on from 30
+    assert (
+        evals[1]["val_loss"] < evals[0]["val_loss"] and evals[1]["val_loss"] < 1.0
+    )  # masked val loss; ln(50261) ≈ 10.8 at the start
+
+    lm = gptmini.load(str(out), device="cpu")
+    assert lm.config.vocab_size == 50261 and template_for(lm.config).name == "tokens"
+    session = ChatSession(lm, settings=ChatSettings(temperature=0, max_new_tokens=5))
+    # held-out sentences, none of them in the data
+    for text, answer in [("fire bird king?", "yes"), ("the ship sails.", "no"), ("is the moon up?", "yes")]:
+        session.reset()
+        assert "".join(session.respond(text)) == answer
+        assert session.last.tokens == 2  # the answer, then <|end|>: the reply knows when to stop
+    # the base model it came from did not know this
+    base = ChatSession(gptmini.load(str(base_ckpt), device="cpu"), settings=ChatSettings(temperature=0))
+    assert "".join(base.respond("fire bird king?")) != "yes"
+
+
+def test_make_dialogues_pairs_speeches_within_scenes(tmp_path):
+    play = (
+        "A TINY PLAY\n\nby Nobody\n\nACT I.\n\nSCENE 1. A room.\n\n[Enter Ann and Bob.]\n\n"
+        "ANN.\nGood morrow,\nBob. [Aside.] He looks pale.\n\nBob.\nGood morrow, Ann.\n\n[Exit Ann.]\n\n"
+        "CLOWN.\nA song!\n\nHey ho, the wind.\n\nSCENE 2. A field.\n\nANN.\nWho goes there?\n\n"
+        "BOB.\nA friend.\n\nANN.\nAdvance.\n\nBOB.\nI come.\n"
+    )
+    source = tmp_path / "play.txt"
+    source.write_text(play)
+    out = tmp_path / "d.jsonl"
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "make_dialogues.py")
+    done = subprocess.run(
+        [sys.executable, script, str(source), "-o", str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    pairs = [
+        tuple(m["content"] for m in json.loads(line)["messages"]) for line in out.read_text().splitlines()
+    ]
+    assert pairs == [
+        ("Good morrow, Bob. He looks pale.", "Good morrow, Ann."),
+        ("Good morrow, Ann.", "A song! Hey ho, the wind."),
+        ("Who goes there?", "A friend."),  # no reply crosses the scene break
+        ("A friend.", "Advance."),
+        ("Advance.", "I come."),
+    ]
+    roles = [m["role"] for m in json.loads(out.read_text().splitlines()[0])["messages"]]
+    assert roles == ["user", "assistant"]
+    two = subprocess.run(
+        [sys.executable, script, str(source), "--turns", "2", "--system", "Speak verse."],
+        capture_output=True,
+        text=True,
+    )
+    [conv] = [json.loads(line)["messages"] for line in two.stdout.splitlines()]  # only scene 2 has 4 speeches
+    assert [m["role"] for m in conv] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in conv][1:] == ["Who goes there?", "A friend.", "Advance.", "I come."]
