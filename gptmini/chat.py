@@ -401,8 +401,11 @@ class Repl:
                 except KeyboardInterrupt:  # Ctrl-C at the prompt: drop the line, as a shell does
                     self.console.print("^C")
                     continue
-                if not self.handle(line):
-                    return 0
+                try:
+                    if not self.handle(line):
+                        return 0
+                except KeyboardInterrupt:  # Ctrl-C while a command ran: back to the prompt
+                    self.console.print("^C")
 
     def handle(self, line: str) -> bool:
         """One input line: a command or a user turn. False means quit."""
@@ -429,7 +432,7 @@ class Repl:
             self.console.print("[bold cyan]gpt›[/] ", end="")
         try:
             for piece in pieces:
-                self.stdout.write(piece)
+                self.stdout.write(_printable(piece) if self.interactive else piece)
                 self.stdout.flush()
         except KeyboardInterrupt:  # Ctrl-C: stop this reply, keep what was said, back to the prompt
             with contextlib.suppress(KeyboardInterrupt):
@@ -600,6 +603,15 @@ class Repl:
 
     def _quit(self, arg: str) -> bool:
         return False
+
+
+# C0 control characters other than tab and newline, and DEL: a model can emit escape sequences that would drive the
+# terminal (move the cursor, retitle the window); show them as � instead.
+_CONTROL = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F]}
+
+
+def _printable(text: str) -> str:
+    return text.translate(_CONTROL)
 
 
 def _number(arg: str, kind: type, usage: str, *, allow_off: bool = False) -> Any:

@@ -281,6 +281,21 @@ def test_pipe_long_conversation_with_a_small_context(tmp_path):
     assert outside > 50
 
 
+def test_chat_prefers_the_default_chat_checkpoint(tmp_path):
+    save_checkpoint(random_gpt(std=0.2), tmp_path / "checkpoints" / "default")
+    save_checkpoint(random_gpt(std=0.2, vocab_size=50261), tmp_path / "checkpoints" / "default-chat")
+    out = subprocess.run(
+        [sys.executable, "-m", "gptmini", "chat", "-n", "2"],
+        input="hi\n/stats\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(gptmini.__file__)))},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "template: tokens" in out.stderr  # the chat model was picked, not checkpoints/default
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
