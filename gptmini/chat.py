@@ -25,11 +25,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from gptmini.config import GPTConfig, SamplingConfig
 from gptmini.errors import UserError
 from gptmini.tokenizer import CHAT_TOKENS, Tokenizer
+
+if TYPE_CHECKING:  # the library side stays importable without torch
+    from gptmini.api import LM
 
 ROLES = ("system", "user", "assistant")
 SYSTEM, USER, ASSISTANT, END = (
@@ -223,7 +226,7 @@ class ReplyStats:
 class ChatSession:
     """A conversation with a loaded model: `respond(text)` streams the reply and records both turns."""
 
-    def __init__(self, lm: Any, *, settings: ChatSettings | None = None, system: str | None = None) -> None:
+    def __init__(self, lm: LM, *, settings: ChatSettings | None = None, system: str | None = None) -> None:
         self.lm = lm
         self.settings = settings or ChatSettings()
         self.settings.validate()
