@@ -516,7 +516,7 @@ def chat(
         typer.Option(
             "-c",
             "--checkpoint",
-            help="gptmini or Hugging Face GPT-2 dir [default: checkpoints/default-chat, else checkpoints/default]",
+            help="gptmini or Hugging Face GPT-2 dir (default: checkpoints/default-chat, else checkpoints/default)",
         ),
     ] = None,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.8,
@@ -536,7 +536,7 @@ def chat(
     history: Annotated[
         Path | None,
         typer.Option(
-            "--history", help="Input history file [default: $GPTMINI_HISTORY or ~/.gptmini_history]"
+            "--history", help="Input history file (default: $GPTMINI_HISTORY or ~/.gptmini_history)"
         ),
     ] = None,
     device: DeviceOpt = "auto",
@@ -559,21 +559,21 @@ def finetune(
     ],
     checkpoint: CheckpointOpt = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Run directory [default: runs/<data>-chat]")
+        Path | None, typer.Option("--out", "-o", help="Run directory (default: runs/<data>-chat)")
     ] = None,
     max_iters: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
     time: Annotated[
-        str | None, typer.Option("--time", help="Wall-clock budget, e.g. 90s, 10m, 1h [default: 10m]")
+        str | None, typer.Option("--time", help="Wall-clock budget, e.g. 90s, 10m, 1h (default: 10m)")
     ] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate [default: 5e-4].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: 5e-4).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Conversations per micro-batch.")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
-    warmup_iters: Annotated[int | None, typer.Option(help="Linear warm-up steps [default: 20].")] = None,
+    warmup_iters: Annotated[int | None, typer.Option(help="Linear warm-up steps (default: 20).")] = None,
     eval_interval: Annotated[int | None, typer.Option(help="Steps between evals + checkpoints.")] = None,
     eval_iters: Annotated[int | None, typer.Option(help="Val batches per eval.")] = None,
     log_interval: Annotated[int | None, typer.Option(help="Steps between log lines.")] = None,
     val_fraction: Annotated[
-        float | None, typer.Option(help="Last fraction of the conversations held out [default: 0.1].")
+        float | None, typer.Option(help="Last fraction of the conversations held out (default: 0.1).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for batches and dropout.")] = None,
     device: Annotated[str | None, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, mps")] = None,
