@@ -262,6 +262,10 @@ def finetune(
     changes = {k: v for k, v in (config or {}).items() if v is not None}
     conversations = read_conversations(data)  # before anything heavy: bad data answers at once
     run = run_in(out) if resume and out.is_dir() else None
+    if resume and run is None:  # say so now, before copying the model
+        raise UserError(
+            f"nothing to resume in {out} (no fine-tuning run saved there); start without --resume"
+        )
     if run is not None:
         tcfg = TrainConfig.from_dict({**run["train"], **changes})
         block_size = read_model_config(out)[0].block_size
