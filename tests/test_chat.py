@@ -461,6 +461,23 @@ def test_finetune_reports_malformed_lines_by_number(tmp_path, base_ckpt):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["/no/such.jsonl"], "does not exist"),
+        (["DATA", "--out", "OUT", "--resume"], "nothing to resume"),
+        (["DATA", "--lr", "0"], "lr must be positive"),
+    ],
+)
+def test_finetune_mistakes_are_one_line_exit_2(tmp_path, args, message):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": CONVO}) + "\n")
+    args = [{"DATA": str(data), "OUT": str(tmp_path / "out")}.get(a, a) for a in args]
+    out = subprocess.run([sys.executable, "-m", "gptmini", "finetune", *args], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith("error:") and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
 def yes_no_dataset(path, n: int, seed: int) -> None:
     """Questions (ending in ?) are answered "yes", statements "no"."""
     import random
