@@ -281,6 +281,60 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+@dataclass
+class Distributed:
+    """Data parallelism under torchrun: each rank trains on its slice of every global batch (see RandomWindows),
+    DDP averages the gradients, and only rank 0 writes files or reports."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device_name: str) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(local)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        return cls(rank, local, world)
+
+    def device(self, device: torch.device) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.enabled and device.type == "cuda" else device
+
+    def reduce(self, values: list[float], device: torch.device, op: str = "mean") -> list[float]:
+        """The mean (or max) of `values` over all ranks, so every rank takes the same decisions."""
+        if not self.enabled:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "mean" else dist.ReduceOp.MAX)
+        if op == "mean":
+            t /= self.world_size
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
 def train(
     paths: Sequence[str | Path] = (),
     *,
@@ -303,7 +357,6 @@ def train(
     `evaluator(model, final)` is given to score the model instead (chat fine-tuning: held-out conversations).
     The callback may return True to stop the run gracefully, exactly as Ctrl-C does.
     """
-    report = callback or (lambda event: None)
     out = Path(out) if out is not None else default_out(paths)
 
     # 1. Validate everything before writing anything.
@@ -325,6 +378,8 @@ def train(
     if not paths:
         raise UserError("no corpus given; pass one or more text files or directories")
 
+    dist = Distributed.from_env(tcfg.device)
+    report = (callback or (lambda event: None)) if dist.is_main else (lambda event: None)
     tokenizer = Tokenizer()
     report(TrainEvent("data", 0, {"files": [str(p) for p in paths]}))
     corpus = load_corpus(paths, tokenizer, encoding_errors=tcfg.encoding_errors)
@@ -337,7 +392,7 @@ def train(
         )
     token_bytes = token_byte_lengths(tokenizer, mcfg.vocab_size)
 
-    device = resolve_device(tcfg.device)
+    device = dist.device(resolve_device(tcfg.device))
     dtype = resolve_train_dtype(tcfg.dtype, device)
     state = load_train_state(out) if run is not None else None
 
@@ -368,23 +423,36 @@ def train(
         _set_rng_state(state["rng"], device)
 
     source = train_data or RandomWindows(
-        train_tokens, mcfg.block_size, tcfg.batch_size, seed=tcfg.seed, grad_accum=tcfg.grad_accum
+        train_tokens,
+        mcfg.block_size,
+        tcfg.batch_size,
+        seed=tcfg.seed,
+        grad_accum=tcfg.grad_accum,
+        rank=dist.rank,
+        world_size=dist.world_size,
     )
     loss_model: nn.Module = LossModel(gpt)
     if tcfg.compile:
         loss_model = torch.compile(loss_model)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        loss_model = DistributedDataParallel(
+            loss_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     # 2. Now the directory: create it, start or continue metrics.jsonl.
-    check_writable(out)
     metrics_path = out / METRICS_FILE
-    if run is None:
-        metrics_path.unlink(missing_ok=True)
-        shutil.rmtree(out / BEST_DIR, ignore_errors=True)
-    else:
-        _truncate_metrics(metrics_path, step)
+    if dist.is_main:
+        check_writable(out)
+        if run is None:
+            metrics_path.unlink(missing_ok=True)
+            shutil.rmtree(out / BEST_DIR, ignore_errors=True)
+        else:
+            _truncate_metrics(metrics_path, step)
 
     flops_per_token = gpt.flops_per_token(training=True)
-    tokens_per_step = tcfg.batch_size * tcfg.grad_accum * mcfg.block_size
+    tokens_per_step = tcfg.batch_size * tcfg.grad_accum * dist.world_size * mcfg.block_size
     run_meta = {
         "train": tcfg.to_dict(),
         "data": {"files": [str(p) for p in corpus.files], "key": corpus.key, "n_tokens": len(corpus.tokens)},
@@ -412,6 +480,8 @@ def train(
     )
 
     def save(directory: Path, val_loss: float | None, with_state: bool = True) -> None:
+        if not dist.is_main:
+            return
         meta = {"run": {**run_meta, "step": step, "val_loss": val_loss, "elapsed_s": elapsed()}}
         train_state = None
         if with_state:
@@ -426,6 +496,8 @@ def train(
         commit_checkpoint(gpt, directory, train_state=train_state, meta=meta)
 
     def write_metrics(record: dict[str, Any]) -> None:
+        if not dist.is_main:
+            return
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -462,7 +534,10 @@ def train(
             if tcfg.max_iters is not None and step >= tcfg.max_iters:
                 reason = "done"
                 break
-            if tcfg.time_budget_s is not None and elapsed() >= tcfg.time_budget_s:
+            time_up = tcfg.time_budget_s is not None and elapsed() >= tcfg.time_budget_s
+            if dist.enabled:  # stop together: any rank's Ctrl-C or clock ends the step loop for all
+                time_up, flag.stop = (bool(v) for v in dist.reduce([time_up, flag.stop], device, op="max"))
+            if time_up:
                 reason = "time"
                 break
             if flag.stop:
@@ -473,7 +548,7 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_value, grad_norm = train_step(
-                loss_model, optimizer, source, step, device=device, dtype=dtype, config=tcfg
+                loss_model, optimizer, source, step, device=device, dtype=dtype, config=tcfg, dist=dist
             )
             if not math.isfinite(loss_value):
                 reason = "diverged"
@@ -546,6 +621,7 @@ def train(
         best_val_loss=best_val,
         message=message,
     )
+    dist.barrier()  # rank 0's last save is complete before any rank returns
     report(TrainEvent("end", step, {"reason": reason, "message": message}))
     return result
 
@@ -559,6 +635,7 @@ def train_step(
     device: torch.device,
     dtype: torch.dtype,
     config: TrainConfig,
+    dist: Distributed | None = None,
 ) -> tuple[float, float | None]:
     """One optimizer update over `grad_accum` micro-batches; returns (mean loss, grad norm before clipping).
 
@@ -569,11 +646,19 @@ def train_step(
         x, y = source.batch(step, micro)
         xt = torch.as_tensor(x, device=device)
         yt = torch.as_tensor(y, device=device)
-        with autocast(device, dtype):
-            loss_sum, count = loss_model(xt, yt)
-        loss = loss_sum / count.clamp_min(1) / config.grad_accum
-        loss.backward()
+        # Under DDP, gradients are averaged across ranks once per step: skip it on all but the last micro-batch.
+        last = micro == config.grad_accum - 1
+        sync = (
+            contextlib.nullcontext() if last or not hasattr(loss_model, "no_sync") else loss_model.no_sync()
+        )
+        with sync:
+            with autocast(device, dtype):
+                loss_sum, count = loss_model(xt, yt)
+            loss = loss_sum / count.clamp_min(1) / config.grad_accum
+            loss.backward()
         loss_value += float(loss.detach())
+    if dist is not None and dist.enabled:
+        loss_value = dist.reduce([loss_value], device)[0]
     grad_norm = None
     if math.isfinite(loss_value):
         if config.grad_clip > 0:
