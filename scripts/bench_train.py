@@ -111,6 +111,16 @@ def reference_model():
             )
 
     model = GPT()
+    # Same starting weights as gptmini's model of the same seed, so the loss curves compare step by step.
+    from gptmini.config import GPTConfig
+    from gptmini.model import GPT as GptminiGPT
+
+    torch.manual_seed(torch.initial_seed())
+    theirs = GptminiGPT(GPTConfig(**CONFIG)).state_dict()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            source = theirs["transformer." + name] if "transformer." + name in theirs else theirs[name]
+            p.copy_(source[: p.shape[0]] if name in ("wte.weight", "lm_head.weight") else source)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     # nanoGPT: fused AdamW only on CUDA, so the default (foreach) implementation on CPU.
@@ -296,7 +306,7 @@ def main() -> None:
     if args.curves:
         args.steps, args.warmup = args.curves, 0
         curves = {kind: run_worker(kind, args)["losses"] for kind in kinds}
-        print("\nloss per step (same batches; gptmini runs share one init, the reference has its own)")
+        print("\nloss per step (same batches, same initial weights)")
         print(f"{'steps':<12}" + "".join(f"{k:>18}" for k in kinds) + f"{'|default-fp32|':>16}")
         bucket = max(1, args.curves // 15)
         for start in range(0, args.curves, bucket):
