@@ -214,9 +214,9 @@ def split_conversations(
 # ---- the model ------------------------------------------------------------------------------------------------
 
 
-def with_chat_tokens(checkpoint: str | Path, directory: Path) -> Path:
-    """A copy of `checkpoint` whose vocab covers the chat tokens, saved to `directory` (the loop starts from it)."""
-    from gptmini.checkpoint import load_checkpoint, save_checkpoint
+def with_chat_tokens(checkpoint: str | Path) -> GPT:
+    """The model of `checkpoint` (on the CPU) with a vocab that covers the chat tokens."""
+    from gptmini.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint)
     config = model.config
@@ -231,8 +231,7 @@ def with_chat_tokens(checkpoint: str | Path, directory: Path) -> Path:
             # New tokens start at the average embedding: plausible inputs, and no logit that dwarfs the others.
             wte[config.vocab_size : CHAT_VOCAB_SIZE] = wte[: config.vocab_size].mean(dim=0)
         config.vocab_size = CHAT_VOCAB_SIZE
-    save_checkpoint(model, directory)
-    return directory
+    return model
 
 
 # ---- the entry point ------------------------------------------------------------------------------------------
@@ -254,8 +253,8 @@ def finetune(
     are the base. Returns the loop's `TrainResult`.
     """
     from gptmini.api import default_checkpoint
-    from gptmini.checkpoint import read_model_config
-    from gptmini.train import run_in, train
+    from gptmini.checkpoint import read_model_config, save_checkpoint
+    from gptmini.train import TrainEvent, check_out_dir, run_in, train
 
     data = Path(data)
     out = Path(out) if out is not None else Path("runs") / f"{data.stem}-chat"
@@ -284,8 +283,29 @@ def finetune(
     )
     val_examples = encode_examples(val_convs, tokenizer, block_size) or source.examples
     evaluator = masked_evaluator(val_examples, tokenizer, tcfg.batch_size, tcfg.eval_iters)
+    check_out_dir(out, resume=resume, force=force)  # before the model is copied and scored
+    sizes = {
+        "train_tokens": sum(len(x) for x, _ in source.examples),
+        "val_tokens": sum(len(x) for x, _ in val_examples),
+    }
+
+    def report(event: Any) -> Any:
+        if (
+            event.kind == "start"
+        ):  # the loop counts the JSONL as text; the conversations are what is trained on
+            event.info.update(sizes)
+        return callback(event) if callback is not None else None
+
     with tempfile.TemporaryDirectory(prefix="gptmini-finetune-") as tmp:
-        init = None if run is not None else with_chat_tokens(checkpoint, Path(tmp))
+        init = None
+        if run is None:
+            # The loop starts from a copy whose vocab covers the chat tokens; its score is the baseline.
+            model = with_chat_tokens(checkpoint)
+            if callback is not None:
+                before = evaluator(model, False)
+                callback(TrainEvent("eval", 0, {**_eval_info(before), "before": True}))
+            init = save_checkpoint(model, Path(tmp))
+            del model
         return train(
             [data],
             config=tcfg.to_dict() if run is None else changes,
@@ -293,7 +313,12 @@ def finetune(
             resume=resume,
             force=force,
             init_from=init,
-            callback=callback,
+            callback=report,
             train_data=source,
             evaluator=evaluator,
         )
+
+
+def _eval_info(result: EvalResult) -> dict[str, Any]:
+    """An eval event's fields, as the loop reports them."""
+    return {"val_loss": result.loss, "val_ppl": result.ppl, "val_bpb": result.bpb, "best": False}
