@@ -106,7 +106,7 @@ def generate_tokens(
         # The compiled step's inputs live at fixed addresses (CUDA graphs replay from them); refilled each step.
         step_tok = torch.zeros(num_samples, 1, dtype=torch.long, device=device)
         step_pos = torch.zeros((), dtype=torch.long, device=device)
-        _mark_static(cache.k, cache.v, step_tok, step_pos)
+        _mark_static(*cache.k_layers, *cache.v_layers, step_tok, step_pos)
     next_tok = sample_next(logits.expand(num_samples, -1), sampling, generator, seen)
     ids = next_tok.tolist()
     synchronize(device)

@@ -28,6 +28,13 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.positions = torch.arange(max_len, device=device)  # for the static decode step's mask
+        self._split_layers()
+
+    def _split_layers(self) -> None:
+        # Per-layer views made once, outside any compiled region: a compiled step that indexed `self.k[layer]`
+        # itself would see one aliased input and copy the whole cache around every in-place write.
+        self.k_layers = self.k.unbind(0)
+        self.v_layers = self.v.unbind(0)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int = 1, max_len: int | None = None) -> KVCache:
@@ -68,9 +75,10 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one position's `k`, `v` (`[B, H, 1, D]`) at `pos` (a 1-element long tensor, so the position is data,
         not a shape) and return the whole buffers of this layer."""
-        self.k[layer].index_copy_(2, pos, k)
-        self.v[layer].index_copy_(2, pos, v)
-        return self.k[layer], self.v[layer]
+        k_layer, v_layer = self.k_layers[layer], self.v_layers[layer]
+        k_layer.index_copy_(2, pos, k)
+        v_layer.index_copy_(2, pos, v)
+        return k_layer, v_layer
 
     def expand(self, batch_size: int) -> KVCache:
         """Repeat a batch-1 cache (one prefilled prompt) into `batch_size` independent rows."""
@@ -80,6 +88,7 @@ class KVCache:
         out.k = self.k.expand(-1, batch_size, -1, -1, -1).contiguous()
         out.v = self.v.expand(-1, batch_size, -1, -1, -1).contiguous()
         out.positions = self.positions
+        out._split_layers()
         return out
 
     def nbytes(self) -> int:
