@@ -35,6 +35,24 @@ from gptmini.tokenizer import Tokenizer
 SYSTEM, USER, ASSISTANT, END = 50257, 50258, 50259, 50260
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    """The CLI entry point in this process: (exit code, stderr)."""
+    from gptmini.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([str(a) for a in args])
+    return exited.value.code, capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer()
@@ -290,7 +308,11 @@ def test_chat_prefers_the_default_chat_checkpoint(tmp_path):
         capture_output=True,
         text=True,
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(gptmini.__file__)))},
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(gptmini.__file__))),
+        },
     )
     assert out.returncode == 0, out.stderr
     assert "template: tokens" in out.stderr  # the chat model was picked, not checkpoints/default
@@ -306,11 +328,10 @@ def test_chat_prefers_the_default_chat_checkpoint(tmp_path):
         (["-c", "CKPT", "--bogus"], "No such option"),
     ],
 )
-def test_chat_flag_mistakes_are_one_line_exit_2(base_ckpt, args, message):
-    out = run_chat(*[str(base_ckpt) if a == "CKPT" else a for a in args], input="hi\n")
-    assert out.returncode == 2
-    assert out.stderr.startswith("error:") and message in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and out.stdout == ""
+def test_chat_flag_mistakes_are_one_line_exit_2(base_ckpt, capsys, args, message):
+    code, err = run_main(capsys, "chat", *[base_ckpt if a == "CKPT" else a for a in args])
+    assert code == 2 and err.startswith("error:") and message in err
+    assert len(err.strip().splitlines()) == 1
 
 
 # ---- the REPL on a terminal -----------------------------------------------------------------------------------
@@ -374,7 +395,7 @@ def test_terminal_repl_streams_survives_ctrl_c_keeps_history(base_ckpt, tmp_path
     lm = gptmini.load(str(base_ckpt), device="cpu")
     term = Terminal(
         [sys.executable, "-m", "gptmini", "chat", "-c", str(base_ckpt), "-n", "5", "-t", "0"],
-        {"GPTMINI_HISTORY": str(history), "COLUMNS": "200", "TERM": "xterm"},
+        {"GPTMINI_HISTORY": str(history), "COLUMNS": "200", "TERM": "xterm", "OMP_NUM_THREADS": "1"},
     )
     term.expect("you›")
     term.send("hello there\r")
@@ -469,13 +490,13 @@ def test_finetune_reports_malformed_lines_by_number(tmp_path, base_ckpt):
         (["DATA", "--lr", "0"], "lr must be positive"),
     ],
 )
-def test_finetune_mistakes_are_one_line_exit_2(tmp_path, args, message):
+def test_finetune_mistakes_are_one_line_exit_2(tmp_path, capsys, args, message):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"messages": CONVO}) + "\n")
     args = [{"DATA": str(data), "OUT": str(tmp_path / "out")}.get(a, a) for a in args]
-    out = subprocess.run([sys.executable, "-m", "gptmini", "finetune", *args], capture_output=True, text=True)
-    assert out.returncode == 2 and out.stderr.startswith("error:") and message in out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1
+    code, err = run_main(capsys, "finetune", *args)
+    assert code == 2 and err.startswith("error:") and message in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def yes_no_dataset(path, n: int, seed: int) -> None:
@@ -508,7 +529,9 @@ def yes_no_dataset(path, n: int, seed: int) -> None:
             f.write(json.dumps({"messages": messages}) + "\n")
 
 
-def test_finetune_learns_a_tiny_dataset_and_resumes(tmp_path, base_ckpt):
+def test_finetune_learns_a_tiny_dataset_and_resumes(tmp_path, base_ckpt, monkeypatch):
+    from gptmini.finetune import finetune
+
     data = tmp_path / "yesno.jsonl"
     yes_no_dataset(data, 200, seed=0)
     out = tmp_path / "chat"
@@ -524,13 +547,15 @@ def test_finetune_learns_a_tiny_dataset_and_resumes(tmp_path, base_ckpt):
         "--dtype",
         "float32",
     ]
+    monkeypatch.setenv("GPTMINI_CACHE_DIR", str(tmp_path / "cache"))
+    config = dict(max_iters=30, lr=1e-2, batch_size=8, warmup_iters=5, device="cpu", dtype="float32")
+    first = finetune(data, checkpoint=base_ckpt, out=out, config=config)  # the library call...
+    assert first.reason == "done" and first.step == 30
     cmd = [sys.executable, "-m", "gptmini", "finetune", str(data), "-c", str(base_ckpt), "--out", str(out)]
-    env = {**os.environ, "GPTMINI_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    first = subprocess.run([*cmd, "--max-iters", "30", *common], capture_output=True, text=True, env=env)
-    assert first.returncode == 0, first.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     resumed = subprocess.run(
         [*cmd, "--max-iters", "50", "--resume", *common], capture_output=True, text=True, env=env
-    )
+    )  # ... and the command, continuing the same run
     assert resumed.returncode == 0, resumed.stderr
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [m for m in metrics if m.get("final")]
