@@ -269,7 +269,9 @@ def test_pipe_answers_and_obeys_every_command(base_ckpt, tmp_path):
 
 
 def test_pipe_chat_token_model_matches_a_hand_built_prompt(chat_ckpt, tok):
-    out = run_chat("-c", chat_ckpt, "-t", 0, "-n", 8, "--system", "Be kind.", input="hi\n/exit\nnever answered\n")
+    out = run_chat(
+        "-c", chat_ckpt, "-t", 0, "-n", 8, "--system", "Be kind.", input="hi\n/exit\nnever answered\n"
+    )
     assert out.returncode == 0, out.stderr
     model = gptmini.load(str(chat_ckpt), device="cpu").model
     ids = [SYSTEM, *tok.encode("Be kind."), END, USER, *tok.encode("hi"), END, ASSISTANT]
