@@ -8,7 +8,9 @@ Read top to bottom:
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -119,6 +121,20 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+@contextlib.contextmanager
+def _skip_reset_parameters() -> Iterator[None]:
+    """Within: nn.Linear / nn.Embedding / nn.LayerNorm constructors leave their weights uninitialised."""
+    classes = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    saved = {c: c.reset_parameters for c in classes}
+    for c in classes:
+        c.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for c, reset in saved.items():
+            c.reset_parameters = reset
+
+
 def sinusoidal_table(n_positions: int, n_embd: int) -> torch.Tensor:
     """The fixed encoding of "Attention Is All You Need": PE[p, 2i] = sin(p/10000^(2i/d)), PE[p, 2i+1] = cos(...)."""
     position = torch.arange(n_positions, dtype=torch.float64)[:, None]
@@ -130,7 +146,7 @@ def sinusoidal_table(n_positions: int, n_embd: int) -> torch.Tensor:
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, *, init_weights: bool = True) -> None:
         super().__init__()
         config.validate()
         self.config = config
@@ -152,22 +168,27 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix embeds and un-embeds
 
+        if init_weights:
+            self._init_gpt2()
+
+    def _init_gpt2(self) -> None:
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/√(2·n_layer), so its variance
         # does not grow with depth (two residual additions per block).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     @classmethod
     def skeleton(
         cls, config: GPTConfig, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
     ) -> GPT:
         """A model with uninitialised weights, for loading into: skips the random init (seconds for GPT-2)."""
-        with torch.device("meta"):
-            model = cls(config)
-        model = model.to_empty(device=device).to(dtype)
-        model.lm_head.weight = model.transformer.wte.weight  # re-tie: to_empty made two tensors
+        # Allocate uninitialised weights in place: the modules' own random init is skipped too, since running it
+        # even on the meta device imports torch's decompositions (~1 s of a cold `gptmini generate`).
+        with _skip_reset_parameters(), torch.device(device):
+            model = cls(config, init_weights=False)
+        model = model.to(dtype)
         if config.pos_embedding == "sinusoidal":
             model.pos_table = sinusoidal_table(config.block_size, config.n_embd).to(device)
         return model
