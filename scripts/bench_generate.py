@@ -179,6 +179,34 @@ def quality(base: GPT, text: str, max_tokens: int = 8192) -> list[dict]:
     return out
 
 
+def time_to_first_token(repeats: int) -> dict[str, float]:
+    """Cold `gptmini generate` until its first stdout byte vs a bare `python -c "import torch"` (medians, s)."""
+    import subprocess
+
+    from gptmini.checkpoint import save_checkpoint
+    from gptmini.config import preset
+
+    def first_byte(cmd: list[str]) -> float:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        proc.stdout.read(1)
+        elapsed = time.perf_counter() - t
+        proc.stdout.read()
+        proc.wait()
+        return elapsed
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        save_checkpoint(GPT(preset("small")), tmp)  # the CPU default shape: 4 layers, 256 wide
+        generate = [sys.executable, "-m", "gptmini", "generate", "Hello", "-c", tmp, "-n", "1", "--greedy"]
+        import_torch = [sys.executable, "-c", "import torch; print(1)"]
+        runs = {"gptmini generate": [], "import torch": []}
+        for _ in range(repeats):
+            runs["gptmini generate"].append(first_byte(generate))
+            runs["import torch"].append(first_byte(import_torch))
+    return {k: median(v) for k, v in runs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -193,7 +221,18 @@ def main() -> None:
         "--checkpoint", type=Path, help="trained gptmini checkpoint: its weights, plus quality"
     )
     parser.add_argument("--quality-text", type=Path, default=Path("data/shakespeare.txt"))
+    parser.add_argument(
+        "--ttft", action="store_true", help="only time a cold `gptmini generate` to first token"
+    )
     args = parser.parse_args()
+    if args.ttft:
+        ttft = time_to_first_token(max(args.repeats, 5))
+        ratio = ttft["gptmini generate"] / ttft["import torch"]
+        print(
+            f"cold gptmini generate → first token {ttft['gptmini generate']:.2f} s; "
+            f"python -c 'import torch' {ttft['import torch']:.2f} s; ratio {ratio:.2f}×"
+        )
+        return
     torch.set_num_threads(args.threads)
     import transformers
 
