@@ -369,6 +369,8 @@ class _TrainView:
             )
             if self.progress is not None and "progress" in info:
                 self.progress.update(self.task, completed=min(info["progress"], 1.0))
+        elif event.kind == "end" and self.progress is not None and event.info["reason"] in ("done", "time"):
+            self.progress.update(self.task, completed=1.0)
 
     def _on_start(self, event) -> None:
         import torch
