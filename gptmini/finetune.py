@@ -22,13 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from gptmini.api import default_checkpoint
 from gptmini.chat import CHAT_VOCAB_SIZE, Message, TokenTemplate, check_messages
+from gptmini.checkpoint import load_checkpoint, read_model_config, save_checkpoint
 from gptmini.config import TrainConfig
 from gptmini.errors import UserError
 from gptmini.evaluate import EvalResult
 from gptmini.loss import IGNORE_INDEX, linear_cross_entropy
 from gptmini.model import GPT
 from gptmini.tokenizer import Tokenizer
+from gptmini.train import TrainEvent, TrainResult, check_out_dir, run_in, train
 
 # Fine-tuning starts from a trained model: a gentler peak lr and a short warm-up than pretraining's defaults.
 FINETUNE_DEFAULTS: dict[str, Any] = {
@@ -216,8 +219,6 @@ def split_conversations(
 
 def with_chat_tokens(checkpoint: str | Path) -> GPT:
     """The model of `checkpoint` (on the CPU) with a vocab that covers the chat tokens."""
-    from gptmini.checkpoint import load_checkpoint
-
     model, _ = load_checkpoint(checkpoint)
     config = model.config
     if config.vocab_size < CHAT_VOCAB_SIZE:
@@ -245,17 +246,13 @@ def finetune(
     config: dict[str, Any] | None = None,
     resume: bool = False,
     force: bool = False,
-    callback: Callable[[Any], Any] | None = None,
-) -> Any:
+    callback: Callable[[TrainEvent], Any] | None = None,
+) -> TrainResult:
     """Fine-tune `checkpoint` on the conversations in `data` (JSONL) and save a chat model to `out`.
 
     `config` holds TrainConfig fields to change (None values are ignored); on `resume`, the saved run's settings
     are the base. Returns the loop's `TrainResult`.
     """
-    from gptmini.api import default_checkpoint
-    from gptmini.checkpoint import read_model_config, save_checkpoint
-    from gptmini.train import TrainEvent, check_out_dir, run_in, train
-
     data = Path(data)
     out = Path(out) if out is not None else Path("runs") / f"{data.stem}-chat"
     changes = {k: v for k, v in (config or {}).items() if v is not None}
@@ -290,9 +287,8 @@ def finetune(
     }
 
     def report(event: Any) -> Any:
-        if (
-            event.kind == "start"
-        ):  # the loop counts the JSONL as text; the conversations are what is trained on
+        # The loop counts the JSONL file as text; the conversations are what is trained on.
+        if event.kind == "start":
             event.info.update(sizes)
         return callback(event) if callback is not None else None
 
