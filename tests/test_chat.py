@@ -614,3 +614,29 @@ def test_make_dialogues_pairs_speeches_within_scenes(tmp_path):
     [conv] = [json.loads(line)["messages"] for line in two.stdout.splitlines()]  # only scene 2 has 4 speeches
     assert [m["role"] for m in conv] == ["system", "user", "assistant", "user", "assistant"]
     assert [m["content"] for m in conv][1:] == ["Who goes there?", "A friend.", "Advance.", "I come."]
+
+
+def test_finetune_interrupted_and_resumed_equals_uninterrupted(tmp_path, base_ckpt, monkeypatch):
+    from safetensors.torch import load_file
+
+    from gptmini.finetune import finetune
+
+    monkeypatch.setenv("GPTMINI_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "yesno.jsonl"
+    yes_no_dataset(data, 40, seed=1)
+    cfg = dict(max_iters=10, lr=1e-2, batch_size=4, warmup_iters=2, device="cpu", dtype="float32")
+    finetune(data, checkpoint=base_ckpt, out=tmp_path / "straight", config=cfg)
+    stop_at_5 = lambda event: event.kind == "log" and event.step >= 5  # noqa: E731 - like Ctrl-C at step 5
+    first = finetune(
+        data,
+        checkpoint=base_ckpt,
+        out=tmp_path / "split",
+        config={**cfg, "log_interval": 5},
+        callback=stop_at_5,
+    )
+    assert first.reason == "interrupted" and first.step == 5
+    assert finetune(data, out=tmp_path / "split", resume=True).step == 10
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "split" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
