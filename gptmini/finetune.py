@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -125,7 +126,9 @@ def pad_batch(
 class ChatBatches:
     """A `BatchSource` over conversations: epoch after epoch, each in an order seeded by (seed, epoch).
 
-    Micro-batch `micro` of step `step` depends only on (seed, step, micro), so a resumed run sees the same batches.
+    A step's global batch is the next `batch_size × grad_accum × world_size` conversations of that order; rank r
+    takes micro-batches r·grad_accum … r·grad_accum + grad_accum − 1 of it (as `data.RandomWindows` does). Each
+    micro-batch depends only on (seed, step, micro, rank), so a resumed run sees the same batches.
     """
 
     def __init__(
@@ -135,6 +138,8 @@ class ChatBatches:
         *,
         seed: int = 0,
         grad_accum: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
         pad_id: int = 50256,
     ) -> None:
         if not examples:
@@ -143,6 +148,8 @@ class ChatBatches:
         self.batch_size = batch_size
         self.grad_accum = grad_accum
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         self.pad_id = pad_id
         self._orders: dict[int, np.ndarray] = {}
 
@@ -153,7 +160,8 @@ class ChatBatches:
 
     def batch(self, step: int, micro: int = 0) -> tuple[np.ndarray, np.ndarray]:
         n = len(self.examples)
-        first = (step * self.grad_accum + micro) * self.batch_size
+        per_step = self.batch_size * self.grad_accum * self.world_size
+        first = step * per_step + (self.rank * self.grad_accum + micro) * self.batch_size
         picked = [
             self.examples[self._order(pos // n)[pos % n]] for pos in range(first, first + self.batch_size)
         ]
@@ -270,12 +278,16 @@ def finetune(
         checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
         block_size = read_model_config(checkpoint)[0].block_size
     tokenizer = Tokenizer()
+    # Under torchrun every rank runs this; each takes its slice of the batches, rank 0 alone reports.
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     train_convs, val_convs = split_conversations(conversations, tcfg.val_fraction)
     source = ChatBatches(
         encode_examples(train_convs, tokenizer, block_size),
         tcfg.batch_size,
         seed=tcfg.seed,
         grad_accum=tcfg.grad_accum,
+        rank=rank,
+        world_size=world_size,
         pad_id=tokenizer.eot_id,
     )
     val_examples = encode_examples(val_convs, tokenizer, block_size) or source.examples
@@ -297,7 +309,7 @@ def finetune(
         if run is None:
             # The loop starts from a copy whose vocab covers the chat tokens; its score is the baseline.
             model = with_chat_tokens(checkpoint)
-            if callback is not None:
+            if callback is not None and rank == 0:
                 before = evaluator(model, False)
                 callback(TrainEvent("eval", 0, {**_eval_info(before), "before": True}))
             init = save_checkpoint(model, Path(tmp))

@@ -457,6 +457,12 @@ def test_finetune_examples_mask_everything_but_the_assistant(tok):
     assert [r.tolist() for r in source.batch(1)[0]] == [
         r.tolist() for r in ChatBatches(examples, batch_size=5, seed=3).batch(1)[0]
     ]
+    # two data-parallel ranks see together what one process sees with two micro-batches per step
+    one = ChatBatches(examples, batch_size=2, seed=3, grad_accum=2)
+    ranks = [ChatBatches(examples, batch_size=2, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for step in range(4):
+        for r in (0, 1):
+            assert ranks[r].batch(step)[0].tolist() == one.batch(step, micro=r)[0].tolist()
 
 
 def test_finetune_reports_malformed_lines_by_number(tmp_path, base_ckpt):
