@@ -646,3 +646,43 @@ def test_finetune_interrupted_and_resumed_equals_uninterrupted(tmp_path, base_ck
     b = load_file(tmp_path / "split" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_finetune_on_two_ranks_equals_one_process_with_accumulation(tmp_path, base_ckpt, monkeypatch):
+    """Under torchrun each rank trains on its slice of the conversations; DDP's average = accumulation."""
+    from safetensors.torch import load_file
+
+    from gptmini.finetune import finetune
+
+    monkeypatch.setenv("GPTMINI_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "yesno.jsonl"
+    yes_no_dataset(data, 40, seed=2)
+    common = dict(max_iters=6, batch_size=4, lr=1e-2, warmup_iters=2, device="cpu", dtype="float32")
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29677"]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
+    done = subprocess.run(
+        [
+            *ddp,
+            "-m",
+            "gptmini",
+            "finetune",
+            str(data),
+            "-c",
+            str(base_ckpt),
+            "--out",
+            str(tmp_path / "ddp"),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("step      0 · val loss") == 1  # the baseline is reported once, by rank 0
+    finetune(data, checkpoint=base_ckpt, out=tmp_path / "one", config={**common, "grad_accum": 2})
+    a = load_file(tmp_path / "ddp" / "model.safetensors")
+    b = load_file(tmp_path / "one" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
