@@ -183,8 +183,8 @@ def load_corpus(
     key = _content_key(files, tokenizer.name, encoding_errors)
     root = cache_root() / "tokens"
     bin_path, meta_path = root / f"{key}.bin", root / f"{key}.json"
-    if bin_path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
+    meta = _read_meta(meta_path)
+    if meta is not None and bin_path.exists() and bin_path.stat().st_size == 2 * meta["n_tokens"]:
         tokens = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(meta["n_tokens"],))
         return Corpus(tokens, files, key, meta["n_bytes"])
     try:
@@ -208,9 +208,21 @@ def load_corpus(
         Path(tmp).unlink(missing_ok=True)
         raise
     meta = {"n_tokens": n_tokens, "n_bytes": n_bytes, "files": [str(p) for p in files]}
-    meta_path.write_text(json.dumps(meta))
+    tmp_meta = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
+    tmp_meta.write_text(json.dumps(meta))
+    os.replace(tmp_meta, meta_path)  # the metadata appears whole, after the tokens it describes
     tokens = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(n_tokens,))
     return Corpus(tokens, files, key, n_bytes)
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        meta = json.loads(path.read_text())
+        return (
+            meta if isinstance(meta.get("n_tokens"), int) and isinstance(meta.get("n_bytes"), int) else None
+        )
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _tokenise_into(
