@@ -165,8 +165,16 @@ def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor, KV
     if step is None:
         device = model.transformer.wte.weight.device
         mode = "reduce-overhead" if device.type == "cuda" else None  # reduce-overhead = CUDA graphs
-        options = {"freezing": True} if device.type == "cpu" else None
-        step = torch.compile(model.decode_step, mode=mode, dynamic=False, options=options)
+        compiled = torch.compile(model.decode_step, mode=mode, dynamic=False)
+        if device.type == "cpu":
+            import torch._inductor.config as inductor_config
+
+            def step(idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+                # Freezing is read when a graph is compiled, lazily at a call; `options=` does not reach it.
+                with inductor_config.patch(freezing=True):
+                    return compiled(idx, pos, cache)
+        else:
+            step = compiled
         model.__dict__["_compiled_decode_step"] = step  # not a submodule: keep it out of state_dict
     return step
 
