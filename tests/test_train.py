@@ -28,9 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32)
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("GPTMINI_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+@pytest.fixture(scope="module", autouse=True)
+def cache_dir(tmp_path_factory):
+    """Token caches go to a temp dir, also for the module-scoped runs below (never into ~/.cache)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPTMINI_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 @pytest.fixture(autouse=True)
