@@ -189,4 +189,4 @@ def load(
     quantize = check_quantize(quantize, dev)
     model, info = load_checkpoint(path, device=dev, dtype=torch_dtype)
     prepare_for_decoding(model, quantize=quantize, compile=compile)
-    return LM(model, Tokenizer(), info, compile=compile)
+    return LM(model, Tokenizer(model.config.vocabulary), info, compile=compile)

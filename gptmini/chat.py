@@ -35,11 +35,8 @@ if TYPE_CHECKING:  # the library side stays importable without torch
     from gptmini.api import LM
 
 ROLES = ("system", "user", "assistant")
-SYSTEM, USER, ASSISTANT, END = (
-    CHAT_TOKENS[t] for t in ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-)
-ROLE_IDS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
-CHAT_VOCAB_SIZE = max(CHAT_TOKENS.values()) + 1  # a chat model reads and emits ids up to <|end|>
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END = "<|end|>"
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -73,14 +70,15 @@ class TokenTemplate:
 
         The mask is what fine-tuning learns from: the model is taught to write replies, not to predict the user.
         """
+        special = tokenizer.special_ids
         ids: list[int] = []
         mask: list[bool] = []
         for m in messages:
-            body = [*tokenizer.encode(m["content"]), END]
-            ids += [ROLE_IDS[m["role"]], *body]
+            body = [*tokenizer.encode(m["content"]), special[END]]
+            ids += [special[ROLE_TOKENS[m["role"]]], *body]
             mask += [False] + [m["role"] == "assistant"] * len(body)
         if reply:
-            ids.append(ASSISTANT)
+            ids.append(special[ROLE_TOKENS["assistant"]])
             mask.append(False)
         return ids, mask
 
@@ -106,13 +104,10 @@ class PlainTemplate:
         return tokenizer.encode(self.render(messages, reply=reply))
 
 
-def has_chat_tokens(config: GPTConfig) -> bool:
-    return config.vocab_size >= CHAT_VOCAB_SIZE
-
-
-def template_for(config: GPTConfig) -> Template:
+def template_for(config: GPTConfig, tokenizer: Tokenizer | None = None) -> Template:
     """The chat-token template when the model can read chat tokens, else the plain-text one."""
-    return TokenTemplate() if has_chat_tokens(config) else PlainTemplate()
+    tokenizer = tokenizer or Tokenizer(config.vocabulary)
+    return TokenTemplate() if config.vocab_size >= tokenizer.chat_vocab_size else PlainTemplate()
 
 
 # ---- messages and conversations -------------------------------------------------------------------------------
@@ -230,7 +225,7 @@ class ChatSession:
         self.lm = lm
         self.settings = settings or ChatSettings()
         self.settings.validate()
-        self.template = template_for(lm.config)
+        self.template = template_for(lm.config, lm.tokenizer)
         self.conversation = Conversation(system=system or None)
         self.replies = 0  # since the last /seed or /reset: keeps a seeded session reproducible turn by turn
         self.last = ReplyStats()

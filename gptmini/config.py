@@ -22,6 +22,9 @@ class GPTConfig:
     `vocab_size` counts the token ids the model may read or emit. The embedding matrix is padded up to
     `padded_vocab_size` rows (a multiple of `pad_vocab_multiple`) because aligned matmuls are faster and the
     spare rows are where chat tokens go later; padding ids are never scored or sampled.
+
+    `vocabulary` is None for GPT-2's own numbering, or the GPT-2 ids of a compact vocabulary (see
+    `gptmini.tokenizer`): token id i stands for GPT-2 token vocabulary[i]; ids past it are chat tokens.
     """
 
     vocab_size: int = GPT2_VOCAB_SIZE
@@ -34,6 +37,7 @@ class GPTConfig:
     pos_embedding: str = "learned"
     layer_norm_eps: float = 1e-5
     pad_vocab_multiple: int = 64
+    vocabulary: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -54,6 +58,13 @@ class GPTConfig:
             raise UserError(
                 f"pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}, got {self.pos_embedding!r}"
             )
+        if self.vocabulary is not None and not (
+            isinstance(self.vocabulary, list) and 0 < len(self.vocabulary) <= self.vocab_size
+        ):
+            raise UserError(
+                f"the vocabulary lists {len(self.vocabulary or [])} tokens but vocab_size is {self.vocab_size}; "
+                "the checkpoint's config is damaged"
+            )
         if self.pos_embedding == "sinusoidal" and self.n_embd % 2:
             raise UserError(f"sinusoidal position embeddings need an even n_embd, got {self.n_embd}")
 
@@ -68,6 +79,13 @@ class GPTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def describe(self) -> dict[str, Any]:
+        """`to_dict` for people: a compact vocabulary shown by its size, not its thousands of ids."""
+        data = self.to_dict()
+        if self.vocabulary is not None:
+            data["vocabulary"] = f"compact: {len(self.vocabulary):,} GPT-2 tokens"
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GPTConfig:
@@ -128,6 +146,7 @@ class SamplingConfig:
 # ---- training -------------------------------------------------------------------------------------------------
 
 ENCODING_ERRORS = ("strict", "replace")
+VOCABS = ("corpus", "gpt2")  # a compact vocabulary of the tokens the training text uses, or all of GPT-2's
 TRAIN_DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16")
 DEFAULT_TIME_BUDGET_S = 600.0  # with neither --max-iters nor --time: ten minutes
 
@@ -161,6 +180,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     encoding_errors: str = "strict"
+    vocab: str = "corpus"
 
     def __post_init__(self) -> None:
         if self.max_iters is None and self.time_budget_s is None:
@@ -193,6 +213,8 @@ class TrainConfig:
             raise UserError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.dtype not in TRAIN_DTYPES:
             raise UserError(f"unknown dtype {self.dtype!r}; choose auto, float32 or bfloat16")
+        if self.vocab not in VOCABS:
+            raise UserError(f"vocab must be corpus or gpt2, got {self.vocab!r}")
         if self.encoding_errors not in ENCODING_ERRORS:
             raise UserError(f"encoding-errors must be strict or replace, got {self.encoding_errors!r}")
 

@@ -153,11 +153,12 @@ def evaluate_checkpoint(
         files = run["data"]["files"]
     dev = resolve_device(device)
     compute = resolve_train_dtype(dtype, dev)
-    tokenizer = Tokenizer()
-    corpus = load_corpus(files, tokenizer, encoding_errors=encoding_errors)
+    tokenizer = Tokenizer(config.vocabulary)
+    corpus = load_corpus(files, encoding_errors=encoding_errors)
     tokens = corpus.tokens
     if split == "val":
         tokens = corpus.split(run.get("train", {}).get("val_fraction", 0.1))[1]
+    tokens = tokenizer.from_gpt2(tokens)
     if len(tokens) < 2:
         raise UserError(f"the text has {len(tokens)} tokens; need at least 2 to score one")
     model, _ = load_checkpoint(checkpoint, device=dev)

@@ -6,8 +6,8 @@ only on what the assistant wrote (its text and closing ``<|end|>``): the model l
 user. The loop, its progress, metrics, checkpoints, resume and time budget are `gptmini.train.train`'s; this module
 only supplies the batches and the validation score (masked loss on held-out conversations).
 
-A base model is turned into a chat model by raising its `vocab_size` to cover the chat tokens: their rows already
-exist in the padded embedding, so no weight changes shape; they start from the mean token embedding.
+A base model is turned into a chat model by raising its `vocab_size` to cover the chat tokens: their rows usually
+exist already in the padded embedding (else it grows by one padding step); they start from the mean token embedding.
 """
 
 from __future__ import annotations
@@ -24,8 +24,14 @@ import numpy as np
 import torch
 
 from gptmini.api import default_checkpoint
-from gptmini.chat import CHAT_VOCAB_SIZE, Message, TokenTemplate, check_messages
-from gptmini.checkpoint import load_checkpoint, read_model_config, save_checkpoint
+from gptmini.chat import Message, TokenTemplate, check_messages
+from gptmini.checkpoint import (
+    load_checkpoint,
+    load_state_into,
+    read_model_config,
+    save_checkpoint,
+    weights_for_saving,
+)
 from gptmini.config import TrainConfig
 from gptmini.errors import UserError
 from gptmini.evaluate import EvalResult
@@ -229,17 +235,22 @@ def with_chat_tokens(checkpoint: str | Path) -> GPT:
     """The model of `checkpoint` (on the CPU) with a vocab that covers the chat tokens."""
     model, _ = load_checkpoint(checkpoint)
     config = model.config
-    if config.vocab_size < CHAT_VOCAB_SIZE:
-        padded = config.padded_vocab_size
-        if config.replace(vocab_size=CHAT_VOCAB_SIZE).padded_vocab_size != padded:
-            raise UserError(
-                f"{checkpoint}: its embedding has no spare rows for the chat tokens (vocab {config.vocab_size})"
-            )
-        with torch.no_grad():
-            wte = model.transformer.wte.weight
-            # New tokens start at the average embedding: plausible inputs, and no logit that dwarfs the others.
-            wte[config.vocab_size : CHAT_VOCAB_SIZE] = wte[: config.vocab_size].mean(dim=0)
-        config.vocab_size = CHAT_VOCAB_SIZE
+    chat_vocab_size = Tokenizer(config.vocabulary).chat_vocab_size
+    if config.vocab_size >= chat_vocab_size:
+        return model
+    chat_config = config.replace(vocab_size=chat_vocab_size)
+    if chat_config.padded_vocab_size != config.padded_vocab_size:  # no spare rows: grow the embedding
+        state = weights_for_saving(model)
+        wte = state["transformer.wte.weight"]
+        state["transformer.wte.weight"] = torch.cat(
+            [wte, wte.new_zeros(chat_config.padded_vocab_size - wte.shape[0], wte.shape[1])]
+        )
+        model = load_state_into(GPT.skeleton(chat_config), state, Path(checkpoint)).eval()
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        # New tokens start at the average embedding: plausible inputs, and no logit that dwarfs the others.
+        wte[config.vocab_size : chat_vocab_size] = wte[: config.vocab_size].mean(dim=0)
+    model.config.vocab_size = chat_vocab_size
     return model
 
 
@@ -272,12 +283,13 @@ def finetune(
         )
     if run is not None:
         tcfg = TrainConfig.from_dict({**run["train"], **changes})
-        block_size = read_model_config(out)[0].block_size
+        model_config = read_model_config(out)[0]
     else:
         tcfg = TrainConfig(**{**FINETUNE_DEFAULTS, **changes})
         checkpoint = Path(checkpoint) if checkpoint is not None else default_checkpoint()
-        block_size = read_model_config(checkpoint)[0].block_size
-    tokenizer = Tokenizer()
+        model_config = read_model_config(checkpoint)[0]
+    block_size = model_config.block_size
+    tokenizer = Tokenizer(model_config.vocabulary)
     # Under torchrun every rank runs this; each takes its slice of the batches, rank 0 alone reports.
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     train_convs, val_convs = split_conversations(conversations, tcfg.val_fraction)

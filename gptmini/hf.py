@@ -131,6 +131,11 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, *, dtype: torch.dtype
     """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained(out_dir)` loads."""
     gpt = unwrap(model)
     config = gpt.config
+    if config.vocabulary is not None:
+        raise UserError(
+            "this model uses a compact vocabulary (the tokens of its training text), which GPT-2's numbering "
+            "cannot express; train with --vocab gpt2 for a model Hugging Face can load"
+        )
     out_dir = Path(out_dir)
     state = gpt.state_dict()
     tensors: dict[str, torch.Tensor] = {}

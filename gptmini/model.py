@@ -333,5 +333,5 @@ class GPT(nn.Module):
                 "kv_cache_bytes_at_full_context": self.kv_cache_bytes_per_token() * c.block_size,
                 "weight_bytes": sum(p.numel() * p.element_size() for p in self.parameters()),
             },
-            "config": {**c.to_dict(), "padded_vocab_size": c.padded_vocab_size},
+            "config": {**c.describe(), "padded_vocab_size": c.padded_vocab_size},
         }

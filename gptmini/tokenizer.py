@@ -2,6 +2,12 @@
 
 Ids 0..50255 are GPT-2's BPE tokens and 50256 is `<|endoftext|>`, exactly as GPT-2. The chat tokens live in the
 embedding's padding slots just above, so adding them needs no resize and leaves GPT-2 ids untouched.
+
+A model may instead use a *compact vocabulary*: the subset of GPT-2 tokens its training text uses (plus the 256
+single-byte tokens and `<|endoftext|>`), renumbered 0..n-1 in GPT-2 order, chat tokens right after. Text is still
+GPT-2 BPE: a token outside the subset is spelled with its byte tokens instead (byte fallback), so any text encodes
+and bits per byte stay comparable. For a small model the LM head over 50,257 tokens is most of the compute; the
+~19k tokens Shakespeare uses make training about twice as fast.
 """
 
 from __future__ import annotations
@@ -9,10 +15,13 @@ from __future__ import annotations
 import base64
 import codecs
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import tiktoken
+
+from gptmini.config import GPT2_VOCAB_SIZE
 
 ASSETS = Path(__file__).parent / "assets"
 GPT2_RANKS_FILE = ASSETS / "gpt2.tiktoken"
@@ -44,39 +53,124 @@ def _gpt2_encoding() -> tiktoken.Encoding:
 
 
 class Tokenizer:
-    """Text ⇄ token ids. `encode` treats special-token text in user input as plain text unless allowed."""
+    """Text ⇄ token ids. `encode` treats special-token text in user input as plain text unless allowed.
+
+    `vocabulary`: the sorted GPT-2 ids a compact-vocabulary model's ids 0..n-1 stand for (see the module
+    docstring); None for GPT-2's own numbering. Every id this class takes or returns is a model id.
+    """
 
     name = "gpt2"
 
-    def __init__(self) -> None:
+    def __init__(self, vocabulary: Sequence[int] | None = None) -> None:
         self.encoding = _gpt2_encoding()
-        self.eot_id = EOT_ID
-        self.special_ids = {EOT: EOT_ID, **CHAT_TOKENS}
+        self.vocabulary = None if vocabulary is None else np.asarray(vocabulary, dtype=np.int64)
+        if self.vocabulary is None:
+            self.n_vocab = GPT2_VOCAB_SIZE  # ids a base model reads and emits (BPE tokens + <|endoftext|>)
+            self._to_gpt2 = self._from_gpt2 = None
+        else:
+            check_vocabulary(self.vocabulary)
+            self.n_vocab = len(self.vocabulary)
+            n_chat = len(CHAT_TOKENS)
+            self._to_gpt2 = np.concatenate(
+                [self.vocabulary, np.arange(GPT2_VOCAB_SIZE, GPT2_VOCAB_SIZE + n_chat)]
+            )
+            self._from_gpt2 = np.full(GPT2_VOCAB_SIZE + n_chat, -1, dtype=np.int64)
+            self._from_gpt2[self._to_gpt2] = np.arange(len(self._to_gpt2))
+        self.eot_id = self._model_id(EOT_ID)
+        self.special_ids = {EOT: self.eot_id, **{t: self._model_id(i) for t, i in CHAT_TOKENS.items()}}
+        # A chat model reads and emits every id up to the last chat token.
+        self.chat_vocab_size = self.n_vocab + len(CHAT_TOKENS)
+
+    @classmethod
+    def for_text_tokens(cls, gpt2_ids: np.ndarray, chunk: int = 1 << 24) -> Tokenizer:
+        """A compact vocabulary covering every token in `gpt2_ids` (any size: counted in chunks)."""
+        seen = np.zeros(GPT2_VOCAB_SIZE, dtype=bool)
+        for start in range(0, len(gpt2_ids), chunk):
+            seen |= np.bincount(np.asarray(gpt2_ids[start : start + chunk]), minlength=GPT2_VOCAB_SIZE) > 0
+        seen[byte_token_ids()] = True
+        seen[EOT_ID] = True
+        return cls(np.flatnonzero(seen))
 
     @property
-    def n_vocab(self) -> int:
-        """Ids a base GPT-2 model knows (the BPE tokens and <|endoftext|>)."""
-        return EOT_ID + 1
+    def is_compact(self) -> bool:
+        return self.vocabulary is not None
+
+    def _model_id(self, gpt2_id: int) -> int:
+        return gpt2_id if self._from_gpt2 is None else int(self._from_gpt2[gpt2_id])
+
+    def from_gpt2(self, gpt2_ids: np.ndarray) -> np.ndarray:
+        """GPT-2 ids → model ids; a token outside a compact vocabulary becomes its byte tokens (same text)."""
+        if self._from_gpt2 is None:
+            return gpt2_ids
+        ids = self._from_gpt2[np.asarray(gpt2_ids)]
+        missing = np.flatnonzero(ids < 0)
+        if len(missing) == 0:
+            return ids
+        byte_ids = self._from_gpt2[byte_token_ids()]
+        pieces, start = [], 0
+        for i in missing:
+            pieces.append(ids[start:i])
+            pieces.append(
+                byte_ids[np.frombuffer(self.encoding.decode_single_token_bytes(int(gpt2_ids[i])), np.uint8)]
+            )
+            start = i + 1
+        pieces.append(ids[start:])
+        return np.concatenate(pieces)
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         if allow_special:
-            return self.encoding.encode(text, allowed_special="all")
-        return self.encoding.encode_ordinary(text)
+            ids = self.encoding.encode(text, allowed_special="all")
+        else:
+            ids = self.encoding.encode_ordinary(text)
+        return ids if self._from_gpt2 is None else self.from_gpt2(np.asarray(ids, dtype=np.int64)).tolist()
 
     def encode_batch(self, texts: list[str], *, num_threads: int = 8) -> list[list[int]]:
-        return self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+        batches = self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+        if self._from_gpt2 is None:
+            return batches
+        return [self.from_gpt2(np.asarray(ids, dtype=np.int64)).tolist() for ids in batches]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        return self.encoding.decode_bytes(list(ids))
+        ids = list(ids)
+        if self._to_gpt2 is not None:
+            ids = self._to_gpt2[np.asarray(ids, dtype=np.int64)].tolist()
+        return self.encoding.decode_bytes(ids)
 
     def token_bytes(self, token_id: int) -> bytes:
+        if self._to_gpt2 is not None:
+            token_id = int(self._to_gpt2[token_id])
         return self.encoding.decode_single_token_bytes(token_id)
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
+
+
+@functools.lru_cache(maxsize=1)
+def byte_token_ids() -> np.ndarray:
+    """GPT-2 ids of the 256 single-byte tokens: any byte string can be spelled with them."""
+    encoding = _gpt2_encoding()
+    return np.array([encoding.encode_single_token(bytes([b])) for b in range(256)], dtype=np.int64)
+
+
+def check_vocabulary(vocabulary: np.ndarray) -> None:
+    """A compact vocabulary must be sorted GPT-2 ids holding every byte token and <|endoftext|>."""
+    from gptmini.errors import UserError
+
+    if (
+        vocabulary.ndim != 1
+        or len(vocabulary) == 0
+        or vocabulary[0] < 0
+        or vocabulary[-1] != EOT_ID
+        or np.any(np.diff(vocabulary) <= 0)
+        or not np.isin(byte_token_ids(), vocabulary).all()
+    ):
+        raise UserError(
+            "the checkpoint's vocabulary is malformed (it must list sorted GPT-2 ids, every byte token and "
+            "<|endoftext|>); the checkpoint is damaged"
+        )
 
 
 class StreamDecoder:

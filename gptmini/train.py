@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -380,10 +381,18 @@ def train(
 
     dist = Distributed.from_env(tcfg.device)
     report = (callback or (lambda event: None)) if dist.is_main else (lambda event: None)
-    tokenizer = Tokenizer()
     report(TrainEvent("data", 0, {"files": [str(p) for p in paths]}))
-    corpus = load_corpus(paths, tokenizer, encoding_errors=tcfg.encoding_errors)
-    train_tokens, val_tokens = corpus.split(tcfg.val_fraction)
+    corpus = load_corpus(paths, encoding_errors=tcfg.encoding_errors)
+    train_tokens, val_tokens = corpus.split(tcfg.val_fraction)  # GPT-2 ids
+    if run is None and init_from is None and tcfg.vocab == "corpus":
+        # A fresh model learns only the tokens its training text uses (see gptmini.tokenizer).
+        tokenizer = Tokenizer.for_text_tokens(train_tokens)
+        mcfg = mcfg.replace(vocab_size=tokenizer.n_vocab, vocabulary=tokenizer.vocabulary.tolist())
+    else:
+        tokenizer = Tokenizer(mcfg.vocabulary)
+    train_tokens, val_tokens = (
+        np.asarray(tokenizer.from_gpt2(t), dtype=np.uint16) for t in (train_tokens, val_tokens)
+    )
     if evaluator is None:  # with an evaluator, the text split is not used for validation
         check_split(train_tokens, val_tokens, mcfg.block_size, len(corpus.tokens))
     if run is not None and run["data"]["key"] != corpus.key:

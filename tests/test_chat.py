@@ -686,3 +686,26 @@ def test_finetune_on_two_ranks_equals_one_process_with_accumulation(tmp_path, ba
     b = load_file(tmp_path / "one" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+
+def test_compact_vocabulary_model_gets_chat_tokens_after_its_own(tmp_path, tok):
+    """A compact model whose padded embedding is full grows by one padding step; old rows are kept."""
+    import numpy as np
+
+    from gptmini.finetune import with_chat_tokens
+
+    compact = Tokenizer.for_text_tokens(np.array(tok.encode("Who goes there? Nay, answer me.")))
+    n = compact.n_vocab
+    model = random_gpt(std=0.2, vocab_size=n, pad_vocab_multiple=n, vocabulary=compact.vocabulary.tolist())
+    save_checkpoint(model, tmp_path / "compact")
+    chat = with_chat_tokens(tmp_path / "compact")
+    assert chat.config.vocab_size == n + 4 and chat.transformer.wte.weight.shape[0] >= n + 4
+    torch.testing.assert_close(chat.transformer.wte.weight[:n], model.transformer.wte.weight[:n])
+    assert chat.lm_head.weight is chat.transformer.wte.weight  # still tied
+    assert template_for(chat.config).name == "tokens" and template_for(model.config).name == "plain"
+    ids, mask = TokenTemplate().encode_with_mask(
+        compact, [{"role": "user", "content": "Who?"}, {"role": "assistant", "content": "Nay."}]
+    )
+    special = compact.special_ids
+    assert ids[0] == special["<|user|>"] == n + 1 and special["<|end|>"] in ids and max(ids) < n + 4
+    assert compact.decode(ids) == "<|user|>Who?<|end|><|assistant|>Nay.<|end|>"

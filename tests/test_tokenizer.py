@@ -1,6 +1,7 @@
 import random
 import socket
 
+import numpy as np
 import pytest
 
 from gptmini.tokenizer import EOT_ID, Tokenizer
@@ -70,3 +71,52 @@ def test_never_touches_the_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", no_network)
     module._gpt2_encoding.cache_clear()
     assert Tokenizer().encode("Hello world") == [15496, 995]
+
+
+# ---- compact vocabulary (byte fallback) -------------------------------------------------------------------------
+
+SHAKESPEARE = "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer"
+
+
+@pytest.fixture(scope="module")
+def compact(tok):
+    return Tokenizer.for_text_tokens(np.array(tok.encode(SHAKESPEARE)))
+
+
+def test_compact_vocabulary_is_the_text_tokens_plus_bytes_and_eot(tok, compact):
+    gpt2_ids = set(tok.encode(SHAKESPEARE))
+    byte_ids = {tok.encoding.encode_single_token(bytes([b])) for b in range(256)}
+    assert set(compact.vocabulary.tolist()) == gpt2_ids | byte_ids | {EOT_ID}
+    assert compact.n_vocab == len(gpt2_ids | byte_ids | {EOT_ID})
+    assert compact.eot_id == compact.n_vocab - 1  # 50256 is the largest GPT-2 id
+    assert list(compact.special_ids.values())[1:] == list(range(compact.n_vocab, compact.n_vocab + 4))
+
+
+def test_compact_text_keeps_gpt2_tokens_it_knows(tok, compact):
+    ids = compact.encode(SHAKESPEARE)
+    assert [int(compact.vocabulary[i]) for i in ids] == tok.encode(SHAKESPEARE)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_compact_round_trip_and_byte_counts(compact, text):
+    """Unknown tokens are spelled in bytes: same text, same byte count (so bits per byte compare)."""
+    ids = compact.encode(text)
+    assert all(0 <= i < compact.n_vocab for i in ids)
+    assert compact.decode(ids) == text
+    assert sum(len(compact.token_bytes(i)) for i in ids) == len(text.encode("utf-8"))
+    decoder = compact.stream_decoder()
+    assert "".join(decoder.push_many(ids)) + decoder.flush() == text
+
+
+def test_compact_special_tokens(compact):
+    ids = compact.encode("<|user|>hi<|end|><|endoftext|>", allow_special=True)
+    special = compact.special_ids
+    assert ids[0] == special["<|user|>"] and ids[-2:] == [special["<|end|>"], compact.eot_id]
+    assert compact.decode(ids) == "<|user|>hi<|end|><|endoftext|>"
+
+
+def test_damaged_vocabulary_is_a_clear_error():
+    from gptmini.errors import UserError
+
+    with pytest.raises(UserError, match="vocabulary is malformed"):
+        Tokenizer([1, 2, 3])

@@ -94,6 +94,37 @@ def test_loss_falls_well_below_uniform(corpus, tmp_path):
     assert (tmp_path / "best" / "model.safetensors").exists()
 
 
+def test_compact_vocabulary_by_default_and_full_gpt2_on_request(corpus, tmp_path, capsys):
+    common = settings(max_iters=20, lr=3e-3, warmup_iters=5)
+    compact = train([corpus], config=common, model=TINY, out=tmp_path / "compact")
+    full = train([corpus], config={**common, "vocab": "gpt2"}, model=TINY, out=tmp_path / "full")
+    c_config = load_checkpoint(tmp_path / "compact")[0].config
+    assert load_checkpoint(tmp_path / "full")[0].config.vocabulary is None
+    tok = Tokenizer()
+    train_text_ids = set(tok.encode(corpus.read_text(encoding="utf-8")))
+    assert c_config.vocab_size == len(c_config.vocabulary) < len(train_text_ids) + 257
+    # Bits per byte stay comparable: both score the same val bytes (unknown tokens are spelled in bytes; only
+    # the unscored first position of the split may differ).
+    assert abs(compact.final.bytes - full.final.bytes) <= 16
+    # Text the corpus never used still encodes, scores and generates.
+    other = tmp_path / "other.txt"
+    other.write_text("你好，世界！ Quantum zebras 🎉 " * 20, encoding="utf-8")
+    import gptmini
+
+    lm = gptmini.load(tmp_path / "compact", device="cpu")
+    first_token = lm.tokenizer.encode(other.read_text(encoding="utf-8"))[0]
+    result = evaluate_checkpoint(tmp_path / "compact", [other])
+    assert math.isfinite(result.loss)
+    assert result.bytes == len(other.read_bytes()) - len(lm.tokenizer.token_bytes(first_token))  # unscored
+    completion = lm.generate("你好 zebra", max_new_tokens=5, temperature=0, ignore_eos=True)
+    assert 1 <= len(lm.tokenizer.encode(completion)) <= 5 * 4  # 5 tokens, each at most a few bytes
+    # A compact vocabulary cannot be written in GPT-2's numbering: a clear refusal.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export-hf", str(tmp_path / "compact"), str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--vocab gpt2" in err and len(err.strip().splitlines()) == 1
+
+
 def test_interrupted_and_resumed_equals_uninterrupted(corpus, tmp_path):
     cfg = settings(max_iters=16, grad_accum=2, eval_interval=6, dtype="auto")
     model = {**TINY, "dropout": 0.1}  # dropout draws from the RNG: it must be restored too
