@@ -147,7 +147,7 @@ def quality(base: GPT, text: str, max_tokens: int = 16384) -> list[dict]:
     greedy continuations of prompts taken from it agree with fp32."""
     from gptmini.tokenizer import Tokenizer
 
-    tok = Tokenizer()
+    tok = Tokenizer(base.config.vocabulary)
     ids = tok.encode(text[-len(text) // 10 :])[: max_tokens + 1]
     n_bytes = len(tok.decode_bytes(ids[1:]))
     block = base.config.block_size
@@ -180,8 +180,10 @@ def quality(base: GPT, text: str, max_tokens: int = 16384) -> list[dict]:
     return out
 
 
-def time_to_first_token(repeats: int) -> dict[str, float]:
-    """Cold `gptmini generate` until its first stdout byte vs a bare `python -c "import torch"` (medians, s)."""
+def time_to_first_token(repeats: int, checkpoint: Path | None = None) -> dict[str, float]:
+    """Cold `gptmini generate` until its first stdout byte vs a bare `python -c "import torch"` (medians, s).
+
+    On `checkpoint` (the shipped default model, say), else on a random model of the default shape."""
     import subprocess
 
     from gptmini.checkpoint import save_checkpoint
@@ -197,9 +199,11 @@ def time_to_first_token(repeats: int) -> dict[str, float]:
         return elapsed
 
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        save_checkpoint(GPT(preset("small")), tmp)  # the CPU default shape: 4 layers, 256 wide
-        generate = [sys.executable, "-m", "gptmini", "generate", "Hello", "-c", tmp, "-n", "1", "--greedy"]
+        if checkpoint is None:
+            torch.manual_seed(0)
+            save_checkpoint(GPT(preset("small")), tmp)  # the CPU default shape: 4 layers, 256 wide
+        ckpt = str(checkpoint or tmp)
+        generate = [sys.executable, "-m", "gptmini", "generate", "Hello", "-c", ckpt, "-n", "1", "--greedy"]
         import_torch = [sys.executable, "-c", "import torch; print(1)"]
         runs = {"gptmini generate": [], "import torch": []}
         for _ in range(repeats):
@@ -228,7 +232,7 @@ def main() -> None:
     parser.add_argument("--quality-only", action="store_true", help="with --checkpoint: skip the speed rows")
     args = parser.parse_args()
     if args.ttft:
-        ttft = time_to_first_token(max(args.repeats, 5))
+        ttft = time_to_first_token(max(args.repeats, 5), args.checkpoint)
         ratio = ttft["gptmini generate"] / ttft["import torch"]
         print(
             f"cold gptmini generate → first token {ttft['gptmini generate']:.2f} s; "
@@ -249,10 +253,15 @@ def main() -> None:
         else:
             torch.manual_seed(0)
             base = GPT(GPTConfig(**SHAPES[name])).eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            export_hf(base, tmp)
-            hf = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
-        if not args.quality_only:
+        if base.config.vocabulary is not None and not args.quality_only:
+            print(
+                "a compact-vocabulary checkpoint has no transformers twin: speed rows skipped",
+                file=sys.stderr,
+            )
+        elif not args.quality_only:
+            with tempfile.TemporaryDirectory() as tmp:
+                export_hf(base, tmp)
+                hf = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
             results += bench_shape(name, base, hf, args)
         if args.checkpoint and args.quality_text.exists():
             qual = quality(base, args.quality_text.read_text(encoding="utf-8"))
