@@ -273,6 +273,13 @@ def train(
     compile: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
     ] = None,
+    fsdp: Annotated[
+        bool | None,
+        typer.Option(
+            "--fsdp/--no-fsdp",
+            help="Under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP).",
+        ),
+    ] = None,
     encoding_errors: Annotated[
         str | None, typer.Option(help="strict (stop at invalid UTF-8) or replace.")
     ] = None,
@@ -311,6 +318,7 @@ def train(
         device=device,
         dtype=dtype,
         compile=compile,
+        fsdp=fsdp,
         encoding_errors=encoding_errors,
         vocab=vocab,
     )
@@ -332,12 +340,22 @@ def train(
         )
     finally:
         view.close()
-    view.summary(result)
+    _end_of_training(view, result)
+
+
+def _end_of_training(view: _TrainView, result) -> None:
+    """The summary table, and exit 1 (diverged) or 130 (interrupted). Under torchrun only rank 0's view saw the
+    run start: the other ranks exit with the same code, silently."""
+    shown = bool(view.start)
+    if shown:
+        view.summary(result)
     if result.reason == "diverged":
-        print(f"error: {result.message}", file=sys.stderr)
+        if shown:
+            print(f"error: {result.message}", file=sys.stderr)
         sys.exit(1)
     if result.reason == "interrupted":
-        _stderr().print(result.message)
+        if shown:
+            _stderr().print(result.message)
         sys.exit(130)
 
 
@@ -389,7 +407,9 @@ class _TrainView:
         info = self.start = event.info
         device = torch.device(info["device"])
         dtype = getattr(torch, info["dtype"])
-        self.peak_flops = measure_matmul_flops(device, dtype, seconds=0.3)
+        ranks = info.get("world_size", 1)
+        # tokens/s counts every rank's tokens: MFU is against all of their (alike) devices.
+        self.peak_flops = measure_matmul_flops(device, dtype, seconds=0.3) * ranks
         m = info["model"]
         verb = "resuming" if info["resumed"] else "training"
         budget = []
@@ -397,9 +417,12 @@ class _TrainView:
             budget.append(f"{info['max_iters']:,} steps")
         if info["time_budget_s"]:
             budget.append(f"{info['time_budget_s']:g} s")
+        where = f"{info['device']} {info['dtype']}"
+        if ranks > 1:
+            where += f" × {ranks} ranks" + (" (FSDP)" if info["train"].get("fsdp") else "")
         self.console.print(
             f"{verb} {info['params'] / 1e6:.1f}M params ({m['n_layer']} layers, {m['n_head']} heads, "
-            f"{m['n_embd']} wide, context {m['block_size']}) on {info['device']} {info['dtype']} · "
+            f"{m['n_embd']} wide, context {m['block_size']}) on {where} · "
             f"{info['train_tokens']:,} train / {info['val_tokens']:,} val tokens · budget {' or '.join(budget)} · "
             f"→ {info['out']}"
         )
@@ -619,13 +642,7 @@ def finetune(
         )
     finally:
         view.close()
-    view.summary(result)
-    if result.reason == "diverged":
-        print(f"error: {result.message}", file=sys.stderr)
-        sys.exit(1)
-    if result.reason == "interrupted":
-        _stderr().print(result.message)
-        sys.exit(130)
+    _end_of_training(view, result)
     _stderr().print(f"chat with it: gptmini chat -c {result.out}")
 
 
@@ -638,7 +655,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "already_reported", False):  # under torchrun, by the rank that failed first
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except UsageError as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # bare `gptmini`: show the help

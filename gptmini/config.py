@@ -179,6 +179,7 @@ class TrainConfig:
     dtype: str = "auto"
     device: str = "auto"
     compile: bool = False
+    fsdp: bool = False  # shard weights, gradients and optimizer state over torchrun's ranks
     encoding_errors: str = "strict"
     vocab: str = "corpus"
 

@@ -9,6 +9,7 @@ step's batches depend only on (seed, step), so a resumed run repeats the uninter
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import math
@@ -18,8 +19,9 @@ import signal
 import sys
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,7 @@ from gptmini.devices import (
     synchronize,
 )
 from gptmini.errors import UserError
-from gptmini.evaluate import EvalResult, evaluate_tokens
+from gptmini.evaluate import EvalResult, eval_windows, evaluate_tokens, evenly_spaced
 from gptmini.loss import IGNORE_INDEX, linear_cross_entropy
 from gptmini.model import GPT
 from gptmini.plotting import METRICS_FILE
@@ -62,6 +64,12 @@ COMPLETE_MARK = "COMPLETE"
 DEFAULT_PRESET = "small"
 # Model fields that --init-from / --resume may not change (they fix the weights' shapes).
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_embedding")
+# A collective that waits longer than this fails instead of hanging (e.g. a rank lost on another node).
+DIST_TIMEOUT = timedelta(minutes=10)
+# Rank 0 alone tokenises a new corpus while the others wait: that may take hours for a large one.
+DATA_TIMEOUT = timedelta(hours=24)
+# How gloo's collectives fail when another rank has died: that rank shows its own error, this one stops quietly.
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 @dataclass
@@ -248,10 +256,16 @@ def build_model_config(
 
 
 class _StopFlag:
-    """Ctrl-C sets a flag the loop checks between steps (a second Ctrl-C aborts at once)."""
+    """Ctrl-C sets a flag the loop checks between steps (a second Ctrl-C aborts at once).
+
+    Under torchrun the terminal's Ctrl-C reaches the launcher, which forwards one SIGINT to each worker (they run in
+    sessions of their own); the loop's all-reduce of the flag then stops every rank at the same step.
+    """
 
     def __init__(self) -> None:
         self.stop = False
+        # A second SIGINT aborts; a stop set another way (another rank's Ctrl-C, the callback) does not count.
+        self._signalled = False
         self._previous: Any = None
 
     def __enter__(self) -> _StopFlag:
@@ -260,9 +274,9 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.stop:
+        if self._signalled:
             raise KeyboardInterrupt
-        self.stop = True
+        self._signalled = self.stop = True
 
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
@@ -282,14 +296,41 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+_started_group = False  # gptmini started the default process group (once per process)
+
+
+def _end_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class RankFailed(UserError):
+    """Under torchrun: another rank failed first and printed why; this one stops without repeating it."""
+
+    already_reported = True
+
+    def __init__(self) -> None:
+        super().__init__("another rank failed (its error is shown by that rank)")
+
+
 @dataclass
 class Distributed:
     """Data parallelism under torchrun: each rank trains on its slice of every global batch (see RandomWindows),
-    DDP averages the gradients, and only rank 0 writes files or reports."""
+    DDP (or FSDP) averages the gradients, and only rank 0 writes files or reports.
+
+    The process group comes from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR…): NCCL on CUDA, gloo on
+    CPU. Started here, it ends at once on an error (the other ranks' collectives fail instead of waiting) and
+    otherwise when the process exits: it cannot be started again in the same process (torchrun's store already
+    holds its keys), and another `train()` in this process reuses it.
+    """
 
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    owns_group: bool = False  # gptmini started the default process group (a caller's own group is left alone)
+    data_group: Any = None  # gloo, long timeout: the others wait here while rank 0 tokenises
 
     @property
     def enabled(self) -> bool:
@@ -310,21 +351,36 @@ class Distributed:
         use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(local)
+        global _started_group
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
-        return cls(rank, local, world)
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=DIST_TIMEOUT)
+            _started_group = True
+            atexit.register(_end_process_group)
+        data_group = dist.new_group(backend="gloo", timeout=DATA_TIMEOUT)
+        return cls(rank, local, world, _started_group, data_group)
+
+    def close(self, *, failed: bool = False) -> None:
+        """End this run's data group and, after a failure, the process group gptmini started."""
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+
+        if failed and self.owns_group:
+            _end_process_group()
+        elif dist.is_initialized():
+            dist.destroy_process_group(self.data_group)
 
     def device(self, device: torch.device) -> torch.device:
         return torch.device("cuda", self.local_rank) if self.enabled and device.type == "cuda" else device
 
     def reduce(self, values: list[float], device: torch.device, op: str = "mean") -> list[float]:
-        """The mean (or max) of `values` over all ranks, so every rank takes the same decisions."""
+        """The mean, sum or max of `values` over all ranks, so every rank takes the same decisions."""
         if not self.enabled:
             return values
         import torch.distributed as dist
 
         t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "mean" else dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         if op == "mean":
             t /= self.world_size
         return t.tolist()
@@ -334,6 +390,32 @@ class Distributed:
             import torch.distributed as dist
 
             dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Run the block on rank 0 first (checks, tokenising into the cache), then on the others (which find the
+        cache filled). If a rank fails, the others stop too, quietly (`RankFailed`): the error is shown once."""
+        if not self.enabled:
+            yield
+            return
+        if not self.is_main and self._any_failed(False):  # rank 0 failed
+            raise RankFailed()
+        try:
+            yield
+        except BaseException:
+            self._any_failed(True)
+            raise
+        if self.is_main:
+            self._any_failed(False)  # the others are waiting for rank 0
+        if self._any_failed(False):  # all ranks are through: did any of them fail?
+            raise RankFailed()
+
+    def _any_failed(self, failed: bool) -> bool:
+        import torch.distributed as dist
+
+        t = torch.tensor([float(failed)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.data_group)
+        return bool(t.item())
 
 
 def train(
@@ -357,59 +439,120 @@ def train(
     BatchSource (e.g. chat fine-tuning); validation then still uses the val split of `paths`, unless
     `evaluator(model, final)` is given to score the model instead (chat fine-tuning: held-out conversations).
     The callback may return True to stop the run gracefully, exactly as Ctrl-C does.
+
+    Under torchrun every rank calls this: it joins the process group (see `Distributed`), trains on its slice of
+    each batch, and only rank 0 reports and writes files.
     """
     out = Path(out) if out is not None else default_out(paths)
-
-    # 1. Validate everything before writing anything.
-    run = check_out_dir(out, resume=resume, force=force)
     overrides = config.to_dict() if isinstance(config, TrainConfig) else dict(config or {})
-    if run is not None:
-        tcfg = TrainConfig.from_dict(
-            {**run["train"], **{k: v for k, v in overrides.items() if v is not None}}
+    dist = Distributed.from_env(_device_flag(overrides, out, resume))
+    try:
+        result = _train(
+            dist,
+            paths,
+            overrides=overrides,
+            model=model,
+            preset=preset,
+            out=out,
+            resume=resume,
+            force=force,
+            init_from=init_from,
+            callback=callback,
+            train_data=train_data,
+            evaluator=evaluator,
         )
-        base_model = read_model_config(out)[0]
-        mcfg = build_model_config(preset, model or {}, base_model, f"the run in {out}")
-        if init_from is not None:
-            raise UserError("--init-from cannot be combined with --resume")
-        paths = list(paths) or run["data"]["files"]
-    else:
-        tcfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
-        base_model = read_model_config(init_from)[0] if init_from is not None else None
-        mcfg = build_model_config(preset, model or {}, base_model, f"--init-from {init_from}")
-    if not paths:
-        raise UserError("no corpus given; pass one or more text files or directories")
+    except BaseException as e:
+        dist.close(failed=True)
+        if isinstance(e, Exception) and dist.enabled and any(words in str(e) for words in PEER_GONE):
+            raise RankFailed() from e
+        raise
+    dist.close()
+    return result
 
-    dist = Distributed.from_env(tcfg.device)
+
+def _device_flag(overrides: dict[str, Any], out: Path, resume: bool) -> str:
+    """--device, else the resumed run's: the process group (NCCL or gloo) starts before the rest is checked."""
+    if overrides.get("device"):
+        return str(overrides["device"])
+    run = run_in(out) if resume and out.is_dir() else None
+    return str(((run or {}).get("train") or {}).get("device") or "auto")
+
+
+def _train(
+    dist: Distributed,
+    paths: Sequence[str | Path],
+    *,
+    overrides: dict[str, Any],
+    model: dict[str, Any] | None,
+    preset: str | None,
+    out: Path,
+    resume: bool,
+    force: bool,
+    init_from: str | Path | None,
+    callback: Callback | None,
+    train_data: BatchSource | None,
+    evaluator: Callable[[GPT, bool], EvalResult] | None,
+) -> TrainResult:
     report = (callback or (lambda event: None)) if dist.is_main else (lambda event: None)
-    report(TrainEvent("data", 0, {"files": [str(p) for p in paths]}))
-    corpus = load_corpus(paths, encoding_errors=tcfg.encoding_errors)
-    train_tokens, val_tokens = corpus.split(tcfg.val_fraction)  # GPT-2 ids
-    if run is None and init_from is None and tcfg.vocab == "corpus":
-        # A fresh model learns only the tokens its training text uses (see gptmini.tokenizer).
-        tokenizer = Tokenizer.for_text_tokens(train_tokens)
-        mcfg = mcfg.replace(vocab_size=tokenizer.n_vocab, vocabulary=tokenizer.vocabulary.tolist())
-    else:
-        tokenizer = Tokenizer(mcfg.vocabulary)
-    train_tokens, val_tokens = (
-        np.asarray(tokenizer.from_gpt2(t), dtype=np.uint16) for t in (train_tokens, val_tokens)
-    )
-    if evaluator is None:  # with an evaluator, the text split is not used for validation
-        check_split(train_tokens, val_tokens, mcfg.block_size, len(corpus.tokens))
-    if run is not None and run["data"]["key"] != corpus.key:
-        raise UserError(
-            f"the corpus differs from the one the run in {out} trained on; resume with the same files"
-        )
-    token_bytes = token_byte_lengths(tokenizer, mcfg.vocab_size)
 
-    device = dist.device(resolve_device(tcfg.device))
-    dtype = resolve_train_dtype(tcfg.dtype, device)
-    state = load_train_state(out) if run is not None else None
+    # 1. Validate everything before writing anything. Rank 0 goes first: a mistake is reported once, and a new
+    # corpus is tokenised into the cache once, by rank 0; the other ranks then find it there.
+    with dist.main_first():
+        run = check_out_dir(out, resume=resume, force=force)
+        if run is not None:
+            tcfg = TrainConfig.from_dict(
+                {**run["train"], **{k: v for k, v in overrides.items() if v is not None}}
+            )
+            base_model = read_model_config(out)[0]
+            mcfg = build_model_config(preset, model or {}, base_model, f"the run in {out}")
+            if init_from is not None:
+                raise UserError("--init-from cannot be combined with --resume")
+            paths = list(paths) or run["data"]["files"]
+        else:
+            tcfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+            base_model = read_model_config(init_from)[0] if init_from is not None else None
+            mcfg = build_model_config(preset, model or {}, base_model, f"--init-from {init_from}")
+        if not paths:
+            raise UserError("no corpus given; pass one or more text files or directories")
+        if tcfg.fsdp and not dist.enabled:
+            raise UserError(
+                "--fsdp shards the model over torchrun's processes: launch with "
+                "`torchrun --nproc_per_node N -m gptmini train …` (N > 1), or pass --no-fsdp"
+            )
+        if tcfg.fsdp and (train_data is not None or evaluator is not None):
+            raise UserError("--fsdp is for `gptmini train` only; fine-tuning runs data parallel without it")
+
+        report(TrainEvent("data", 0, {"files": [str(p) for p in paths]}))
+        corpus = load_corpus(paths, encoding_errors=tcfg.encoding_errors)
+        train_tokens, val_tokens = corpus.split(tcfg.val_fraction)  # GPT-2 ids
+        if run is None and init_from is None and tcfg.vocab == "corpus":
+            # A fresh model learns only the tokens its training text uses (see gptmini.tokenizer).
+            tokenizer = Tokenizer.for_text_tokens(train_tokens)
+            mcfg = mcfg.replace(vocab_size=tokenizer.n_vocab, vocabulary=tokenizer.vocabulary.tolist())
+        else:
+            tokenizer = Tokenizer(mcfg.vocabulary)
+        train_tokens, val_tokens = (
+            np.asarray(tokenizer.from_gpt2(t), dtype=np.uint16) for t in (train_tokens, val_tokens)
+        )
+        if evaluator is None:  # with an evaluator, the text split is not used for validation
+            check_split(train_tokens, val_tokens, mcfg.block_size, len(corpus.tokens))
+        if run is not None and run["data"]["key"] != corpus.key:
+            raise UserError(
+                f"the corpus differs from the one the run in {out} trained on; resume with the same files"
+            )
+        token_bytes = token_byte_lengths(tokenizer, mcfg.vocab_size)
+
+        device = dist.device(resolve_device(tcfg.device))
+        dtype = resolve_train_dtype(tcfg.dtype, device)
+        state = load_train_state(out) if run is not None else None
 
     if device.type == "cpu":
         keep_freed_memory_on_cpu()
     torch.manual_seed(tcfg.seed)
+    # FSDP builds the model in host memory; fully_shard then moves only this rank's shard to the device.
+    home = torch.device("cpu") if tcfg.fsdp else device
     if init_from is not None:
-        gpt, _ = load_checkpoint(init_from, device=device)
+        gpt, _ = load_checkpoint(init_from, device=home)
         gpt.config.dropout = mcfg.dropout
         for m in gpt.modules():
             if isinstance(m, nn.Dropout):
@@ -417,14 +560,18 @@ def train(
         for block in gpt.transformer.h:
             block.attn.dropout = mcfg.dropout
     else:
-        gpt = GPT(mcfg).to(device)
+        gpt = GPT(mcfg).to(home)
     if state is not None:
         load_state_into(gpt, read_safetensors(out / WEIGHTS_FILE), out / WEIGHTS_FILE)
     gpt.train()
+    loss_model: nn.Module = LossModel(gpt)
+    eval_model = loss_model  # evaluation runs it eagerly: never compiled, never through DDP
+    if tcfg.fsdp:
+        shard(loss_model, device, dist.world_size)
     optimizer = make_optimizer(gpt, tcfg, device)
     step, elapsed_before, tokens_seen, best_val = 0, 0.0, 0, None
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(gpt, optimizer, state["optimizer"], fsdp=tcfg.fsdp)
         step = int(state["step"])
         elapsed_before = float(state["elapsed_s"])
         tokens_seen = int(state["tokens_seen"])
@@ -440,10 +587,9 @@ def train(
         rank=dist.rank,
         world_size=dist.world_size,
     )
-    loss_model: nn.Module = LossModel(gpt)
     if tcfg.compile:
         loss_model = torch.compile(loss_model)
-    if dist.enabled:
+    if dist.enabled and not tcfg.fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         loss_model = DistributedDataParallel(
@@ -476,6 +622,7 @@ def train(
                 "resumed": run is not None,
                 "device": str(device),
                 "dtype": dtype_name(dtype),
+                "world_size": dist.world_size,
                 "params": n_params,
                 "model": mcfg.to_dict(),
                 "train": tcfg.to_dict(),
@@ -489,8 +636,16 @@ def train(
     )
 
     def save(directory: Path, val_loss: float | None, with_state: bool = True) -> None:
+        saved: nn.Module = gpt
+        optimizer_state = None
+        if tcfg.fsdp:  # every rank takes part: rank 0 receives the whole tensors, in host memory
+            weights, optimizer_state = full_state(gpt, optimizer if with_state else None)
         if not dist.is_main:
             return
+        if tcfg.fsdp:  # written as one ordinary model.safetensors, like any other run's
+            saved = load_state_into(GPT.skeleton(gpt.config), weights, directory / WEIGHTS_FILE)
+        elif with_state:
+            optimizer_state = optimizer.state_dict()
         meta = {"run": {**run_meta, "step": step, "val_loss": val_loss, "elapsed_s": elapsed()}}
         train_state = None
         if with_state:
@@ -499,10 +654,10 @@ def train(
                 "elapsed_s": elapsed(),
                 "tokens_seen": tokens_seen,
                 "best_val_loss": best_val,
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "rng": _rng_state(device),
             }
-        commit_checkpoint(gpt, directory, train_state=train_state, meta=meta)
+        commit_checkpoint(saved, directory, train_state=train_state, meta=meta)
 
     def write_metrics(record: dict[str, Any]) -> None:
         if not dist.is_main:
@@ -510,17 +665,35 @@ def train(
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def progress() -> float:
+    def progress(now: float | None = None) -> float:
+        now = elapsed() if now is None else now
         fractions = [0.0]
         if tcfg.max_iters:
             fractions.append(step / tcfg.max_iters)
         if tcfg.time_budget_s:
-            fractions.append(elapsed() / tcfg.time_budget_s)
+            fractions.append(now / tcfg.time_budget_s)
         return max(fractions)
 
     def evaluate(final: bool) -> EvalResult:
         if evaluator is not None:
-            return evaluator(gpt, final)
+            result = evaluator(gpt, final)
+            if dist.enabled:  # every rank scores the same set: the mean makes their decisions agree exactly
+                loss, ppl, bpb = dist.reduce([result.loss, result.ppl, result.bpb], device)
+                result = EvalResult(loss=loss, ppl=ppl, bpb=bpb, tokens=result.tokens, bytes=result.bytes)
+            return result
+        if dist.enabled:  # the windows of one process with batch N·B, each rank scoring its share
+            return evaluate_sharded(
+                eval_model,
+                val_tokens,
+                token_bytes,
+                block_size=mcfg.block_size,
+                batch_size=tcfg.batch_size,
+                max_windows=None if final else tcfg.eval_iters * tcfg.batch_size * dist.world_size,
+                device=device,
+                dtype=dtype,
+                dist=dist,
+                lockstep=tcfg.fsdp,
+            )
         return evaluate_tokens(
             gpt,
             val_tokens,
@@ -543,17 +716,18 @@ def train(
             if tcfg.max_iters is not None and step >= tcfg.max_iters:
                 reason = "done"
                 break
-            time_up = tcfg.time_budget_s is not None and elapsed() >= tcfg.time_budget_s
-            if dist.enabled:  # stop together: any rank's Ctrl-C or clock ends the step loop for all
-                time_up, flag.stop = (bool(v) for v in dist.reduce([time_up, flag.stop], device, op="max"))
-            if time_up:
+            clock = elapsed()
+            if dist.enabled:  # one clock and one Ctrl-C for all ranks: the slowest one's time, anyone's stop
+                clock, stop = dist.reduce([clock, float(flag.stop)], device, op="max")
+                flag.stop = bool(stop)
+            if tcfg.time_budget_s is not None and clock >= tcfg.time_budget_s:
                 reason = "time"
                 break
             if flag.stop:
                 reason = "interrupted"
                 break
             step_start = time.perf_counter()
-            lr = learning_rate(tcfg, step, progress_before_warmup(tcfg, step, progress()))
+            lr = learning_rate(tcfg, step, progress_before_warmup(tcfg, step, progress(clock)))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_value, grad_norm = train_step(
@@ -635,6 +809,125 @@ def train(
     return result
 
 
+# ---- distributed helpers --------------------------------------------------------------------------------------
+
+
+def shard(loss_model: LossModel, device: torch.device, world_size: int) -> None:
+    """FSDP2 over all ranks: each Block is one unit (its whole weights exist only while it runs); the root holds
+    the rest (embeddings, final LayerNorm, the tied LM head). Moves this rank's shards to `device`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    for block in loss_model.module.transformer.h:
+        fully_shard(block, mesh=mesh)
+    fully_shard(loss_model, mesh=mesh)
+
+
+def full_state(
+    gpt: GPT, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The unsharded weights and optimizer state of an FSDP model, on rank 0's CPU (empty on the others).
+
+    A collective: every rank must call it. The optimizer state is keyed by parameter name.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(gpt, options=options)
+    if optimizer is None:
+        return weights, None
+    return weights, get_optimizer_state_dict(gpt, optimizer, options=options)
+
+
+def load_optimizer_state(
+    gpt: GPT, optimizer: torch.optim.Optimizer, saved: dict[str, Any], *, fsdp: bool
+) -> None:
+    """Restore a saved optimizer state, whichever way it was saved (`optimizer.state_dict()` keys parameters by
+    position, FSDP's full state by name), so a run can resume with or without --fsdp, on any number of ranks."""
+    names = {id(p): name for name, p in gpt.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    by_name = any(isinstance(p, str) for group in saved["param_groups"] for p in group["params"])
+    if not fsdp:
+        if by_name:
+            index = {name: i for i, name in enumerate(order)}
+            saved = _rekey_optimizer_state(saved, index.__getitem__)
+        optimizer.load_state_dict(saved)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    if not by_name:
+        saved = _rekey_optimizer_state(saved, order.__getitem__)
+    # Every rank holds the whole state (read from train_state.pt) and keeps its own shard of it.
+    set_optimizer_state_dict(gpt, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+
+
+def _rekey_optimizer_state(saved: dict[str, Any], key: Callable[[Any], Any]) -> dict[str, Any]:
+    return {
+        "state": {key(k): v for k, v in saved["state"].items()},
+        "param_groups": [{**g, "params": [key(p) for p in g["params"]]} for g in saved["param_groups"]],
+    }
+
+
+@torch.no_grad()
+def evaluate_sharded(
+    loss_model: nn.Module,
+    tokens: np.ndarray,
+    token_bytes: np.ndarray,
+    *,
+    block_size: int,
+    batch_size: int,
+    max_windows: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    dist: Distributed,
+    lockstep: bool = False,
+) -> EvalResult:
+    """`evaluate_tokens` split over the ranks: the same windows in batches of `batch_size`, batch i scored on rank
+    i mod N, the sums added up over the ranks, so the figures are one process's (up to float rounding).
+
+    `lockstep` (FSDP: every forward gathers weights from all ranks) makes every rank run the same number of
+    forwards, the short ones padding with a batch that scores nothing.
+    """
+    windows = evenly_spaced(eval_windows(len(tokens), block_size), max_windows)
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    mine = batches[dist.rank :: dist.world_size]
+    rounds = -(-len(batches) // dist.world_size) if lockstep else len(mine)
+    loss_sum, n_scored, n_bytes = 0.0, 0, 0
+    was_training = loss_model.training
+    loss_model.eval()
+    try:
+        for i in range(rounds):
+            group = mine[i] if i < len(mine) else [(0, 1, 1)]  # one input token, no target
+            width = max(length for _, length, _ in group)
+            x = np.zeros((len(group), width), dtype=np.int64)
+            y = np.full((len(group), width), IGNORE_INDEX, dtype=np.int64)
+            for row, (begin, length, skip) in enumerate(group):
+                x[row, :length] = tokens[begin : begin + length]
+                y[row, skip:length] = tokens[begin + 1 + skip : begin + 1 + length]
+            scored = y[y != IGNORE_INDEX]
+            with autocast(device, dtype):
+                total, _ = loss_model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
+            loss_sum += float(total)
+            n_scored += scored.size
+            n_bytes += int(token_bytes[scored].sum())
+    finally:
+        loss_model.train(was_training)
+    loss_sum, n_scored, n_bytes = dist.reduce([loss_sum, n_scored, n_bytes], device, op="sum")
+    loss = loss_sum / max(n_scored, 1)
+    return EvalResult(
+        loss=loss,
+        ppl=math.exp(min(loss, 700.0)),
+        bpb=loss_sum / (max(n_bytes, 1) * math.log(2)),
+        tokens=int(n_scored),
+        bytes=int(n_bytes),
+    )
+
+
 def train_step(
     loss_model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -655,12 +948,8 @@ def train_step(
         x, y = source.batch(step, micro)
         xt = torch.as_tensor(x, device=device)
         yt = torch.as_tensor(y, device=device)
-        # Under DDP, gradients are averaged across ranks once per step: skip it on all but the last micro-batch.
-        last = micro == config.grad_accum - 1
-        sync = (
-            contextlib.nullcontext() if last or not hasattr(loss_model, "no_sync") else loss_model.no_sync()
-        )
-        with sync:
+        # Under DDP/FSDP, gradients are averaged across ranks once per step: not on all but the last micro-batch.
+        with _gradient_sync(loss_model, micro == config.grad_accum - 1):
             with autocast(device, dtype):
                 loss_sum, count = loss_model(xt, yt)
             loss = loss_sum / count.clamp_min(1) / config.grad_accum
@@ -675,6 +964,24 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_value, grad_norm
+
+
+@contextlib.contextmanager
+def _gradient_sync(loss_model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Inside, backward averages gradients across ranks (DDP, FSDP) only if `enabled`; a no-op in one process."""
+    if enabled:
+        yield
+    elif hasattr(loss_model, "no_sync"):  # DDP
+        with loss_model.no_sync():
+            yield
+    elif hasattr(loss_model, "set_requires_gradient_sync"):  # FSDP2: keeps unsharded gradients until then
+        loss_model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            loss_model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def progress_before_warmup(config: TrainConfig, step: int, progress: float) -> float:
