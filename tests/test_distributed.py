@@ -1,0 +1,220 @@
+"""Training under torchrun on this CPU: 2 processes with gloo, tiny models (2 layers, 64 wide, block 32), fp32.
+
+Each launch costs ~10 s here (three Python processes import torch), so the file keeps to five of them: the DDP
+reference run, a Ctrl-C'd run and its resume, an FSDP run interrupted and resumed in the same processes, and a run
+where one rank fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptmini.checkpoint import load_checkpoint, load_train_state, read_safetensors
+from gptmini.cli import main
+from gptmini.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32)
+STEPS = 8
+# Per-rank batch 4 on 2 ranks: the global batch of one process with batch 8.
+FLAGS = ["--preset", "tiny", "--block-size", "32", "--max-iters", str(STEPS), "--batch-size", "4"]
+FLAGS += ["--dtype", "float32", "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "2"]
+SETTINGS = dict(max_iters=STEPS, dtype="float32", log_interval=1, eval_interval=4, eval_iters=2)
+
+# Runs the CLI with train_step wrapped: ACTION runs before each step, with `step` and `rank` set.
+PATCHED_CLI = """
+import os, signal, sys
+import gptmini.train as train_mod
+from gptmini.cli import main
+
+real_step = train_mod.train_step
+
+def train_step(*args, **kwargs):
+    step, rank = args[3], int(os.environ["RANK"])
+    ACTION
+    return real_step(*args, **kwargs)
+
+train_mod.train_step = train_step
+"""
+RUN = "main(sys.argv[1:])\n"
+# The run stops (exit 130), then `train --out OUT --resume` continues it in the same processes.
+RUN_THEN_RESUME = """
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    print(f"rank {os.environ['RANK']} exited {e.code}", file=sys.stderr)
+train_mod.train_step = real_step
+main(["train", "--out", sys.argv[sys.argv.index("--out") + 1], "--resume"])
+"""
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The token cache in a temp dir (for the launched ranks and for the runs in this process), one thread each."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPTMINI_CACHE_DIR", cache)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "GPTMINI_CACHE_DIR": cache}
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """60 kB of the shipped Shakespeare."""
+    path = tmp_path_factory.mktemp("corpus") / "shake.txt"
+    text = (ROOT / "data" / "shakespeare.txt").read_bytes()[:60_000].decode("utf-8", errors="ignore")
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def torchrun(
+    env, *args, action: str | None = None, run: str = RUN, tmp: Path | None = None, timeout: float = 180
+):
+    """`torchrun --standalone --nproc_per_node 2 -m gptmini train ARGS` (or the patched CLI, given an action)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    if action is None:
+        command += ["-m", "gptmini"]
+    else:
+        script = tmp / "patched_cli.py"
+        script.write_text(PATCHED_CLI.replace("ACTION", action) + run)
+        command += [str(script)]
+    proc = subprocess.Popen(
+        [*command, "train", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun passes SIGTERM on to the ranks (a SIGKILL would leave them running)
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"torchrun hung for {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def weights(path):
+    return load_checkpoint(path)[0].state_dict()
+
+
+def assert_same_weights(a, b, atol):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=atol, rtol=0, msg=name)
+
+
+def metrics(path):
+    """{(step, kind): record} from metrics.jsonl; each (step, kind) must appear once (rank 0 alone writes)."""
+    records = [json.loads(line) for line in (Path(path) / "metrics.jsonl").read_text().splitlines()]
+    keyed = {(r["step"], "eval" if r["val_loss"] is not None else "log"): r for r in records}
+    assert len(keyed) == len(records), "a step was logged twice"
+    return keyed
+
+
+def assert_same_curves(a, b, atol):
+    ma, mb = metrics(a), metrics(b)
+    assert ma.keys() == mb.keys()
+    for key in ma:
+        for field in ("train_loss", "val_loss", "val_bpb"):
+            if ma[key][field] is not None:
+                assert mb[key][field] == pytest.approx(ma[key][field], abs=atol), (key, field)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(env, corpus, tmp_path_factory):
+    """The reference: 2 ranks × batch 4, 8 steps, uninterrupted, through the CLI."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    done = torchrun(env, corpus, "--out", out, *FLAGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Rank 0 alone reports: one summary, one final eval line.
+    assert done.stderr.count("Training run") == 1 and done.stderr.count("final (full val split)") == 1
+    return out
+
+
+def test_two_ranks_train_exactly_like_one_process_with_twice_the_batch(ddp_run, corpus, tmp_path):
+    one = train([corpus], config={**SETTINGS, "batch_size": 8}, model=TINY, out=tmp_path / "one")
+    assert one.step == STEPS
+    assert_same_weights(ddp_run, tmp_path / "one", atol=1e-5)
+    # The loss of every step, and the evals (each rank scores its share of the windows), match too.
+    assert_same_curves(ddp_run, tmp_path / "one", atol=1e-5)
+    assert len(metrics(ddp_run)) == STEPS + 2  # a log line per step, the eval at step 4 and the final one
+    # ... and like one process accumulating the two ranks' halves of each batch.
+    train([corpus], config={**SETTINGS, "batch_size": 4, "grad_accum": 2}, model=TINY, out=tmp_path / "acc")
+    assert_same_weights(ddp_run, tmp_path / "acc", atol=1e-5)
+
+
+def test_ctrl_c_stops_every_rank_cleanly_and_resume_equals_the_uninterrupted_run(
+    ddp_run, env, corpus, tmp_path
+):
+    out = tmp_path / "run"
+    # Ctrl-C in a terminal reaches torchrun, which forwards SIGINT to every rank: rank 0 presses it at step 3.
+    ctrl_c = "if step == 3 and rank == 0: os.kill(os.getppid(), signal.SIGINT)"
+    stopped = torchrun(env, corpus, "--out", out, *FLAGS, action=ctrl_c, tmp=tmp_path)
+    assert stopped.returncode != 0
+    saved = load_train_state(out)["step"]
+    assert 3 <= saved < STEPS, stopped.stderr[-3000:]
+    # Every rank stopped at the same step without a traceback; rank 0 alone says so.
+    assert stopped.stderr.count(f"interrupted at step {saved}; saved to") == 1, stopped.stderr[-3000:]
+    assert "[rank0]: Traceback" not in stopped.stderr and "[rank1]: Traceback" not in stopped.stderr
+
+    resumed = torchrun(env, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(ddp_run, out, atol=1e-6)
+    assert_same_curves(ddp_run, out, atol=1e-6)
+
+
+def test_fsdp_trains_like_ddp_resumes_and_saves_an_ordinary_checkpoint(ddp_run, env, corpus, tmp_path):
+    out = tmp_path / "fsdp"
+    # A Ctrl-C that reaches rank 1 only stops both ranks (at the same step); the resume runs with --fsdp too.
+    ctrl_c = "if step == 3 and rank == 1: os.kill(os.getpid(), signal.SIGINT)"
+    done = torchrun(
+        env, corpus, "--out", out, *FLAGS, "--fsdp", action=ctrl_c, run=RUN_THEN_RESUME, tmp=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 0 exited 130" in done.stderr and "rank 1 exited 130" in done.stderr
+    assert done.stderr.count("× 2 ranks (FSDP)") == 2 and "resuming" in done.stderr
+    assert_same_weights(ddp_run, out, atol=1e-5)
+    assert_same_curves(ddp_run, out, atol=1e-5)
+    # One unsharded model.safetensors (the plain GPT's names), the optimizer state whole: any process loads them.
+    names = set(read_safetensors(out / "model.safetensors"))
+    assert names == set(read_safetensors(ddp_run / "model.safetensors"))
+    state = load_train_state(out)["optimizer"]
+    assert "transformer.wte.weight" in state["state"]
+    assert (
+        state["state"]["transformer.wte.weight"]["exp_avg"].shape
+        == weights(out)["transformer.wte.weight"].shape
+    )
+    import gptmini
+
+    assert gptmini.load(out, device="cpu").generate("To be", max_new_tokens=3, temperature=0)
+
+
+def test_a_failing_rank_stops_the_job_promptly_with_its_error_shown_once(env, corpus, tmp_path):
+    fail = "if step == 2 and rank == 1: raise RuntimeError(f'rank {rank} broke down at step {step}')"
+    start = time.monotonic()
+    done = torchrun(env, corpus, "--out", tmp_path / "run", *FLAGS, action=fail, tmp=tmp_path, timeout=120)
+    took = time.monotonic() - start
+    assert done.returncode != 0
+    assert took < 60, f"{took:.0f} s: rank 0 waited for the dead rank"
+    assert done.stderr.count("rank 1 broke down at step 2") == 1, done.stderr[-3000:]
+    assert "[rank0]: Traceback" not in done.stderr  # rank 0 lost its peer: it stops without a second trace
+
+
+def test_fsdp_without_torchrun_is_a_one_line_error(env, corpus, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(corpus), "--out", str(tmp_path / "run"), "--fsdp", "--max-iters", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "torchrun" in err, err
+    assert not (tmp_path / "run").exists()
