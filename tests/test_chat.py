@@ -708,4 +708,5 @@ def test_compact_vocabulary_model_gets_chat_tokens_after_its_own(tmp_path, tok):
     )
     special = compact.special_ids
     assert ids[0] == special["<|user|>"] == n + 1 and special["<|end|>"] in ids and max(ids) < n + 4
+    assert [i for i, m in zip(ids, mask, strict=True) if m] == [*compact.encode("Nay."), special["<|end|>"]]
     assert compact.decode(ids) == "<|user|>Who?<|end|><|assistant|>Nay.<|end|>"
