@@ -280,6 +280,12 @@ def train(
             help="Under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP).",
         ),
     ] = None,
+    save_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Weights of best/ (for inference): float32 (default), bfloat16 or float16 (half the size)."
+        ),
+    ] = None,
     encoding_errors: Annotated[
         str | None, typer.Option(help="strict (stop at invalid UTF-8) or replace.")
     ] = None,
@@ -321,6 +327,7 @@ def train(
         fsdp=fsdp,
         encoding_errors=encoding_errors,
         vocab=vocab,
+        save_dtype=save_dtype,
     )
     shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout)
     from gptmini.train import train as run_training
@@ -613,6 +620,12 @@ def finetune(
     dtype: Annotated[
         str | None, typer.Option(help="auto (bf16 where the hardware has it), float32, bfloat16")
     ] = None,
+    save_dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="Weights of best/ (for inference): float32 (default), bfloat16 or float16 (half the size)."
+        ),
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the run saved in --out.")] = False,
 ) -> None:
@@ -634,6 +647,7 @@ def finetune(
         seed=seed,
         device=device,
         dtype=dtype,
+        save_dtype=save_dtype,
     )
     view = _TrainView()
     try:

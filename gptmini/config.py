@@ -148,6 +148,7 @@ class SamplingConfig:
 ENCODING_ERRORS = ("strict", "replace")
 VOCABS = ("corpus", "gpt2")  # a compact vocabulary of the tokens the training text uses, or all of GPT-2's
 TRAIN_DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16")
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_TIME_BUDGET_S = 600.0  # with neither --max-iters nor --time: ten minutes
 
 
@@ -180,6 +181,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False
     fsdp: bool = False  # shard weights, gradients and optimizer state over torchrun's ranks
+    save_dtype: str = "float32"  # weights of best/, the copy for inference (the resumable one stays fp32)
     encoding_errors: str = "strict"
     vocab: str = "corpus"
 
@@ -212,6 +214,8 @@ class TrainConfig:
             raise UserError(f"grad-clip must be >= 0 (0 = off), got {self.grad_clip}")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise UserError(f"unknown save-dtype {self.save_dtype!r}; choose float32, bfloat16 or float16")
         if self.dtype not in TRAIN_DTYPES:
             raise UserError(f"unknown dtype {self.dtype!r}; choose auto, float32 or bfloat16")
         if self.vocab not in VOCABS:

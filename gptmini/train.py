@@ -165,7 +165,12 @@ def recover_staged(directory: Path) -> None:
 
 
 def commit_checkpoint(
-    model: nn.Module, directory: str | Path, *, train_state: dict | None, meta: dict
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    train_state: dict | None,
+    meta: dict,
+    save_dtype: torch.dtype | None = None,
 ) -> None:
     """Save a checkpoint so that a kill at any moment leaves a whole one: the previous or the new.
 
@@ -177,7 +182,7 @@ def commit_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     staging = directory / STAGING_DIR
     shutil.rmtree(staging, ignore_errors=True)
-    save_checkpoint(model, staging, train_state=train_state, meta=meta)
+    save_checkpoint(model, staging, train_state=train_state, meta=meta, save_dtype=save_dtype)
     (staging / COMPLETE_MARK).touch()
     recover_staged(directory)
 
@@ -657,7 +662,9 @@ def _train(
                 "optimizer": optimizer_state,
                 "rng": _rng_state(device),
             }
-        commit_checkpoint(saved, directory, train_state=train_state, meta=meta)
+        # best/ is for inference: it may be stored in bf16/fp16; the resumable checkpoint keeps fp32 weights.
+        save_dtype = None if with_state else getattr(torch, tcfg.save_dtype)
+        commit_checkpoint(saved, directory, train_state=train_state, meta=meta, save_dtype=save_dtype)
 
     def write_metrics(record: dict[str, Any]) -> None:
         if not dist.is_main:

@@ -125,6 +125,18 @@ def test_compact_vocabulary_by_default_and_full_gpt2_on_request(corpus, tmp_path
     assert exit_info.value.code == 2 and "--vocab gpt2" in err and len(err.strip().splitlines()) == 1
 
 
+def test_save_dtype_halves_best_and_keeps_the_resumable_checkpoint_fp32(corpus, tmp_path):
+    train([corpus], config=settings(max_iters=3, save_dtype="bfloat16"), model=TINY, out=tmp_path)
+    best = json.loads((tmp_path / "best" / CONFIG_FILE).read_text())
+    latest = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert best["weights_dtype"] == "bfloat16" and latest["weights_dtype"] == "float32"
+    size = lambda d: (d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "best") < 0.55 * size(tmp_path)
+    a, b = weights(tmp_path / "best"), weights(tmp_path)  # loaded as fp32: equal to bf16 rounding
+    for name in a:
+        torch.testing.assert_close(a[name], b[name].to(torch.bfloat16).float(), atol=0, rtol=0)
+
+
 def test_interrupted_and_resumed_equals_uninterrupted(corpus, tmp_path):
     cfg = settings(max_iters=16, grad_accum=2, eval_interval=6, dtype="auto")
     model = {**TINY, "dropout": 0.1}  # dropout draws from the RNG: it must be restored too
