@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     convs = convs[: args.limit] if args.limit is not None else convs
     lines = "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in convs)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(lines, encoding="utf-8")
     else:
         sys.stdout.write(lines)
