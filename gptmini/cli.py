@@ -212,6 +212,10 @@ def info(
     cfg.add_column("key")
     cfg.add_column("value", justify="right")
     for name, value in {**report["checkpoint"], **report["config"]}.items():
+        if name == "run" and isinstance(value, dict):  # the training run in one line, not its every setting
+            value = f"step {value.get('step')} on {', '.join(value.get('data', {}).get('files', []))}" + (
+                f", val loss {value['val_loss']:.4f}" if value.get("val_loss") is not None else ""
+            )
         cfg.add_row(name, str(value))
     console.print(cfg)
 
