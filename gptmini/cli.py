@@ -32,6 +32,12 @@ CheckpointOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, mps")]
+SaveDtypeOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Weights of best/ (for inference): float32 (default), bfloat16 or float16 (half the size)."
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -284,12 +290,7 @@ def train(
             help="Under torchrun: shard weights, gradients and optimizer state over the ranks (FSDP).",
         ),
     ] = None,
-    save_dtype: Annotated[
-        str | None,
-        typer.Option(
-            help="Weights of best/ (for inference): float32 (default), bfloat16 or float16 (half the size)."
-        ),
-    ] = None,
+    save_dtype: SaveDtypeOpt = None,
     encoding_errors: Annotated[
         str | None, typer.Option(help="strict (stop at invalid UTF-8) or replace.")
     ] = None,
@@ -624,12 +625,7 @@ def finetune(
     dtype: Annotated[
         str | None, typer.Option(help="auto (bf16 where the hardware has it), float32, bfloat16")
     ] = None,
-    save_dtype: Annotated[
-        str | None,
-        typer.Option(
-            help="Weights of best/ (for inference): float32 (default), bfloat16 or float16 (half the size)."
-        ),
-    ] = None,
+    save_dtype: SaveDtypeOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the run saved in --out.")] = False,
 ) -> None:

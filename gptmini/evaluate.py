@@ -33,6 +33,26 @@ class EvalResult:
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
 
+    @classmethod
+    def from_sums(cls, loss_sum: float, n_scored: int, n_bytes: int) -> EvalResult:
+        """From summed nats, scored tokens and their UTF-8 bytes: bits per byte = nats / (bytes · ln 2)."""
+        loss = loss_sum / max(n_scored, 1)
+        bpb = loss_sum / (max(n_bytes, 1) * math.log(2))
+        return cls(
+            loss=loss, ppl=math.exp(min(loss, 700.0)), bpb=bpb, tokens=int(n_scored), bytes=int(n_bytes)
+        )
+
+
+def window_batch(tokens: np.ndarray, group: list[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets of a batch of windows `(begin, length, skip)`; unscored targets are IGNORE_INDEX."""
+    width = max(length for _, length, _ in group)
+    x = np.zeros((len(group), width), dtype=np.int64)
+    y = np.full((len(group), width), IGNORE_INDEX, dtype=np.int64)
+    for row, (begin, length, skip) in enumerate(group):
+        x[row, :length] = tokens[begin : begin + length]
+        y[row, skip:length] = tokens[begin + 1 + skip : begin + 1 + length]
+    return x, y
+
 
 def eval_windows(n_tokens: int, block_size: int, stride: int | None = None) -> list[tuple[int, int, int]]:
     """Windows `(begin, length, skip)`: inputs tokens[begin : begin+length], targets shifted by one, the first
@@ -84,13 +104,7 @@ def evaluate_tokens(
     n_scored = n_bytes = 0
     try:
         for first in range(0, len(windows), batch_size):
-            group = windows[first : first + batch_size]
-            width = max(length for _, length, _ in group)
-            x = np.zeros((len(group), width), dtype=np.int64)
-            y = np.full((len(group), width), IGNORE_INDEX, dtype=np.int64)
-            for row, (begin, length, skip) in enumerate(group):
-                x[row, :length] = tokens[begin : begin + length]
-                y[row, skip:length] = tokens[begin + 1 + skip : begin + 1 + length]
+            x, y = window_batch(tokens, windows[first : first + batch_size])
             scored = y[y != IGNORE_INDEX]
             n_scored += scored.size
             n_bytes += int(token_bytes[scored].sum())
@@ -107,10 +121,7 @@ def evaluate_tokens(
                 progress(min(first + batch_size, len(windows)), len(windows))
     finally:
         model.train(was_training)
-    loss_sum = float(total)
-    loss = loss_sum / n_scored
-    bpb = loss_sum / (max(n_bytes, 1) * math.log(2))
-    return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), bpb=bpb, tokens=n_scored, bytes=n_bytes)
+    return EvalResult.from_sums(float(total), n_scored, n_bytes)
 
 
 SPLITS = ("all", "val")

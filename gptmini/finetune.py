@@ -13,7 +13,6 @@ exist already in the padded embedding (else it grows by one padding step); they 
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -210,9 +209,7 @@ def masked_evaluator(
                 )
         finally:
             model.train(was_training)
-        loss = total / max(n_scored, 1)
-        bpb = total / (max(n_bytes, 1) * math.log(2))
-        return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), bpb=bpb, tokens=n_scored, bytes=n_bytes)
+        return EvalResult.from_sums(total, n_scored, n_bytes)
 
     return evaluate
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from gptmini.config import GPTConfig
 from gptmini.model import GPT
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def random_gpt(seed: int = 0, std: float | None = None, **overrides) -> GPT:
@@ -44,4 +48,13 @@ def hf_dir(tmp_path_factory):
     model = hf_gpt2(n_layer=3, n_head=4, n_embd=64, n_positions=128, std=0.3)
     path = tmp_path_factory.mktemp("hf") / "gpt2-random"
     model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """60 kB of the shipped Shakespeare."""
+    path = tmp_path_factory.mktemp("corpus") / "shake.txt"
+    text = (ROOT / "data" / "shakespeare.txt").read_bytes()[:60_000].decode("utf-8", errors="ignore")
+    path.write_text(text, encoding="utf-8")
     return path

@@ -68,15 +68,6 @@ def env(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """60 kB of the shipped Shakespeare."""
-    path = tmp_path_factory.mktemp("corpus") / "shake.txt"
-    text = (ROOT / "data" / "shakespeare.txt").read_bytes()[:60_000].decode("utf-8", errors="ignore")
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def torchrun(
     env, *args, action: str | None = None, run: str = RUN, tmp: Path | None = None, timeout: float = 180
 ):

@@ -45,15 +45,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """60 kB of the shipped Shakespeare."""
-    path = tmp_path_factory.mktemp("corpus") / "shake.txt"
-    text = (ROOT / "data" / "shakespeare.txt").read_bytes()[:60_000].decode("utf-8", errors="ignore")
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def settings(**changes):
     return {
         **dict(batch_size=8, eval_interval=1000, eval_iters=2, log_interval=5, dtype="float32"),
