@@ -16,7 +16,9 @@ DEFAULT_CHAT = ROOT / "checkpoints" / "default-chat"
 
 def card_bits_per_byte(card: Path) -> float:
     """The bold bits-per-byte figure of a card's held-out quality table."""
-    match = re.search(r"\|\s*[\d.]+\s*\|\s*[\d.]+\s*\|\s*\*\*([\d.]+)\*\*\s*\|", card.read_text(encoding="utf-8"))
+    match = re.search(
+        r"\|\s*[\d.]+\s*\|\s*[\d.]+\s*\|\s*\*\*([\d.]+)\*\*\s*\|", card.read_text(encoding="utf-8")
+    )
     assert match, f"{card} has no held-out quality row"
     return float(match.group(1))
 
