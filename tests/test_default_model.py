@@ -51,7 +51,7 @@ def test_default_card_bits_per_byte_is_reproduced_by_eval():
 
 @pytest.mark.skipif(not DEFAULT_CHAT.exists(), reason="no shipped chat model")
 def test_chat_without_a_checkpoint_uses_the_chat_model():
-    out = run_cli("chat", "-t", "0", "-n", "20", stdin="What news from the court?\nAnd then?\n")
+    out = run_cli("chat", "-t", "0", "-n", "20", stdin="What news from the court?\nAnd then?\n/stats\n")
     assert out.returncode == 0, out.stderr
-    assert "template: tokens" in out.stderr  # the fine-tuned chat model, with its chat tokens
+    assert "template: tokens" in out.stderr  # /stats: the fine-tuned chat model, with its chat tokens
     assert out.stdout.strip()
