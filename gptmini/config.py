@@ -146,7 +146,7 @@ class SamplingConfig:
 # ---- training -------------------------------------------------------------------------------------------------
 
 ENCODING_ERRORS = ("strict", "replace")
-VOCABS = ("corpus", "gpt2")  # a compact vocabulary of the tokens the training text uses, or all of GPT-2's
+VOCABS = ("corpus", "gpt2")  # a compact vocabulary of the tokens the corpus uses, or all of GPT-2's
 TRAIN_DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_TIME_BUDGET_S = 600.0  # with neither --max-iters nor --time: ten minutes

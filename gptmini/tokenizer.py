@@ -3,7 +3,7 @@
 Ids 0..50255 are GPT-2's BPE tokens and 50256 is `<|endoftext|>`, exactly as GPT-2. The chat tokens live in the
 embedding's padding slots just above, so adding them needs no resize and leaves GPT-2 ids untouched.
 
-A model may instead use a *compact vocabulary*: the subset of GPT-2 tokens its training text uses (plus the 256
+A model may instead use a *compact vocabulary*: the subset of GPT-2 tokens its training corpus uses (plus the 256
 single-byte tokens and `<|endoftext|>`), renumbered 0..n-1 in GPT-2 order, chat tokens right after. Text is still
 GPT-2 BPE: a token outside the subset is spelled with its byte tokens instead (byte fallback), so any text encodes
 and bits per byte stay comparable. For a small model the LM head over 50,257 tokens is most of the compute; the
@@ -22,6 +22,7 @@ import numpy as np
 import tiktoken
 
 from gptmini.config import GPT2_VOCAB_SIZE
+from gptmini.errors import UserError
 
 ASSETS = Path(__file__).parent / "assets"
 GPT2_RANKS_FILE = ASSETS / "gpt2.tiktoken"
@@ -91,10 +92,6 @@ class Tokenizer:
         seen[EOT_ID] = True
         return cls(np.flatnonzero(seen))
 
-    @property
-    def is_compact(self) -> bool:
-        return self.vocabulary is not None
-
     def _model_id(self, gpt2_id: int) -> int:
         return gpt2_id if self._from_gpt2 is None else int(self._from_gpt2[gpt2_id])
 
@@ -119,16 +116,19 @@ class Tokenizer:
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         if allow_special:
-            ids = self.encoding.encode(text, allowed_special="all")
-        else:
-            ids = self.encoding.encode_ordinary(text)
-        return ids if self._from_gpt2 is None else self.from_gpt2(np.asarray(ids, dtype=np.int64)).tolist()
+            return self._model_ids(self.encoding.encode(text, allowed_special="all"))
+        return self._model_ids(self.encoding.encode_ordinary(text))
 
     def encode_batch(self, texts: list[str], *, num_threads: int = 8) -> list[list[int]]:
-        batches = self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+        return [
+            self._model_ids(ids)
+            for ids in self.encoding.encode_ordinary_batch(texts, num_threads=num_threads)
+        ]
+
+    def _model_ids(self, gpt2_ids: list[int]) -> list[int]:
         if self._from_gpt2 is None:
-            return batches
-        return [self.from_gpt2(np.asarray(ids, dtype=np.int64)).tolist() for ids in batches]
+            return gpt2_ids
+        return self.from_gpt2(np.asarray(gpt2_ids, dtype=np.int64)).tolist()
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
@@ -157,8 +157,6 @@ def byte_token_ids() -> np.ndarray:
 
 def check_vocabulary(vocabulary: np.ndarray) -> None:
     """A compact vocabulary must be sorted GPT-2 ids holding every byte token and <|endoftext|>."""
-    from gptmini.errors import UserError
-
     if (
         vocabulary.ndim != 1
         or len(vocabulary) == 0
