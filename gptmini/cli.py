@@ -297,7 +297,8 @@ def train(
     vocab: Annotated[
         str | None,
         typer.Option(
-            help="corpus (default: only the GPT-2 tokens the text uses, ~2x faster on small models) or gpt2 "
+            help="corpus (only the GPT-2 tokens the text uses, ~2x faster on small models), a number N (only "
+            "the corpus's N most frequent; rarer tokens are spelled with the pieces they were merged from) or gpt2 "
             "(all 50,257; needed for export-hf)."
         ),
     ] = None,

@@ -146,7 +146,8 @@ class SamplingConfig:
 # ---- training -------------------------------------------------------------------------------------------------
 
 ENCODING_ERRORS = ("strict", "replace")
-VOCABS = ("corpus", "gpt2")  # a compact vocabulary of the tokens the corpus uses, or all of GPT-2's
+# A compact vocabulary of the tokens the corpus uses, all of GPT-2's, or (a number N) the corpus's N most frequent.
+VOCABS = ("corpus", "gpt2")
 TRAIN_DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_TIME_BUDGET_S = 600.0  # with neither --max-iters nor --time: ten minutes
@@ -218,10 +219,19 @@ class TrainConfig:
             raise UserError(f"unknown save-dtype {self.save_dtype!r}; choose float32, bfloat16 or float16")
         if self.dtype not in TRAIN_DTYPES:
             raise UserError(f"unknown dtype {self.dtype!r}; choose auto, float32 or bfloat16")
-        if self.vocab not in VOCABS:
-            raise UserError(f"vocab must be corpus or gpt2, got {self.vocab!r}")
+        if isinstance(self.vocab, int) and not isinstance(self.vocab, bool):
+            self.vocab = str(self.vocab)  # TrainConfig(vocab=8192) from Python
+        if self.vocab not in VOCABS and not (self.vocab.isdigit() and int(self.vocab) > 257):
+            raise UserError(
+                f"vocab must be corpus, gpt2 or a number of tokens above 257 (e.g. 8192), got {self.vocab!r}"
+            )
         if self.encoding_errors not in ENCODING_ERRORS:
             raise UserError(f"encoding-errors must be strict or replace, got {self.encoding_errors!r}")
+
+    @property
+    def vocab_limit(self) -> int | None:
+        """The most tokens a compact vocabulary may hold (`--vocab N`), None for all the corpus uses."""
+        return int(self.vocab) if self.vocab.isdigit() else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

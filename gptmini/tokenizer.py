@@ -3,11 +3,12 @@
 Ids 0..50255 are GPT-2's BPE tokens and 50256 is `<|endoftext|>`, exactly as GPT-2. The chat tokens live in the
 embedding's padding slots just above, so adding them needs no resize and leaves GPT-2 ids untouched.
 
-A model may instead use a *compact vocabulary*: the subset of GPT-2 tokens its training corpus uses (plus the 256
-single-byte tokens and `<|endoftext|>`), renumbered 0..n-1 in GPT-2 order, chat tokens right after. Text is still
-GPT-2 BPE: a token outside the subset is spelled with its byte tokens instead (byte fallback), so any text encodes
-and bits per byte stay comparable. For a small model the LM head over 50,257 tokens is most of the compute; the
-~19k tokens Shakespeare uses make training about twice as fast.
+A model may instead use a *compact vocabulary*: a subset of GPT-2 tokens (by default the ones its training corpus
+uses, or only its most frequent ones, always with the 256 single-byte tokens and `<|endoftext|>`), renumbered 0..n-1
+in GPT-2 order, chat tokens right after. Text is still GPT-2 BPE: a token outside the subset is spelled with the two
+GPT-2 tokens it was merged from, recursively, down to single bytes if need be (" wherefore" → " where" + "fore"), so
+any text encodes and bits per byte stay comparable. For a small model the LM head over 50,257 tokens is most of the
+compute; the ~19k tokens Shakespeare uses make training about twice as fast, its 8k most frequent faster still.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ EOT_ID = 50256
 CHAT_TOKENS = {"<|system|>": 50257, "<|user|>": 50258, "<|assistant|>": 50259, "<|end|>": 50260}
 
 
-def _load_ranks(path: Path) -> dict[bytes, int]:
+@functools.lru_cache(maxsize=1)
+def _gpt2_ranks() -> dict[bytes, int]:
+    """GPT-2's BPE: token bytes → rank, which is also its token id (lower ranks merge first)."""
     ranks = {}
-    for line in path.read_bytes().splitlines():
+    for line in GPT2_RANKS_FILE.read_bytes().splitlines():
         if line:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
@@ -48,9 +51,30 @@ def _gpt2_encoding() -> tiktoken.Encoding:
     return tiktoken.Encoding(
         name="gptmini-gpt2",
         pat_str=GPT2_PATTERN,
-        mergeable_ranks=_load_ranks(GPT2_RANKS_FILE),
+        mergeable_ranks=_gpt2_ranks(),
         special_tokens={EOT: EOT_ID, **CHAT_TOKENS},
     )
+
+
+def merged_from(token: bytes) -> list[bytes]:
+    """The GPT-2 tokens `token` was merged from: its BPE with only the merges ranked before its own.
+
+    Usually two pieces; single bytes are their own pieces. Every piece ranks below the token, so splitting
+    pieces again always ends at bytes.
+    """
+    ranks = _gpt2_ranks()
+    own_rank = ranks.get(token, len(ranks))
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        best_rank, best_i = own_rank, -1
+        for i in range(len(parts) - 1):
+            rank = ranks.get(parts[i] + parts[i + 1], own_rank)
+            if rank < best_rank:
+                best_rank, best_i = rank, i
+        if best_i < 0:
+            break
+        parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
+    return parts
 
 
 class Tokenizer:
@@ -77,42 +101,65 @@ class Tokenizer:
             )
             self._from_gpt2 = np.full(GPT2_VOCAB_SIZE + n_chat, -1, dtype=np.int64)
             self._from_gpt2[self._to_gpt2] = np.arange(len(self._to_gpt2))
+        self._spellings: dict[int, np.ndarray] = {}  # GPT-2 id outside the vocabulary → its model ids
         self.eot_id = self._model_id(EOT_ID)
         self.special_ids = {EOT: self.eot_id, **{t: self._model_id(i) for t, i in CHAT_TOKENS.items()}}
         # A chat model reads and emits every id up to the last chat token.
         self.chat_vocab_size = self.n_vocab + len(CHAT_TOKENS)
 
     @classmethod
-    def for_text_tokens(cls, gpt2_ids: np.ndarray, chunk: int = 1 << 24) -> Tokenizer:
-        """A compact vocabulary covering every token in `gpt2_ids` (any size: counted in chunks)."""
-        seen = np.zeros(GPT2_VOCAB_SIZE, dtype=bool)
+    def for_text_tokens(
+        cls, gpt2_ids: np.ndarray, max_size: int | None = None, chunk: int = 1 << 24
+    ) -> Tokenizer:
+        """A compact vocabulary of the tokens in `gpt2_ids` (any length: counted in chunks).
+
+        With `max_size`, only the most frequent ones (ties: lower id) fill the places the byte tokens and
+        <|endoftext|> leave; the others are spelled with the pieces they were merged from.
+        """
+        counts = np.zeros(GPT2_VOCAB_SIZE, dtype=np.int64)
         for start in range(0, len(gpt2_ids), chunk):
-            seen |= np.bincount(np.asarray(gpt2_ids[start : start + chunk]), minlength=GPT2_VOCAB_SIZE) > 0
-        seen[byte_token_ids()] = True
-        seen[EOT_ID] = True
-        return cls(np.flatnonzero(seen))
+            counts += np.bincount(np.asarray(gpt2_ids[start : start + chunk]), minlength=GPT2_VOCAB_SIZE)
+        always = np.zeros(GPT2_VOCAB_SIZE, dtype=bool)
+        always[byte_token_ids()] = True
+        always[EOT_ID] = True
+        if max_size is not None and max_size < always.sum() + 1:
+            raise UserError(f"vocab must hold at least {always.sum() + 1} tokens (256 bytes, <|endoftext|> and one more)")
+        used = np.flatnonzero((counts > 0) & ~always)
+        if max_size is not None:
+            by_count = used[np.argsort(-counts[used], kind="stable")]
+            used = by_count[: max_size - int(always.sum())]
+        always[used] = True
+        return cls(np.flatnonzero(always))
 
     def _model_id(self, gpt2_id: int) -> int:
         return gpt2_id if self._from_gpt2 is None else int(self._from_gpt2[gpt2_id])
 
     def from_gpt2(self, gpt2_ids: np.ndarray) -> np.ndarray:
-        """GPT-2 ids → model ids; a token outside a compact vocabulary becomes its byte tokens (same text)."""
+        """GPT-2 ids → model ids; a token outside a compact vocabulary becomes the pieces it was merged from."""
         if self._from_gpt2 is None:
             return gpt2_ids
         ids = self._from_gpt2[np.asarray(gpt2_ids)]
         missing = np.flatnonzero(ids < 0)
         if len(missing) == 0:
             return ids
-        byte_ids = self._from_gpt2[byte_token_ids()]
         pieces, start = [], 0
         for i in missing:
             pieces.append(ids[start:i])
-            pieces.append(
-                byte_ids[np.frombuffer(self.encoding.decode_single_token_bytes(int(gpt2_ids[i])), np.uint8)]
-            )
+            pieces.append(self._spelling(int(gpt2_ids[i])))
             start = i + 1
         pieces.append(ids[start:])
         return np.concatenate(pieces)
+
+    def _spelling(self, gpt2_id: int) -> np.ndarray:
+        spelling = self._spellings.get(gpt2_id)
+        if spelling is None:
+            ranks = _gpt2_ranks()
+            ids = []
+            for piece in merged_from(self.encoding.decode_single_token_bytes(gpt2_id)):
+                model_id = int(self._from_gpt2[ranks[piece]])
+                ids.extend([model_id] if model_id >= 0 else self._spelling(ranks[piece]).tolist())
+            spelling = self._spellings[gpt2_id] = np.array(ids, dtype=np.int64)
+        return spelling
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         if allow_special:

@@ -19,7 +19,7 @@ from gptmini.generation import (
     window_shift,
 )
 from gptmini.kv_cache import KVCache
-from gptmini.quantize import pack_bf16_linears, quantize_int8
+from gptmini.quantize import pack_linears, packing_supported, quantize_int8
 from gptmini.tokenizer import Tokenizer
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -145,15 +145,20 @@ def test_int8_linear_is_the_dequantized_product():
     torch.testing.assert_close(q(x), expected, atol=0.02 * expected.abs().max().item(), rtol=0)
 
 
-def test_packed_bf16_equals_plain_bf16():
-    model = random_gpt(std=0.3).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_packed_linears_equal_plain(dtype, tol):
+    if not packing_supported(dtype):
+        pytest.skip(f"this PyTorch build cannot prepack {dtype} linears")
+    model = random_gpt(std=0.3).to(dtype)
     ids = torch.randint(0, 50257, (2, 20))
     with torch.no_grad():
         plain = model(ids)[0]
-        packed = pack_bf16_linears(copy.deepcopy(model))(ids)[0]
-    torch.testing.assert_close(packed, plain, atol=1e-2, rtol=1e-2)
+        packed_model = pack_linears(copy.deepcopy(model))
+        packed = packed_model(ids)[0]
+    assert any(type(m).__name__ == "PackedLinear" for m in packed_model.modules()), "nothing was packed"
+    torch.testing.assert_close(packed, plain, atol=tol, rtol=tol)
     (a,), _ = run(model, [1, 2], 30)
-    (b,), _ = run(pack_bf16_linears(model), [1, 2], 30)
+    (b,), _ = run(pack_linears(model), [1, 2], 30)
     assert a == b
 
 

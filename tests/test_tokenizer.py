@@ -73,7 +73,7 @@ def test_never_touches_the_network(monkeypatch):
     assert Tokenizer().encode("Hello world") == [15496, 995]
 
 
-# ---- compact vocabulary (byte fallback) -------------------------------------------------------------------------
+# ---- compact vocabulary (merge fallback) ------------------------------------------------------------------------
 
 SHAKESPEARE = "To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer"
 
@@ -99,13 +99,51 @@ def test_compact_text_keeps_gpt2_tokens_it_knows(tok, compact):
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_compact_round_trip_and_byte_counts(compact, text):
-    """Unknown tokens are spelled in bytes: same text, same byte count (so bits per byte compare)."""
+    """Unknown tokens are spelled with smaller tokens: same text, same byte count (so bits per byte compare)."""
     ids = compact.encode(text)
     assert all(0 <= i < compact.n_vocab for i in ids)
     assert compact.decode(ids) == text
     assert sum(len(compact.token_bytes(i)) for i in ids) == len(text.encode("utf-8"))
     decoder = compact.stream_decoder()
     assert "".join(decoder.push_many(ids)) + decoder.flush() == text
+
+
+@pytest.mark.parametrize("word", [" question", " Romeo", "Hello", " suffer", " kingdom"])
+def test_a_missing_token_is_spelled_as_gpt2_bpe_would_without_it(tok, word):
+    """Reference: tiktoken's own BPE over GPT-2's merges with that one token removed."""
+    import tiktoken
+
+    from gptmini.tokenizer import GPT2_PATTERN, _gpt2_ranks
+
+    (missing,) = tok.encode(word)
+    ranks = {b: r for b, r in _gpt2_ranks().items() if r != missing}
+    reference = tiktoken.Encoding(name="ref", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    trimmed = Tokenizer([i for i in range(EOT_ID + 1) if i != missing])
+    expected = reference.encode_ordinary(word)
+    assert len(expected) >= 2
+    assert [int(trimmed.vocabulary[i]) for i in trimmed.encode(word)] == expected
+
+
+def test_vocabulary_limited_to_the_most_frequent_tokens(tok):
+    text = " ".join(TEXTS) + " the the the question question"
+    gpt2_ids = tok.encode(text)
+    limited = Tokenizer.for_text_tokens(np.array(gpt2_ids), max_size=259)
+    assert limited.n_vocab == 259  # 256 bytes, <|endoftext|> and the two most frequent other tokens
+    byte_ids = {tok.encoding.encode_single_token(bytes([b])) for b in range(256)}
+    others = {t: gpt2_ids.count(t) for t in set(gpt2_ids) - byte_ids}
+    top_two = sorted(others, key=lambda t: (-others[t], t))[:2]
+    assert set(limited.vocabulary.tolist()) == byte_ids | {EOT_ID} | set(top_two)
+    for t in TEXTS:
+        ids = limited.encode(t)
+        assert limited.decode(ids) == t
+        assert sum(len(limited.token_bytes(i)) for i in ids) == len(t.encode("utf-8"))
+
+
+def test_bytes_only_vocabulary_spells_everything_in_bytes(tok):
+    only_bytes = Tokenizer.for_text_tokens(np.array([EOT_ID]), max_size=258)  # no other token used
+    for text in TEXTS:
+        expected = [tok.encoding.encode_single_token(bytes([b])) for b in text.encode("utf-8")]
+        assert [int(only_bytes.vocabulary[i]) for i in only_bytes.encode(text)] == expected
 
 
 def test_compact_special_tokens(compact):
