@@ -123,7 +123,9 @@ class Tokenizer:
         always[byte_token_ids()] = True
         always[EOT_ID] = True
         if max_size is not None and max_size < always.sum() + 1:
-            raise UserError(f"vocab must hold at least {always.sum() + 1} tokens (256 bytes, <|endoftext|> and one more)")
+            raise UserError(
+                f"vocab must hold at least {always.sum() + 1} tokens (256 bytes, <|endoftext|> and one more)"
+            )
         used = np.flatnonzero((counts > 0) & ~always)
         if max_size is not None:
             by_count = used[np.argsort(-counts[used], kind="stable")]
