@@ -531,10 +531,13 @@ def _train(
         corpus = load_corpus(paths, encoding_errors=tcfg.encoding_errors)
         train_tokens, val_tokens = corpus.split(tcfg.val_fraction)  # GPT-2 ids
         if run is None and init_from is None and tcfg.vocab != "gpt2":
-            # A fresh model gets rows only for the tokens its corpus uses (see gptmini.tokenizer). The whole corpus,
-            # val split included, as a full GPT-2 vocabulary also has rows for the val text's tokens: spelling a
-            # word the train split lacks in byte tokens costs ~10 nats a byte (0.19 bits/byte on Shakespeare).
-            tokenizer = Tokenizer.for_text_tokens(corpus.tokens, max_size=tcfg.vocab_limit)
+            # A fresh model gets rows only for the tokens its corpus uses (see gptmini.tokenizer): the whole corpus,
+            # val split included, as a full GPT-2 vocabulary also has rows for the val text's tokens. With a limit,
+            # the most frequent tokens *of the train split* (what a tokenizer trained on that text would keep).
+            limit = tcfg.vocab_limit
+            tokenizer = Tokenizer.for_text_tokens(
+                corpus.tokens if limit is None else train_tokens, max_size=limit
+            )
             mcfg = mcfg.replace(vocab_size=tokenizer.n_vocab, vocabulary=tokenizer.vocabulary.tolist())
         else:
             tokenizer = Tokenizer(mcfg.vocabulary)
