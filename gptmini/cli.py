@@ -297,9 +297,9 @@ def train(
     vocab: Annotated[
         str | None,
         typer.Option(
-            help="corpus (only the GPT-2 tokens the text uses, ~2x faster on small models), a number N (only "
-            "the corpus's N most frequent; rarer tokens are spelled with the pieces they were merged from) or gpt2 "
-            "(all 50,257; needed for export-hf)."
+            help="N (default 8192: the train split's N most frequent GPT-2 tokens; rarer ones are spelled with "
+            "the tokens they were merged from), corpus (every token the text uses) or gpt2 (all 50,257; needed "
+            "for export-hf). A small vocabulary makes a small model train several times faster."
         ),
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,

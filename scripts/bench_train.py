@@ -7,7 +7,7 @@ Config (the issue's): 4 layers, 4 heads, n_embd 256, block 256, batch 8, GPT-2 v
 Each measurement runs in its own subprocess, so allocator state and thread pools never leak between them.
 The reference is written here the way nanoGPT's model.py/train.py do it: fp32, full logits for every position,
 F.cross_entropy over them, AdamW (not fused on CPU) with decay on matrices, clipping at 1.0.
-Contestants: the reference; gptmini-default (what `gptmini train` does: the corpus's compact vocabulary, bf16
+Contestants: the reference; gptmini-default (what `gptmini train` does: a compact vocabulary of 8,192 tokens, bf16
 autocast where the CPU has it); gptmini-gpt2vocab (all 50,257 ids, same dtype); gptmini-fp32 (all ids, fp32).
 MFU = tokens/s × (6·N + 12·L·T·C) / (best matmul FLOP/s measured in this run), N counting each row's own head.
 """
@@ -147,14 +147,18 @@ def reference_model():
 
 
 def compact_tokenizer():
-    """The compact vocabulary `gptmini train` picks by default: the corpus's tokens (+ bytes, <|endoftext|>)."""
+    """The compact vocabulary `gptmini train` picks by default (`--vocab 8192`: the train split's most frequent)."""
+    from gptmini.config import TrainConfig
     from gptmini.data import load_corpus
     from gptmini.tokenizer import Tokenizer
 
-    return Tokenizer.for_text_tokens(load_corpus([ROOT / "data" / "shakespeare.txt"]).tokens)
+    config = TrainConfig()
+    train_tokens, _ = load_corpus([ROOT / "data" / "shakespeare.txt"]).split(config.val_fraction)
+    return Tokenizer.for_text_tokens(train_tokens, max_size=config.vocab_limit)
 
 
 def gptmini_step(dtype_name: str, compact: bool = False):
+    import numpy as np
     import torch
 
     from gptmini.config import GPTConfig, TrainConfig
@@ -184,8 +188,12 @@ def gptmini_step(dtype_name: str, compact: bool = False):
     source = Fixed()
 
     def step(x, y):
-        if compact:  # the corpus's GPT-2 ids in the model's numbering (the vocabulary covers them all)
-            x, y = (torch.from_numpy(tok.from_gpt2(t.numpy())) for t in (x, y))
+        if (
+            compact
+        ):  # the same text in the model's numbering; rarer tokens become pieces, so cut back to T + 1
+            rows = torch.cat([x[:, :1], y], dim=1).numpy()
+            rows = torch.from_numpy(np.stack([tok.from_gpt2(r)[: rows.shape[1]] for r in rows]))
+            x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         source.xy = (x, y)
         return train_step(loss_model, optimizer, source, 0, device=device, dtype=dtype, config=tcfg)[0]
 

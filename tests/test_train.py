@@ -90,12 +90,15 @@ def test_compact_vocabulary_by_default_and_full_gpt2_on_request(corpus, tmp_path
     compact = train([corpus], config=common, model=TINY, out=tmp_path / "compact")
     full = train([corpus], config={**common, "vocab": "gpt2"}, model=TINY, out=tmp_path / "full")
     c_config = load_checkpoint(tmp_path / "compact")[0].config
+    limited = train([corpus], config={**common, "vocab": "300"}, model=TINY, out=tmp_path / "limited")
+    assert load_checkpoint(tmp_path / "limited")[0].config.vocab_size == 300
+    assert abs(limited.final.bytes - full.final.bytes) <= 16
     assert load_checkpoint(tmp_path / "full")[0].config.vocabulary is None
     tok = Tokenizer()
     train_text_ids = set(tok.encode(corpus.read_text(encoding="utf-8")))
     assert c_config.vocab_size == len(c_config.vocabulary) < len(train_text_ids) + 257
-    # Bits per byte stay comparable: both score the same val bytes (unknown tokens are spelled in bytes; only
-    # the unscored first position of the split may differ).
+    # Bits per byte stay comparable: both score the same val bytes (unknown tokens are spelled with smaller ones;
+    # only the unscored first position of the split may differ).
     assert abs(compact.final.bytes - full.final.bytes) <= 16
     # Text the corpus never used still encodes, scores and generates.
     other = tmp_path / "other.txt"
@@ -304,6 +307,8 @@ def test_plot_in_the_terminal(saved_run, capsys):
         (["CORPUS", "--n-layer", "0"], "n_layer must be a positive integer"),
         (["CORPUS", "--batch-size", "0"], "batch-size must be a positive integer"),
         (["CORPUS", "--time", "-5m"], "duration"),
+        (["CORPUS", "--vocab", "100"], "vocab must be corpus, gpt2 or a number of tokens above 257"),
+        (["CORPUS", "--vocab", "big"], "vocab must be corpus, gpt2 or a number"),
         (["CORPUS", "--out", "FILE/sub"], "cannot write to --out"),
         (["CORPUS", "--out", "EMPTYDIR", "--resume"], "nothing to resume"),
         (["CORPUS", "--out", "RUN"], "already holds a training run"),
