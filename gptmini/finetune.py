@@ -43,6 +43,7 @@ from gptmini.train import TrainEvent, TrainResult, check_out_dir, run_in, train
 FINETUNE_DEFAULTS: dict[str, Any] = {
     "lr": 5e-4,
     "warmup_iters": 20,
+    "weight_decay": 0.1,
     "eval_interval": 100,
     "val_fraction": 0.1,
 }

@@ -38,7 +38,11 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int = 1, max_len: int | None = None) -> KVCache:
-        """A cache matching `model`'s shape, dtype and device; `max_len` defaults to its context length."""
+        """A cache matching `model`'s shape, dtype and device; `max_len` defaults to its context length.
+
+        The dtype is the weights' unless the model names another in `kv_cache_dtype` (an int8 model keeps bf16
+        keys and values: half the bytes to read per token at long context).
+        """
         config: GPTConfig = model.config
         weight = model.transformer.wte.weight  # the head may be swapped for a quantised one
         return cls(
@@ -47,7 +51,7 @@ class KVCache:
             config.n_head,
             max_len or config.block_size,
             config.head_dim,
-            dtype=weight.dtype,
+            dtype=getattr(model, "kv_cache_dtype", None) or weight.dtype,
             device=weight.device,
         )
 
@@ -66,7 +70,7 @@ class KVCache:
         end = start_pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
-        self.k[layer, :, :, start_pos:end] = k
+        self.k[layer, :, :, start_pos:end] = k  # (cast to the cache's dtype if it differs)
         self.v[layer, :, :, start_pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
@@ -76,8 +80,8 @@ class KVCache:
         """Store one position's `k`, `v` (`[B, H, 1, D]`) at `pos` (a 1-element long tensor, so the position is data,
         not a shape) and return the whole buffers of this layer."""
         k_layer, v_layer = self.k_layers[layer], self.v_layers[layer]
-        k_layer.index_copy_(2, pos, k)
-        v_layer.index_copy_(2, pos, v)
+        k_layer.index_copy_(2, pos, k.to(k_layer.dtype))
+        v_layer.index_copy_(2, pos, v.to(v_layer.dtype))
         return k_layer, v_layer
 
     def expand(self, batch_size: int) -> KVCache:

@@ -32,9 +32,11 @@ def attend(
 
     On a CPU, SDPA in bf16 is slower than in fp32: decoding reads a long KV cache about 7× slower (12 heads × 850
     keys: 0.64 vs 0.09 ms), and a training step's forward + backward takes 26 vs 18 ms per layer at batch 8 ×
-    256 tokens, upcast included. So bf16 / fp16 attention runs in fp32 there (autocast would cast it back).
+    256 tokens, upcast included. So bf16 / fp16 attention (or fp32 queries over an int8 model's bf16 cache) runs in
+    fp32 there (autocast would cast it back).
     """
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+    low = (torch.bfloat16, torch.float16)
+    if q.device.type == "cpu" and (q.dtype in low or k.dtype in low):
         with torch.autocast("cpu", enabled=False):
             y = F.scaled_dot_product_attention(
                 q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal

@@ -108,7 +108,12 @@ def _swap_linears(model: nn.Module, make: type[nn.Module]) -> nn.Module:
 
 @torch.no_grad()
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Swap every linear (LM head included) for an `Int8Linear`, in place."""
+    """Swap every linear (LM head included) for an `Int8Linear`, in place; its KV cache will be bf16.
+
+    With ¼ of the weight bytes, an fp32 cache would be a third of what a token reads at 900 positions of GPT-2
+    small; bf16 halves that (attention still computes in fp32, see `model.attend`).
+    """
+    model.kv_cache_dtype = torch.bfloat16
     return _swap_linears(model, Int8Linear)
 
 

@@ -202,7 +202,7 @@ def time_to_first_token(repeats: int, checkpoint: Path | None = None) -> dict[st
     with tempfile.TemporaryDirectory() as tmp:
         if checkpoint is None:
             torch.manual_seed(0)
-            save_checkpoint(GPT(preset("small")), tmp)  # the CPU default shape: 4 layers, 256 wide
+            save_checkpoint(GPT(preset("small")), tmp)  # the CPU default shape: 4 layers, 128 wide
         ckpt = str(checkpoint or tmp)
         generate = [sys.executable, "-m", "gptmini", "generate", "Hello", "-c", ckpt, "-n", "1", "--greedy"]
         import_torch = [sys.executable, "-c", "import torch; print(1)"]

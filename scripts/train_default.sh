@@ -15,7 +15,7 @@ case "${1:-}" in
 base)
     gptmini train data/shakespeare.txt --out runs/default --force --seed 1337 \
         --n-layer 6 --n-head 4 --n-embd 256 --block-size 256 --batch-size 8 \
-        --lr 2e-3 --warmup-iters 100 --max-iters 2700 --vocab corpus --save-dtype bfloat16
+        --lr 2e-3 --warmup-iters 100 --weight-decay 0.1 --max-iters 2700 --vocab corpus --save-dtype bfloat16
     rm -rf checkpoints/default
     mkdir -p checkpoints
     cp -r runs/default/best checkpoints/default
