@@ -119,19 +119,20 @@ class Tokenizer:
         counts = np.zeros(GPT2_VOCAB_SIZE, dtype=np.int64)
         for start in range(0, len(gpt2_ids), chunk):
             counts += np.bincount(np.asarray(gpt2_ids[start : start + chunk]), minlength=GPT2_VOCAB_SIZE)
-        always = np.zeros(GPT2_VOCAB_SIZE, dtype=bool)
-        always[byte_token_ids()] = True
-        always[EOT_ID] = True
-        if max_size is not None and max_size < always.sum() + 1:
+        keep = np.zeros(GPT2_VOCAB_SIZE, dtype=bool)
+        keep[byte_token_ids()] = True  # always: any text can be spelled with them
+        keep[EOT_ID] = True
+        n_always = int(keep.sum())
+        if max_size is not None and max_size < n_always + 1:
             raise UserError(
-                f"vocab must hold at least {always.sum() + 1} tokens (256 bytes, <|endoftext|> and one more)"
+                f"vocab must hold at least {n_always + 1} tokens (256 bytes, <|endoftext|> and one more)"
             )
-        used = np.flatnonzero((counts > 0) & ~always)
+        used = np.flatnonzero((counts > 0) & ~keep)
         if max_size is not None:
             by_count = used[np.argsort(-counts[used], kind="stable")]
-            used = by_count[: max_size - int(always.sum())]
-        always[used] = True
-        return cls(np.flatnonzero(always))
+            used = by_count[: max_size - n_always]
+        keep[used] = True
+        return cls(np.flatnonzero(keep))
 
     def _model_id(self, gpt2_id: int) -> int:
         return gpt2_id if self._from_gpt2 is None else int(self._from_gpt2[gpt2_id])
