@@ -297,7 +297,7 @@ def train(
     vocab: Annotated[
         str | None,
         typer.Option(
-            help="N (default 8192: the train split's N most frequent GPT-2 tokens; rarer ones are spelled with "
+            help="N (default 4096: the train split's N most frequent GPT-2 tokens; rarer ones are spelled with "
             "the tokens they were merged from), corpus (every token the text uses) or gpt2 (all 50,257; needed "
             "for export-hf). A small vocabulary makes a small model train several times faster."
         ),

@@ -7,7 +7,7 @@ Config (the issue's): 4 layers, 4 heads, n_embd 256, block 256, batch 8, GPT-2 v
 Each measurement runs in its own subprocess, so allocator state and thread pools never leak between them.
 The reference is written here the way nanoGPT's model.py/train.py do it: fp32, full logits for every position,
 F.cross_entropy over them, AdamW (not fused on CPU) with decay on matrices, clipping at 1.0.
-Contestants: the reference; gptmini-default (what `gptmini train` does: a compact vocabulary of 8,192 tokens, bf16
+Contestants: the reference; gptmini-default (what `gptmini train` does: a compact vocabulary of 4,096 tokens, bf16
 autocast where the CPU has it); gptmini-gpt2vocab (all 50,257 ids, same dtype); gptmini-fp32 (all ids, fp32).
 MFU = tokens/s × (6·N + 12·L·T·C) / (best matmul FLOP/s measured in this run), N counting each row's own head.
 """
@@ -147,7 +147,7 @@ def reference_model():
 
 
 def compact_tokenizer():
-    """The compact vocabulary `gptmini train` picks by default (`--vocab 8192`: the train split's most frequent)."""
+    """The compact vocabulary `gptmini train` picks by default (`--vocab 4096`: the train split's most frequent)."""
     from gptmini.config import TrainConfig
     from gptmini.data import load_corpus
     from gptmini.tokenizer import Tokenizer
