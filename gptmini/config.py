@@ -147,7 +147,8 @@ class SamplingConfig:
 # ---- training -------------------------------------------------------------------------------------------------
 
 ENCODING_ERRORS = ("strict", "replace")
-# A compact vocabulary of the tokens the corpus uses, all of GPT-2's, or (a number N) the corpus's N most frequent.
+# A compact vocabulary of the tokens the corpus uses, all of GPT-2's, or (a number N) the train split's N most
+# frequent (see `TrainConfig.vocab_limit`).
 VOCABS = ("corpus", "gpt2")
 TRAIN_DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
@@ -188,6 +189,8 @@ class TrainConfig:
     vocab: str = "4096"  # the train split's 4,096 most frequent tokens: best for 4×128 in 10-minute runs
 
     def __post_init__(self) -> None:
+        if isinstance(self.vocab, int) and not isinstance(self.vocab, bool):
+            self.vocab = str(self.vocab)  # TrainConfig(vocab=4096) from Python
         if self.max_iters is None and self.time_budget_s is None:
             self.time_budget_s = DEFAULT_TIME_BUDGET_S
         self.validate()
@@ -220,8 +223,6 @@ class TrainConfig:
             raise UserError(f"unknown save-dtype {self.save_dtype!r}; choose float32, bfloat16 or float16")
         if self.dtype not in TRAIN_DTYPES:
             raise UserError(f"unknown dtype {self.dtype!r}; choose auto, float32 or bfloat16")
-        if isinstance(self.vocab, int) and not isinstance(self.vocab, bool):
-            self.vocab = str(self.vocab)  # TrainConfig(vocab=8192) from Python
         if self.vocab not in VOCABS and not (self.vocab.isdigit() and int(self.vocab) > 257):
             raise UserError(
                 f"vocab must be corpus, gpt2 or a number of tokens above 257 (e.g. 8192), got {self.vocab!r}"

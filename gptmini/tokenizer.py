@@ -6,9 +6,9 @@ embedding's padding slots just above, so adding them needs no resize and leaves 
 A model may instead use a *compact vocabulary*: a subset of GPT-2 tokens (by default the ones its training corpus
 uses, or only its most frequent ones, always with the 256 single-byte tokens and `<|endoftext|>`), renumbered 0..n-1
 in GPT-2 order, chat tokens right after. Text is still GPT-2 BPE: a token outside the subset is spelled with the two
-GPT-2 tokens it was merged from, recursively, down to single bytes if need be (" wherefore" → " where" + "fore"), so
-any text encodes and bits per byte stay comparable. For a small model the LM head over 50,257 tokens is most of the
-compute; the ~19k tokens Shakespeare uses make training about twice as fast, its 8k most frequent faster still.
+GPT-2 tokens it was merged from, recursively, down to single bytes if need be (" Romeo" → " Rome" + "o"), so any
+text encodes and bits per byte stay comparable. For a small model the LM head over 50,257 tokens is most of the
+compute; the ~19k tokens Shakespeare uses make training about twice as fast, its 4k most frequent faster still.
 """
 
 from __future__ import annotations
@@ -159,8 +159,9 @@ class Tokenizer:
             ranks = _gpt2_ranks()
             ids = []
             for piece in merged_from(self.encoding.decode_single_token_bytes(gpt2_id)):
-                model_id = int(self._from_gpt2[ranks[piece]])
-                ids.extend([model_id] if model_id >= 0 else self._spelling(ranks[piece]).tolist())
+                piece_id = ranks[piece]
+                model_id = int(self._from_gpt2[piece_id])
+                ids.extend([model_id] if model_id >= 0 else self._spelling(piece_id).tolist())
             spelling = self._spellings[gpt2_id] = np.array(ids, dtype=np.int64)
         return spelling
 

@@ -188,9 +188,8 @@ def gptmini_step(dtype_name: str, compact: bool = False):
     source = Fixed()
 
     def step(x, y):
-        if (
-            compact
-        ):  # the same text in the model's numbering; rarer tokens become pieces, so cut back to T + 1
+        if compact:
+            # The same text in the model's numbering; rarer tokens become pieces, so cut back to T + 1.
             rows = torch.cat([x[:, :1], y], dim=1).numpy()
             rows = torch.from_numpy(np.stack([tok.from_gpt2(r)[: rows.shape[1]] for r in rows]))
             x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
