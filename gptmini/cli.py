@@ -263,13 +263,19 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(help="muon (default: Muon for the blocks' matrices, AdamW for the rest) or adamw."),
+    ] = None,
     min_lr_ratio: Annotated[float | None, typer.Option(help="Final lr as a fraction of the peak.")] = None,
     warmup_iters: Annotated[int | None, typer.Option(help="Linear warm-up steps.")] = None,
     max_iters: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
     time: Annotated[
         str | None, typer.Option("--time", help="Wall-clock budget, e.g. 90s, 10m, 1h [default: 10m]")
     ] = None,
-    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay (matrices only).")] = None,
+    weight_decay: Annotated[
+        float | None, typer.Option(help="Decoupled weight decay (matrices only).")
+    ] = None,
     grad_clip: Annotated[float | None, typer.Option(help="Clip the gradient norm (0 = off).")] = None,
     eval_interval: Annotated[int | None, typer.Option(help="Steps between evals + checkpoints.")] = None,
     eval_iters: Annotated[int | None, typer.Option(help="Val batches per eval.")] = None,
@@ -316,6 +322,7 @@ def train(
         batch_size=batch_size,
         grad_accum=grad_accum,
         lr=lr,
+        optimizer=optimizer,
         min_lr_ratio=min_lr_ratio,
         warmup_iters=warmup_iters,
         max_iters=max_iters,

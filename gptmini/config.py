@@ -152,6 +152,7 @@ ENCODING_ERRORS = ("strict", "replace")
 VOCABS = ("corpus", "gpt2")
 TRAIN_DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("muon", "adamw")
 DEFAULT_TIME_BUDGET_S = 600.0  # with neither --max-iters nor --time: ten minutes
 
 
@@ -167,6 +168,7 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 2e-3
+    optimizer: str = "muon"  # Muon for the blocks' matrices + AdamW for the rest, or "adamw" for everything
     min_lr_ratio: float = 0.1  # the cosine ends at lr × min_lr_ratio
     warmup_iters: int = 50
     max_iters: int | None = None
@@ -227,6 +229,8 @@ class TrainConfig:
             raise UserError(
                 f"vocab must be corpus, gpt2 or a number of tokens above 257 (e.g. 8192), got {self.vocab!r}"
             )
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; choose muon or adamw")
         if self.encoding_errors not in ENCODING_ERRORS:
             raise UserError(f"encoding-errors must be strict or replace, got {self.encoding_errors!r}")
 
@@ -241,6 +245,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
+        data = {"optimizer": "adamw", **data}  # runs saved before Muon existed were AdamW runs
         return cls(**{k: v for k, v in data.items() if k in known})
 
 

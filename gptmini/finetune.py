@@ -42,6 +42,7 @@ from gptmini.train import TrainEvent, TrainResult, check_out_dir, run_in, train
 # Fine-tuning starts from a trained model: a gentler peak lr and a short warm-up than pretraining's defaults.
 FINETUNE_DEFAULTS: dict[str, Any] = {
     "lr": 5e-4,
+    "optimizer": "adamw",  # the gentle choice for adapting a trained model (Muon is the pretraining default)
     "warmup_iters": 20,
     "weight_decay": 0.1,
     "eval_interval": 100,

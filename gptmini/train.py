@@ -55,6 +55,7 @@ from gptmini.errors import UserError
 from gptmini.evaluate import EvalResult, eval_windows, evaluate_tokens, evenly_spaced, window_batch
 from gptmini.loss import IGNORE_INDEX, linear_cross_entropy
 from gptmini.model import GPT
+from gptmini.optim import make_optimizer
 from gptmini.plotting import METRICS_FILE
 from gptmini.tokenizer import Tokenizer
 
@@ -110,20 +111,6 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
         return config.lr * (step + 1) / config.warmup_iters
     floor = config.lr * config.min_lr_ratio
     return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases, LayerNorm gains or other vectors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    kwargs: dict[str, Any] = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
-    try:
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError):  # fused kernels missing for this device/dtype
-        return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 class LossModel(nn.Module):
@@ -508,6 +495,11 @@ def _train(
             tcfg = TrainConfig.from_dict(
                 {**run["train"], **{k: v for k, v in overrides.items() if v is not None}}
             )
+            saved_optimizer = TrainConfig.from_dict(run["train"]).optimizer
+            if tcfg.optimizer != saved_optimizer:
+                raise UserError(
+                    f"the run in {out} trained with --optimizer {saved_optimizer}; resume it with the same optimizer"
+                )
             base_model = read_model_config(out)[0]
             mcfg = build_model_config(preset, model or {}, base_model, f"the run in {out}")
             if init_from is not None:
@@ -524,6 +516,8 @@ def _train(
                 "--fsdp shards the model over torchrun's processes: launch with "
                 "`torchrun --nproc_per_node N -m gptmini train …` (N > 1), or pass --no-fsdp"
             )
+        if tcfg.fsdp and tcfg.optimizer == "muon":
+            raise UserError("Muon orthogonalises whole matrices, which --fsdp shards; add --optimizer adamw")
         if tcfg.fsdp and (train_data is not None or evaluator is not None):
             raise UserError("--fsdp is for `gptmini train` only; fine-tuning runs data parallel without it")
 

@@ -164,7 +164,8 @@ def gptmini_step(dtype_name: str, compact: bool = False):
     from gptmini.config import GPTConfig, TrainConfig
     from gptmini.devices import keep_freed_memory_on_cpu, resolve_train_dtype
     from gptmini.model import GPT
-    from gptmini.train import LossModel, make_optimizer, train_step
+    from gptmini.optim import make_optimizer
+    from gptmini.train import LossModel, train_step
 
     device = torch.device("cpu")
     keep_freed_memory_on_cpu()  # what `gptmini train` does on CPU

@@ -166,21 +166,23 @@ def test_ctrl_c_stops_every_rank_cleanly_and_resume_equals_the_uninterrupted_run
     assert_same_curves(ddp_run, out, atol=1e-6)
 
 
-def test_fsdp_trains_like_ddp_resumes_and_saves_an_ordinary_checkpoint(ddp_run, env, corpus, tmp_path):
+def test_fsdp_trains_like_one_process_resumes_and_saves_an_ordinary_checkpoint(env, corpus, tmp_path):
+    # FSDP shards the matrices Muon would orthogonalise whole: it trains with AdamW.
+    reference = tmp_path / "one"
+    train([corpus], config={**SETTINGS, "batch_size": 8, "optimizer": "adamw"}, model=TINY, out=reference)
     out = tmp_path / "fsdp"
     # A Ctrl-C that reaches rank 1 only stops both ranks (at the same step); the resume runs with --fsdp too.
     ctrl_c = "if step == 3 and rank == 1: os.kill(os.getpid(), signal.SIGINT)"
-    done = torchrun(
-        env, corpus, "--out", out, *FLAGS, "--fsdp", action=ctrl_c, run=RUN_THEN_RESUME, tmp=tmp_path
-    )
+    flags = [*FLAGS, "--fsdp", "--optimizer", "adamw"]
+    done = torchrun(env, corpus, "--out", out, *flags, action=ctrl_c, run=RUN_THEN_RESUME, tmp=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 0 exited 130" in done.stderr and "rank 1 exited 130" in done.stderr
     assert done.stderr.count("× 2 ranks (FSDP)") == 2 and "resuming" in done.stderr
-    assert_same_weights(ddp_run, out, atol=1e-5)
-    assert_same_curves(ddp_run, out, atol=1e-5)
+    assert_same_weights(reference, out, atol=1e-5)
+    assert_same_curves(reference, out, atol=1e-5)
     # One unsharded model.safetensors (the plain GPT's names), the optimizer state whole: any process loads them.
     names = set(read_safetensors(out / "model.safetensors"))
-    assert names == set(read_safetensors(ddp_run / "model.safetensors"))
+    assert names == set(read_safetensors(reference / "model.safetensors"))
     state = load_train_state(out)["optimizer"]
     assert "transformer.wte.weight" in state["state"]
     assert (
@@ -208,4 +210,12 @@ def test_fsdp_without_torchrun_is_a_one_line_error(env, corpus, tmp_path, capsys
         main(["train", str(corpus), "--out", str(tmp_path / "run"), "--fsdp", "--max-iters", "1"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "torchrun" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_fsdp_with_muon_is_a_one_line_error(env, corpus, tmp_path):
+    done = torchrun(env, corpus, "--out", tmp_path / "run", *FLAGS, "--fsdp", timeout=120)
+    # Rank 0 says it once and exits 2 (torchrun itself then exits 1, with its own report).
+    assert done.returncode != 0 and "exitcode  : 2" in done.stderr, done.stderr[-3000:]
+    assert done.stderr.count("error: Muon orthogonalises whole matrices") == 1, done.stderr[-3000:]
     assert not (tmp_path / "run").exists()

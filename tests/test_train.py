@@ -313,6 +313,8 @@ def test_plot_in_the_terminal(saved_run, capsys):
         (["CORPUS", "--out", "EMPTYDIR", "--resume"], "nothing to resume"),
         (["CORPUS", "--out", "RUN"], "already holds a training run"),
         (["CORPUS", "--out", "RUN", "--resume", "--n-embd", "128"], "different model config"),
+        (["CORPUS", "--optimizer", "sgd"], "unknown optimizer 'sgd'; choose muon or adamw"),
+        (["CORPUS", "--out", "RUN", "--resume", "--optimizer", "adamw"], "trained with --optimizer muon"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(args, message, corpus, saved_run, tmp_path, capsys):
@@ -337,6 +339,15 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(args, message, corpus,
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert snapshot(saved_run) == before_run and snapshot(tmp_path) == before_tmp
+
+
+def test_a_run_saved_before_muon_existed_resumes_with_adamw(corpus, tmp_path):
+    out = tmp_path / "old"
+    train([corpus], config=settings(max_iters=2, optimizer="adamw"), model=TINY, out=out)
+    saved = json.loads((out / "config.json").read_text())
+    del saved["run"]["train"]["optimizer"]  # what an older gptmini wrote
+    (out / "config.json").write_text(json.dumps(saved))
+    assert train([corpus], config={"max_iters": 4}, out=out, resume=True).step == 4
 
 
 def test_ctrl_c_saves_and_exits_cleanly(corpus, tmp_path):
