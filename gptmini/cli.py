@@ -262,7 +262,9 @@ def train(
     dropout: Annotated[float | None, typer.Option(help="Dropout probability.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Peak learning rate [default: 5e-3 with muon, 2e-3 with adamw].")
+    ] = None,
     optimizer: Annotated[
         str | None,
         typer.Option(help="muon (default: Muon for the blocks' matrices, AdamW for the rest) or adamw."),
