@@ -788,9 +788,11 @@ def _train(
     if reason != "diverged":
         if reason in ("done", "time"):
             final = evaluate(final=True)
-            improved = best_val is None or final.loss < best_val
+            # The evals before scored a fixed subset of the val windows: "best" compares on that same subset.
+            comparable = final if best_val is None else evaluate(final=False)
+            improved = best_val is None or comparable.loss < best_val
             if improved:
-                best_val = final.loss
+                best_val = comparable.loss
                 save(out / BEST_DIR, final.loss, with_state=False)
             record = _eval_record(step, elapsed(), tokens_seen, last_loss, None, final)
             write_metrics({**record, "final": True})

@@ -8,7 +8,9 @@ Each measurement runs in its own subprocess, so allocator state and thread pools
 The reference is written here the way nanoGPT's model.py/train.py do it: fp32, full logits for every position,
 F.cross_entropy over them, AdamW (not fused on CPU) with decay on matrices, clipping at 1.0.
 Contestants: the reference; gptmini-default (what `gptmini train` does: a compact vocabulary of 4,096 tokens, bf16
-autocast where the CPU has it); gptmini-gpt2vocab (all 50,257 ids, same dtype); gptmini-fp32 (all ids, fp32).
+autocast where the CPU has it, Muon for the blocks' matrices); gptmini-gpt2vocab (all 50,257 ids, same dtype);
+gptmini-fp32 (all ids, fp32); gptmini-adamw (all ids, default dtype, AdamW like the reference: the step without
+Muon's Newton–Schulz iterations, which MFU does not count).
 MFU = tokens/s × (6·N + 12·L·T·C) / (best matmul FLOP/s measured in this run), N counting each row's own head.
 """
 
@@ -157,7 +159,7 @@ def compact_tokenizer():
     return Tokenizer.for_text_tokens(train_tokens, max_size=config.vocab_limit)
 
 
-def gptmini_step(dtype_name: str, compact: bool = False):
+def gptmini_step(dtype_name: str, compact: bool = False, optimizer: str = "muon"):
     import numpy as np
     import torch
 
@@ -170,7 +172,7 @@ def gptmini_step(dtype_name: str, compact: bool = False):
     device = torch.device("cpu")
     keep_freed_memory_on_cpu()  # what `gptmini train` does on CPU
     dtype = resolve_train_dtype(dtype_name, device)
-    tcfg = TrainConfig(batch_size=BATCH, max_iters=1, lr=6e-4)
+    tcfg = TrainConfig(batch_size=BATCH, max_iters=1, lr=6e-4, optimizer=optimizer)
     config = GPTConfig(**CONFIG)
     if compact:
         tok = compact_tokenizer()
@@ -246,7 +248,8 @@ def worker(kind: str, steps: int, warmup: int, threads: int, seed: int) -> dict:
         dtype = "float32"
     else:
         dtype_name = "float32" if kind == "gptmini-fp32" else "auto"
-        _model, step, dt = gptmini_step(dtype_name, compact=kind == "gptmini-default")
+        optimizer = "adamw" if kind == "gptmini-adamw" else "muon"
+        _model, step, dt = gptmini_step(dtype_name, compact=kind == "gptmini-default", optimizer=optimizer)
         dtype = str(dt).removeprefix("torch.")
     times, losses = [], []
     for i, (x, y) in enumerate(batches(warmup + steps, seed)):
@@ -315,7 +318,7 @@ def main() -> None:
     compact_vocab = compact_tokenizer().n_vocab
     fpt_by_kind = {"gptmini-default": flops_per_token(compact_vocab)}
     tokens_per_step = BATCH * CONFIG["block_size"]
-    kinds = ["reference", "gptmini-default", "gptmini-gpt2vocab", "gptmini-fp32"]
+    kinds = ["reference", "gptmini-default", "gptmini-gpt2vocab", "gptmini-fp32", "gptmini-adamw"]
     results: dict[str, list[dict]] = {k: [] for k in kinds}
     for _ in range(args.repeats):
         for kind in kinds:

@@ -341,6 +341,23 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(args, message, corpus,
     assert snapshot(saved_run) == before_run and snapshot(tmp_path) == before_tmp
 
 
+def test_best_compares_the_final_model_on_the_same_windows_as_the_evals_before(corpus, tmp_path):
+    from gptmini.evaluate import EvalResult
+
+    # Each eval of the usual subset scores better than the last; the full split at the end scores worse than all of
+    # them (as a harder, larger sample can). The final model is the best one and must land in best/.
+    subset_losses = iter([3.0, 2.0, 1.0, 0.5])
+
+    def evaluator(gpt, final):
+        loss = 9.0 if final else next(subset_losses)
+        return EvalResult(loss=loss, ppl=math.exp(loss), bpb=loss, tokens=1, bytes=1)
+
+    out = tmp_path / "run"
+    train([corpus], config=settings(max_iters=6, eval_interval=2), model=TINY, out=out, evaluator=evaluator)
+    best, last = weights(out / "best"), weights(out)
+    assert all(torch.equal(best[k], last[k]) for k in last)  # the final weights, not step 4's
+
+
 def test_a_run_saved_before_muon_existed_resumes_with_adamw(corpus, tmp_path):
     out = tmp_path / "old"
     train([corpus], config=settings(max_iters=2, optimizer="adamw"), model=TINY, out=out)
