@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py                 # matmul peak, then tokens/s and MFU, with ratios
     python scripts/bench_train.py --curves 300    # also: loss per step, default dtype vs fp32 vs the reference
+    python scripts/bench_train.py --curves 100 --curves-of gptmini-gpt2vocab,gptmini-fp32   # only the dtype pair
 
 Config (the issue's): 4 layers, 4 heads, n_embd 256, block 256, batch 8, GPT-2 vocab, CPU, 2 threads.
 Each measurement runs in its own subprocess, so allocator state and thread pools never leak between them.
@@ -301,6 +302,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each contestant, interleaved")
     parser.add_argument("--curves", type=int, default=0, help="also log the loss of the first N steps")
+    parser.add_argument(
+        "--curves-of",
+        default="gptmini-gpt2vocab,gptmini-fp32,gptmini-adamw,reference",
+        help="contestants whose loss curves to log (the first two are compared: default dtype vs fp32)",
+    )
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.warmup, args.threads, args.seed)))
@@ -349,23 +355,24 @@ def main() -> None:
     )
     if args.curves:
         args.steps, args.warmup = args.curves, 0
+        kinds = args.curves_of.split(",")
         curves = {kind: run_worker(kind, args)["losses"] for kind in kinds}
         print("\nloss per step (same batches, same initial weights)")
-        print(f"{'steps':<12}" + "".join(f"{k:>18}" for k in kinds) + f"{'|bf16-fp32|':>16}")
+        first, second = kinds[:2]
+        print(f"{'steps':<12}" + "".join(f"{k:>18}" for k in kinds) + f"{'|1st - 2nd|':>16}")
         bucket = max(1, args.curves // 15)
         for start in range(0, args.curves, bucket):
             means = {k: statistics.fmean(curves[k][start : start + bucket]) for k in kinds}
-            diff = abs(means["gptmini-gpt2vocab"] - means["gptmini-fp32"])
+            diff = abs(means[first] - means[second])
             print(
                 f"{start:>4}-{start + bucket - 1:<7}"
                 + "".join(f"{means[k]:>18.4f}" for k in kinds)
                 + f"{diff:>16.4f}"
             )
-        diffs = [
-            abs(a - b) for a, b in zip(curves["gptmini-gpt2vocab"], curves["gptmini-fp32"], strict=False)
-        ]
+        diffs = [abs(a - b) for a, b in zip(curves[first], curves[second], strict=False)]
         print(
-            f"max |gpt2vocab bf16 − fp32| over {args.curves} steps: {max(diffs):.4f} nats (mean {statistics.fmean(diffs):.4f})"
+            f"max |{first} − {second}| over {args.curves} steps: {max(diffs):.4f} nats "
+            f"(mean {statistics.fmean(diffs):.4f})"
         )
 
 
