@@ -365,7 +365,7 @@ def main() -> None:
             means = {k: statistics.fmean(curves[k][start : start + bucket]) for k in kinds}
             diff = abs(means[first] - means[second])
             print(
-                f"{start:>4}-{start + bucket - 1:<7}"
+                f"{start:>4}-{min(start + bucket, args.curves) - 1:<7}"
                 + "".join(f"{means[k]:>18.4f}" for k in kinds)
                 + f"{diff:>16.4f}"
             )
