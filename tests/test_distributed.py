@@ -151,9 +151,8 @@ def test_two_ranks_train_exactly_like_one_process_with_twice_the_batch(ddp_adamw
     assert_same_weights(ddp_adamw_run, tmp_path / "one", atol=1e-5)
     # The loss of every step, and the evals (each rank scores its share of the windows), match too.
     assert_same_curves(ddp_adamw_run, tmp_path / "one", atol=1e-5)
-    assert (
-        len(metrics(ddp_adamw_run)) == STEPS + 2
-    )  # a log line per step, the eval at step 4 and the final one
+    # A log line per step, the eval at step 4 and the final one.
+    assert len(metrics(ddp_adamw_run)) == STEPS + 2
     # ... and like one process accumulating the two ranks' halves of each batch.
     train([corpus], config={**settings, "batch_size": 4, "grad_accum": 2}, model=TINY, out=tmp_path / "acc")
     assert_same_weights(ddp_adamw_run, tmp_path / "acc", atol=1e-5)
@@ -179,10 +178,9 @@ def test_ctrl_c_stops_every_rank_cleanly_and_resume_equals_the_uninterrupted_run
     assert_same_curves(ddp_run, out, atol=1e-6)
 
 
-def test_fsdp_trains_like_one_process_resumes_and_saves_an_ordinary_checkpoint(env, corpus, tmp_path):
+def test_fsdp_trains_like_ddp_resumes_and_saves_an_ordinary_checkpoint(ddp_adamw_run, env, corpus, tmp_path):
     # FSDP shards the matrices Muon would orthogonalise whole: it trains with AdamW.
-    reference = tmp_path / "one"
-    train([corpus], config={**SETTINGS, "batch_size": 8, "optimizer": "adamw"}, model=TINY, out=reference)
+    reference = ddp_adamw_run
     out = tmp_path / "fsdp"
     # A Ctrl-C that reaches rank 1 only stops both ranks (at the same step); the resume runs with --fsdp too.
     ctrl_c = "if step == 3 and rank == 1: os.kill(os.getpid(), signal.SIGINT)"
