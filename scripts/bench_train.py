@@ -355,18 +355,18 @@ def main() -> None:
     )
     if args.curves:
         args.steps, args.warmup = args.curves, 0
-        kinds = args.curves_of.split(",")
-        curves = {kind: run_worker(kind, args)["losses"] for kind in kinds}
+        curve_kinds = args.curves_of.split(",")
+        curves = {kind: run_worker(kind, args)["losses"] for kind in curve_kinds}
         print("\nloss per step (same batches, same initial weights)")
-        first, second = kinds[:2]
-        print(f"{'steps':<12}" + "".join(f"{k:>18}" for k in kinds) + f"{'|1st - 2nd|':>16}")
+        first, second = curve_kinds[:2]
+        print(f"{'steps':<12}" + "".join(f"{k:>18}" for k in curve_kinds) + f"{'|1st - 2nd|':>16}")
         bucket = max(1, args.curves // 15)
         for start in range(0, args.curves, bucket):
-            means = {k: statistics.fmean(curves[k][start : start + bucket]) for k in kinds}
+            means = {k: statistics.fmean(curves[k][start : start + bucket]) for k in curve_kinds}
             diff = abs(means[first] - means[second])
             print(
                 f"{start:>4}-{min(start + bucket, args.curves) - 1:<7}"
-                + "".join(f"{means[k]:>18.4f}" for k in kinds)
+                + "".join(f"{means[k]:>18.4f}" for k in curve_kinds)
                 + f"{diff:>16.4f}"
             )
         diffs = [abs(a - b) for a, b in zip(curves[first], curves[second], strict=False)]
