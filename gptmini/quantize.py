@@ -60,16 +60,26 @@ class Int8Linear(nn.Module):
             )
             self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
         self.scale = scale
+        # Without VNNI, fbgemm multiplies u8 × s8 pairs with an int16 sum that saturates (255·127·2 > 32767): the
+        # activations must then be quantised to 7 bits (PyTorch's `reduce_range`), or the logits go visibly wrong.
+        self.reduce_range = not _has_vnni()
         if keep_weight:  # the tied LM head: the embedding still needs this matrix, and callers read its dtype
             self.weight = linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
-        y = torch.ops.quantized.linear_dynamic(rows, self._packed, False)
+        y = torch.ops.quantized.linear_dynamic(rows, self._packed, self.reduce_range)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row"
+
+
+def _has_vnni() -> bool:
+    try:
+        return bool(torch.cpu._is_vnni_supported())
+    except AttributeError:  # an older torch: assume the worst, 7-bit activations are always correct
+        return False
 
 
 class PackedLinear(nn.Module):
