@@ -77,12 +77,42 @@ class KVCache:
     def write_at(
         self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store one position's `k`, `v` (`[B, H, 1, D]`) at `pos` (a 1-element long tensor, so the position is data,
-        not a shape) and return the whole buffers of this layer."""
+        """Store one new position's `k`, `v` (`[B, H, 1, D]`) per row and return the whole buffers of this layer.
+
+        `pos` is a long tensor, so the position is data, not a shape: one element (every row at that position) or
+        `B` elements (row b at pos[b], as the serving engine's rows are each at their own point in their text).
+        """
         k_layer, v_layer = self.k_layers[layer], self.v_layers[layer]
-        k_layer.index_copy_(2, pos, k.to(k_layer.dtype))
-        v_layer.index_copy_(2, pos, v.to(v_layer.dtype))
+        if pos.numel() == 1:
+            k_layer.index_copy_(2, pos, k.to(k_layer.dtype))
+            v_layer.index_copy_(2, pos, v.to(v_layer.dtype))
+        else:
+            index = pos.view(-1, 1, 1, 1).expand_as(k)
+            k_layer.scatter_(2, index, k.to(k_layer.dtype))
+            v_layer.scatter_(2, index, v.to(v_layer.dtype))
         return k_layer, v_layer
+
+    def view(self, rows: slice | int = slice(None), length: int | None = None) -> KVCache:
+        """A cache over some rows (a slice, or one row index) and the first `length` positions of this one.
+
+        It shares this cache's storage: what is written through the view is in this cache. The serving engine
+        prefills one request into its own row, and decodes its active rows over only as many positions as the
+        longest of them uses (attention then reads that much of the cache, not all of it).
+        """
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1)
+        length = self.max_len if length is None else length
+        out = KVCache.__new__(KVCache)
+        out.k = self.k[:, rows, :, :length]
+        out.v = self.v[:, rows, :, :length]
+        out.positions = self.positions[:length]
+        out._split_layers()
+        return out
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy row `src`'s first `length` positions into row `dst` (the engine keeps its active rows packed)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
     def expand(self, batch_size: int) -> KVCache:
         """Repeat a batch-1 cache (one prefilled prompt) into `batch_size` independent rows."""

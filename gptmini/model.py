@@ -277,19 +277,22 @@ class GPT(nn.Module):
         return logits, loss
 
     def decode_step(self, idx: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits `[B, vocab]` of one token per row (`idx` `[B, 1]`) at position `pos` (a 0-d long tensor).
+        """Logits `[B, vocab]` of one token per row (`idx` `[B, 1]`) at position `pos`.
 
         The static-shape twin of `forward(idx, cache=cache, start_pos=pos)`: K/V are written at `pos` and attention
         reads the whole preallocated cache, masked beyond `pos`, so nothing depends on the position's value and the
         step compiles once. Positions past `pos` may hold stale keys from before a window slide; the mask hides them.
+        `pos` is a 0-d long tensor (every row at one position) or `[B]` (row b at pos[b]: the serving engine's
+        continuous batch, where each request is at its own point in its text).
         """
         tok = self.transformer.wte(idx)
-        at = pos.view(1)
+        at = pos.reshape(-1)  # [1] or [B]
         if self.config.pos_embedding == "learned":
-            x = tok + self.transformer.wpe(at)
+            x = tok + self.transformer.wpe(at)[:, None]
         else:
-            x = tok + self.pos_table.index_select(0, at).to(tok.dtype)
-        mask = (cache.positions <= pos).view(1, -1)  # [1, max_len] bool: keys 0..pos are visible
+            x = tok + self.pos_table.index_select(0, at)[:, None].to(tok.dtype)
+        # [1 or B, 1, 1, max_len] bool: row b sees keys 0..pos[b] (broadcast over heads and the one query)
+        mask = (cache.positions <= at[:, None])[:, None, None, :]
         for block in self.transformer.h:
             x = block.decode(x, cache, at, mask)
         return self.logits(self.transformer.ln_f(x))[:, 0]
