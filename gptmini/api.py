@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,21 +64,20 @@ class LM:
     def stream(
         self,
         prompt: str,
+        sampling: SamplingConfig | None = None,
         *,
         max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int | None = 200,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
         ignore_eos: bool = False,
         use_cache: bool = True,
         stats: GenerationStats | None = None,
+        **sampling_fields: Any,
     ) -> Iterator[str]:
-        """Yield the completion (not the prompt) piece by piece as it is generated."""
-        sampling = _sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
+        """Yield the completion (not the prompt) piece by piece as it is generated.
+
+        Sampling is one `SamplingConfig`; its fields may also be given by name (`temperature=0`, `top_k=50`,
+        `seed=1`, `stop=["."]`, …), which override the config's.
+        """
+        sampling = sampling_config(sampling, **sampling_fields)
         _check_max_new_tokens(max_new_tokens)
         stats = stats if stats is not None else GenerationStats()
         ids = self.encode_prompt(prompt)
@@ -96,64 +96,38 @@ class LM:
     def generate(
         self,
         prompt: str,
+        sampling: SamplingConfig | None = None,
         *,
         max_new_tokens: int = 200,
-        temperature: float = 0.8,
-        top_k: int | None = 200,
-        top_p: float | None = None,
-        min_p: float | None = None,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
         ignore_eos: bool = False,
         use_cache: bool = True,
         num_samples: int | None = None,
         stats: GenerationStats | None = None,
+        **sampling_fields: Any,
     ) -> str | list[str]:
         """The completion as one string, or a list of `num_samples` completions drawn from one prefill."""
-        kwargs = dict(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=stop,
-            ignore_eos=ignore_eos,
-            use_cache=use_cache,
-            stats=stats,
-        )
+        sampling = sampling_config(sampling, **sampling_fields)
+        options = dict(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, use_cache=use_cache, stats=stats)
         if num_samples is None:
-            return "".join(self.stream(prompt, **kwargs))
+            return "".join(self.stream(prompt, sampling, **options))
         if num_samples < 1:
             raise UserError(f"num-samples must be >= 1, got {num_samples}")
-        sampling = _sampling(temperature, top_k, top_p, min_p, repetition_penalty, seed, stop)
         _check_max_new_tokens(max_new_tokens)
         return generate_texts(
             self.model,
             self.tokenizer,
             self.encode_prompt(prompt),
-            max_new_tokens=max_new_tokens,
             sampling=sampling,
             num_samples=num_samples,
-            ignore_eos=ignore_eos,
-            use_cache=use_cache,
             compile=self.compile,
-            stats=stats,
+            **options,
         )
 
 
-def _sampling(
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    min_p: float | None,
-    repetition_penalty: float,
-    seed: int | None,
-    stop: Sequence[str],
-) -> SamplingConfig:
-    cfg = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed, list(stop))
+def sampling_config(base: SamplingConfig | None = None, **fields: Any) -> SamplingConfig:
+    """`base` (default: `SamplingConfig()`) with `fields` replaced, validated."""
+    cfg = dataclasses.replace(base or SamplingConfig(), **fields)
+    cfg.stop = list(cfg.stop)
     cfg.validate()
     return cfg
 

@@ -110,7 +110,10 @@ def generate(
     from gptmini.config import SamplingConfig
 
     # Sampling flag mistakes are reported before torch is imported or weights are read.
-    SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty, seed).validate()
+    sampling = SamplingConfig(
+        0.0 if greedy else temperature, top_k, top_p, min_p, repetition_penalty, seed, stop or []
+    )
+    sampling.validate()
 
     import gptmini
     from gptmini.generation import GenerationStats
@@ -121,14 +124,8 @@ def generate(
         lm = gptmini.load(checkpoint, device=device, dtype=dtype, quantize=quantize, compile=compile)
         run_stats = GenerationStats()
         kwargs = dict(
+            sampling=sampling,
             max_new_tokens=max_new_tokens,
-            temperature=0.0 if greedy else temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=stop or (),
             ignore_eos=ignore_eos,
             use_cache=kv_cache,
             stats=run_stats,

@@ -1,0 +1,478 @@
+"""The serving engine: many requests, one model, continuous batching over a static KV cache.
+
+One thread owns the model. Requests wait in a bounded queue; up to `parallel` of them are *active*, each in its own
+row of one preallocated KV cache (`[n_layer, parallel, n_head, block_size, head_dim]`). Every step:
+
+  1. cancelled requests leave (their row is free at once);
+  2. waiting requests are admitted into free rows: their prompt is prefilled into the row in one pass and their
+     first token sampled, so they join the batch at this very step;
+  3. one batched decode step runs over the active rows, each at its own position (`GPT.decode_step` with a
+     position per row), reading only as many cache positions as the longest of them uses;
+  4. each row samples its next token with its own settings and its own seeded `torch.Generator`, so a request's
+     text does not depend on what else is running; finished rows leave at once.
+
+Active requests are kept packed in rows 0..n-1 (a leaving row is refilled by the last one, a copy of its cached
+positions), so a step over n requests is one batch of n rows, and a lone request runs as a batch of one.
+
+The window policy is `gptmini generate`'s: a row whose window is full drops its oldest quarter and re-prefills
+the rest at positions 0.. before the step. Text comes out through the same streaming decoder (no split UTF-8
+characters) and stop-string matcher (no stop text, even split over tokens) as `gptmini generate`.
+
+Nothing here knows about HTTP: a consumer submits a `Request` with a callback and receives `Output`s.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from gptmini.api import LM
+from gptmini.config import SamplingConfig
+from gptmini.generation import StopMatcher, window_shift
+from gptmini.kv_cache import KVCache
+from gptmini.sampling import make_generator, sample_next
+from gptmini.tokenizer import StreamDecoder
+
+log = logging.getLogger("gptmini.serving")
+
+MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's API allows
+
+
+class QueueFull(Exception):
+    """The waiting queue holds `max_queue` requests already."""
+
+
+class ContextLengthExceeded(ValueError):
+    def __init__(self, prompt_tokens: int, context: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.context = context
+        super().__init__(
+            f"the prompt has {prompt_tokens} tokens but this model's context window is {context} tokens; "
+            "shorten the prompt"
+        )
+
+
+@dataclass
+class Request:
+    """One completion to generate. `logprobs`: None for none, else how many alternatives (0–5) per token."""
+
+    prompt_ids: list[int]
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    max_new_tokens: int = 16
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: bool = False  # also score the prompt's tokens (OpenAI's `echo` with `logprobs`)
+    strip_leading_space: bool = (
+        False  # drop the reply's leading whitespace (the plain chat template's "Assistant: ")
+    )
+
+
+@dataclass
+class TokenLogprob:
+    """A token with its log-probability under the model (raw logits, before any sampling setting)."""
+
+    id: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Output:
+    """What a request receives, step after step: new text (maybe empty), the tokens released with it (when
+    logprobs were asked for), and on the last one `finish_reason` ("stop", "length", "cancelled" or "error")."""
+
+    text: str = ""
+    tokens: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first output, when asked for
+
+
+class EngineMetrics:
+    """Hooks the engine calls from its thread; the defaults do nothing (the HTTP server records them)."""
+
+    def admitted(self, prompt_tokens: int, waited_s: float) -> None: ...
+    def token(self, first: bool, seconds: float) -> None: ...
+    def step(self, batch_size: int, seconds: float) -> None: ...
+    def finished(self, reason: str) -> None: ...
+
+
+class Handle:
+    """A submitted request: `cancel()` from any thread frees its row within one step."""
+
+    def __init__(self, request: Request, emit: Callable[[Output], None]) -> None:
+        self.request = request
+        self.emit = emit
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Row:
+    """An active request's decoding state."""
+
+    def __init__(self, handle: Handle, tokenizer, device: torch.device, vocab_size: int) -> None:
+        req = handle.request
+        self.handle = handle
+        self.req = req
+        self.window: list[int] = []  # tokens whose keys/values are in the cache, positions 0..len-1
+        self.next_tok = -1  # sampled, not yet in the cache
+        self.generator = make_generator(req.sampling.seed, device)
+        self.seen: torch.Tensor | None = None
+        if req.sampling.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(sorted(set(req.prompt_ids)), device=device)] = True
+        self.decoder: StreamDecoder = tokenizer.stream_decoder()
+        self.matcher = StopMatcher(req.sampling.stop)
+        self.generated = 0
+        self.shown = ""  # for strip_leading_space: nothing shown yet
+        self.started = False
+        self.last_token_at = 0.0
+        # Logprobs travel with the text they produced: (start, end, token) in decoded characters; a token is
+        # released once the text up to its end is.
+        self.pending: collections.deque[tuple[int, int, TokenLogprob]] = collections.deque()
+        self.text_len = 0  # characters decoded so far
+        self.released_len = 0  # decoded characters passed on (shown, or stripped as leading space)
+
+
+class Engine:
+    """Continuous batching for one loaded model (see the module docstring).
+
+    `submit(request, emit)` queues a request; `emit` is called from the engine thread with each `Output`, the last
+    one carrying `finish_reason`. `generate(request)` is the same as a blocking iterator.
+    """
+
+    def __init__(
+        self, lm: LM, *, parallel: int = 4, max_queue: int = 64, metrics: EngineMetrics | None = None
+    ) -> None:
+        if parallel < 1:
+            raise ValueError(f"parallel must be >= 1, got {parallel}")
+        if max_queue < 0:
+            raise ValueError(f"max-queue must be >= 0, got {max_queue}")
+        self.lm = lm
+        self.model = lm.model
+        self.tokenizer = lm.tokenizer
+        self.block = lm.config.block_size
+        self.vocab_size = lm.config.vocab_size
+        self.device = lm.device
+        self.parallel = parallel
+        self.max_queue = max_queue
+        self.metrics = metrics or EngineMetrics()
+        self.cache = KVCache.for_model(self.model, batch_size=parallel)
+        self.eos_id = self.tokenizer.eot_id
+        self._waiting: collections.deque[Handle] = collections.deque()
+        self._rows: list[_Row] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- the consumer side (any thread) ----
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def cache_bytes_per_slot(self) -> int:
+        return self.cache.nbytes() // self.parallel
+
+    def check(self, request: Request) -> None:
+        """Raise ContextLengthExceeded / ValueError for a request the engine cannot take."""
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt must hold at least one token")
+        if n > self.block:
+            raise ContextLengthExceeded(n, self.block)
+        bad = [t for t in request.prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        if request.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
+        request.sampling.validate()
+
+    def submit_many(self, requests: Sequence[tuple[Request, Callable[[Output], None]]]) -> list[Handle]:
+        """Queue several requests at once (all or none: QueueFull if they do not all fit)."""
+        for request, _ in requests:
+            self.check(request)
+        handles = [Handle(request, emit) for request, emit in requests]
+        with self._lock:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            free_rows = self.parallel - len(self._rows)
+            if len(self._waiting) + len(handles) > self.max_queue + max(free_rows, 0):
+                raise QueueFull(
+                    f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue})"
+                )
+            self._waiting.extend(handles)
+            self._wake.notify()
+        return handles
+
+    def submit(self, request: Request, emit: Callable[[Output], None]) -> Handle:
+        return self.submit_many([(request, emit)])[0]
+
+    def generate(self, request: Request) -> Iterator[Output]:
+        """Submit and yield the outputs as they come (closing the iterator cancels the request)."""
+        import queue
+
+        outputs: queue.Queue[Output] = queue.Queue()
+        handle = self.submit(request, outputs.put)
+        try:
+            while True:
+                out = outputs.get()
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            handle.cancel()
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._run, name="gptmini-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued and running, then end the thread (requests left after `timeout` are cancelled)."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                for row in list(self._rows):
+                    row.handle.cancel()
+                for handle in list(self._waiting):
+                    handle.cancel()
+                self._thread.join(5)
+
+    # ---- the engine thread ----
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self._rows and not self._waiting and not self._stopping:
+                        self._wake.wait()
+                    if self._stopping and not self._rows and not self._waiting:
+                        return
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._rows:
+                        self._step()
+                except Exception as e:  # a failed step ends the requests in it, never the server
+                    log.error("engine step failed:\n%s", traceback.format_exc())
+                    self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            cancelled = [h for h in self._waiting if h.cancelled]
+            for h in cancelled:
+                self._waiting.remove(h)
+        for h in cancelled:
+            self._finish_handle(h, "cancelled", prompt_tokens=len(h.request.prompt_ids))
+        for i in reversed([i for i, r in enumerate(self._rows) if r.handle.cancelled]):
+            row = self._rows[i]
+            self._remove_row(i)
+            self._finish_handle(row.handle, "cancelled", len(row.req.prompt_ids), row.generated)
+
+    def _admit(self) -> None:
+        while len(self._rows) < self.parallel:
+            with self._lock:
+                if not self._waiting:
+                    return
+                handle = self._waiting.popleft()
+            if handle.cancelled:
+                self._finish_handle(handle, "cancelled", prompt_tokens=len(handle.request.prompt_ids))
+                continue
+            try:
+                self._prefill(handle)
+            except Exception as e:
+                log.error("prefill failed:\n%s", traceback.format_exc())
+                if self._rows and self._rows[-1].handle is handle:
+                    self._rows.pop()
+                self._finish_handle(
+                    handle, "error", len(handle.request.prompt_ids), error=f"{type(e).__name__}: {e}"
+                )
+
+    def _prefill(self, handle: Handle) -> None:
+        req = handle.request
+        row = _Row(handle, self.tokenizer, self.device, self.vocab_size)
+        self.metrics.admitted(len(req.prompt_ids), time.perf_counter() - handle.submitted)
+        index = len(self._rows)
+        self._rows.append(row)
+        row.window = list(req.prompt_ids)
+        ids = torch.tensor([row.window], dtype=torch.long, device=self.device)
+        scored = req.prompt_logprobs and req.logprobs is not None
+        logits = self.model(ids, cache=self.cache.view(index), start_pos=0, last_only=not scored)[0][0]
+        first = Output(prompt_tokens=len(req.prompt_ids))
+        if scored:
+            first.prompt_logprobs = [TokenLogprob(req.prompt_ids[0], None)] + self._logprobs(
+                logits[:-1], req.prompt_ids[1:], req.logprobs
+            )
+        if req.max_new_tokens == 0:
+            self._rows.pop()
+            first.finish_reason = "length"
+            self._emit(handle, first)
+            self.metrics.finished("length")
+            return
+        if first.prompt_logprobs is not None:
+            self._emit(handle, first)
+        self._sample_rows([row], logits[-1:])
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        # Rows whose window is full slide it first: the oldest quarter leaves and the rest is re-prefilled, so
+        # the token about to be decoded lands at position block - shift - 1 (gptmini generate's policy).
+        for i, row in enumerate(self._rows):
+            if len(row.window) == self.block:
+                keep = self.block - window_shift(self.block)
+                row.window = row.window[len(row.window) - keep + 1 :]
+                ids = torch.tensor([row.window], dtype=torch.long, device=self.device)
+                self.model.hidden_states(ids, cache=self.cache.view(i), start_pos=0)
+        n = len(self._rows)
+        positions = [len(r.window) for r in self._rows]
+        tokens = torch.tensor([[r.next_tok] for r in self._rows], dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        logits = self.model.decode_step(tokens, pos, self.cache.view(slice(0, n), max(positions) + 1))
+        for row in self._rows:
+            row.window.append(row.next_tok)
+        self._sample_rows(list(self._rows), logits)
+        self.metrics.step(n, time.perf_counter() - t0)
+
+    def _sample_rows(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Sample each row's next token from its logits row, then hand the tokens to the rows' text."""
+        picks = []
+        for row, row_logits in zip(rows, logits, strict=True):
+            picks.append(sample_next(row_logits[None], row.req.sampling, row.generator, row.seen))
+        next_ids = torch.cat(picks).tolist()  # the one host sync per step
+        finished = []
+        for row, row_logits, tok in zip(rows, logits, next_ids, strict=True):
+            if row.req.logprobs is not None:
+                info = self._logprobs(row_logits[None], [tok], row.req.logprobs)[0]
+            else:
+                info = None
+            if self._accept(row, tok, info):
+                finished.append(row)
+        for row in finished:
+            self._remove_row(self._rows.index(row))
+
+    def _accept(self, row: _Row, tok: int, info: TokenLogprob | None) -> bool:
+        """Take one sampled token into the row's text; True when the request is done."""
+        now = time.perf_counter()
+        self.metrics.token(
+            not row.started, now - (row.last_token_at if row.started else row.handle.submitted)
+        )
+        row.started = True
+        row.last_token_at = now
+        row.generated += 1
+        row.next_tok = tok
+        if row.seen is not None:
+            row.seen[0, tok] = True
+        if not row.req.ignore_eos and tok == self.eos_id:
+            self._release(row, row.matcher.feed(row.decoder.flush()) + row.matcher.flush(), final=True)
+            return self._done(row, "stop")
+        piece = row.decoder.push(tok)
+        if info is not None:
+            row.pending.append((row.text_len, row.text_len + len(piece), info))
+        row.text_len += len(piece)
+        text = row.matcher.feed(piece)
+        if row.matcher.done:
+            self._release(row, text, final=True)
+            return self._done(row, "stop")
+        if row.generated >= row.req.max_new_tokens:
+            self._release(row, text + row.matcher.feed(row.decoder.flush()) + row.matcher.flush(), final=True)
+            return self._done(row, "length")
+        self._release(row, text)
+        return False
+
+    def _release(self, row: _Row, text: str, *, final: bool = False) -> None:
+        """Send `text` (and the logprobs of the tokens it completes) to the client."""
+        row.released_len += len(text)
+        if row.req.strip_leading_space and not row.shown:
+            text = text.lstrip()
+        row.shown += text[:1]
+        tokens = []
+        while row.pending:
+            start, end, info = row.pending[0]
+            if end <= row.released_len or (final and not row.matcher.done):
+                tokens.append(info)
+            elif final and start < row.released_len:
+                tokens.append(info)  # the token where a stop string began: part of it was shown
+            else:
+                break
+            row.pending.popleft()
+        if text or tokens:
+            self._emit(row.handle, Output(text=text, tokens=tokens))
+
+    def _done(self, row: _Row, reason: str) -> bool:
+        self._finish_handle(row.handle, reason, len(row.req.prompt_ids), row.generated)
+        return True
+
+    def _finish_handle(
+        self,
+        handle: Handle,
+        reason: str,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        error: str | None = None,
+    ) -> None:
+        self.metrics.finished(reason)
+        self._emit(
+            handle,
+            Output(
+                finish_reason=reason,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                error=error,
+            ),
+        )
+
+    def _emit(self, handle: Handle, out: Output) -> None:
+        try:
+            handle.emit(out)
+        except Exception:  # a consumer that went away must not stop the others
+            handle.cancel()
+
+    def _remove_row(self, index: int) -> None:
+        """Free row `index`, keeping the active rows packed: the last row moves into its place."""
+        last = len(self._rows) - 1
+        if index != last:
+            moved = self._rows[last]
+            self.cache.copy_row(last, index, len(moved.window))
+            self._rows[index] = moved
+        self._rows.pop()
+
+    def _fail_all(self, message: str) -> None:
+        rows, self._rows = self._rows, []
+        for row in rows:
+            self._finish_handle(row.handle, "error", len(row.req.prompt_ids), row.generated, error=message)
+
+    def _logprobs(self, logits: torch.Tensor, chosen: Sequence[int], top: int) -> list[TokenLogprob]:
+        """Each row's log-probability of `chosen[i]` and its `top` most likely tokens."""
+        logp = torch.log_softmax(logits[..., : self.vocab_size].float(), dim=-1)
+        picked = logp.gather(-1, torch.tensor(chosen, device=logp.device)[:, None])[:, 0].tolist()
+        if top > 0:
+            values, ids = logp.topk(min(top, MAX_LOGPROBS), dim=-1)
+            tops = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+        else:
+            tops = [[] for _ in chosen]
+        return [
+            TokenLogprob(t, lp if math.isfinite(lp) else -9999.0, tp)
+            for t, lp, tp in zip(chosen, picked, tops, strict=True)
+        ]
