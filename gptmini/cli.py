@@ -103,6 +103,14 @@ def generate(
     compile: Annotated[
         bool, typer.Option("--compile", help="Compile the decode step (slow start; for long runs).")
     ] = False,
+    show_attention: Annotated[
+        Path | None,
+        typer.Option(
+            "--show-attention",
+            metavar="FILE.html",
+            help="Also write a page of what each new token attended to when it was generated.",
+        ),
+    ] = None,
 ) -> None:
     """Continue a prompt (greedy, temperature, top-k/top-p/min-p sampling, KV cache, stop strings)."""
     import warnings
@@ -114,6 +122,10 @@ def generate(
         0.0 if greedy else temperature, top_k, top_p, min_p, repetition_penalty, seed, stop or []
     )
     sampling.validate()
+    if show_attention is not None:
+        if num_samples != 1:
+            raise UserError("--show-attention shows one sample; drop --num-samples")
+        _check_output_path(show_attention)
 
     import gptmini
     from gptmini.generation import GenerationStats
@@ -130,6 +142,11 @@ def generate(
             use_cache=kv_cache,
             stats=run_stats,
         )
+        if show_attention is not None:
+            from gptmini.inspect import GenerationAttention, check_generation_capture
+
+            check_generation_capture(lm.model, max_new_tokens)
+            kwargs["on_attention"] = recorder = GenerationAttention()
         out = sys.stdout
         if num_samples != 1:
             samples = lm.generate(text, num_samples=num_samples, **kwargs)
@@ -154,6 +171,11 @@ def generate(
     _show_warnings(caught)
     if stats:
         _print_generation_stats(lm, run_stats)
+    if show_attention is not None:
+        from gptmini.inspect import generation_html
+
+        title = f"what each token attended to: {checkpoint or 'checkpoints/default'}"
+        _write_output(show_attention, generation_html(recorder, lm.tokenizer, title))
 
 
 def _show_warnings(caught: list) -> None:
@@ -561,6 +583,154 @@ def plot(
     typer.echo(plot_text(series))
 
 
+inspect_app = typer.Typer(
+    help="Look inside a model: attention maps, what each head does, the logit lens (terminal, PNG, HTML, JSON).",
+    no_args_is_help=True,
+)
+app.add_typer(inspect_app, name="inspect")
+InspectTextArg = Annotated[str | None, typer.Argument(help="Text to look at; '-' or omitted reads stdin.")]
+InspectDtypeOpt = Annotated[str, typer.Option(help="float32 (exact), bfloat16 or float16.")]
+LastOpt = Annotated[
+    int | None, typer.Option("--last", help="Only the text's last N tokens (for a text too long to inspect).")
+]
+PngOpt = Annotated[Path | None, typer.Option("--png", help="Write a PNG (needs matplotlib).")]
+HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write one self-contained, offline HTML page.")]
+
+
+def _check_output_path(path: Path | None) -> None:
+    if path is not None and str(path) != "-" and not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: the directory {path.parent} does not exist")
+
+
+def _write_output(path: Path, text: str) -> None:
+    """Write a file and say so on stderr; `-` writes to stdout."""
+    if str(path) == "-":
+        sys.stdout.write(text + "\n")
+        return
+    path.write_text(text, encoding="utf-8")
+    _stderr().print(f"wrote {path}")
+
+
+def _load_for_inspection(checkpoint: Path | None, device: str, dtype: str, png: Path | None = None, *outputs):
+    from gptmini.inspect import check_png_support
+
+    if png is not None:
+        check_png_support()
+    for path in (png, *outputs):
+        _check_output_path(path)
+    import gptmini
+
+    return gptmini.load(checkpoint, device=device, dtype=dtype)
+
+
+@inspect_app.command("attention")
+def inspect_attention(
+    text: InspectTextArg = None,
+    checkpoint: CheckpointOpt = None,
+    layer: Annotated[
+        int | None, typer.Option(help="Layer shown in the terminal [default: the last].")
+    ] = None,
+    head: Annotated[
+        int | None, typer.Option(help="Head shown in the terminal [default: the mean of the layer's heads].")
+    ] = None,
+    png: PngOpt = None,
+    html: HtmlOpt = None,
+    json_out: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write {tokens, ids, attention[layer][head][query][key]} ('-': stdout)."),
+    ] = None,
+    last: LastOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: InspectDtypeOpt = "float32",
+) -> None:
+    """Attention maps: per token, the earlier tokens it attends to, in every layer and head."""
+    import json
+
+    from gptmini.inspect import attention_html, attention_png, check_layer_head, render_attention
+
+    lm = _load_for_inspection(checkpoint, device, dtype, png, html, json_out)
+    check_layer_head(lm.config, layer, head)
+    att = lm.attention(_read_prompt(text), last=last)
+    if json_out is None or str(json_out) != "-":
+        from rich.console import Console
+
+        Console(highlight=False).print(
+            render_attention(att, lm.config.n_layer - 1 if layer is None else layer, head)
+        )
+    if json_out is not None:
+        _write_output(json_out, json.dumps(att.to_json()))
+    if html is not None:
+        _write_output(
+            html, attention_html(att, lm.tokenizer, f"attention: {checkpoint or 'checkpoints/default'}")
+        )
+    if png is not None:
+        attention_png(att, png)
+        _stderr().print(f"wrote {png}")
+
+
+@inspect_app.command("heads")
+def inspect_heads(
+    checkpoint: CheckpointOpt = None,
+    text: Annotated[
+        str | None,
+        typer.Option("--text", help="Text the patterns are measured on [default: a short passage]."),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the scores as JSON ('-': stdout).")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random tokens of the induction test.")] = 0,
+    device: DeviceOpt = "auto",
+    dtype: InspectDtypeOpt = "float32",
+) -> None:
+    """What each head does: entropy, previous-token, first-token, self and induction scores; roles marked."""
+    import json
+
+    from gptmini.inspect import render_heads
+
+    lm = _load_for_inspection(checkpoint, device, dtype, None, json_out)
+    scores = lm.head_scores(text, seed=seed)
+    if json_out is None or str(json_out) != "-":
+        from rich.console import Console
+
+        Console(highlight=False).print(render_heads(scores))
+    if json_out is not None:
+        _write_output(json_out, json.dumps(scores.to_json()))
+
+
+@inspect_app.command("lens")
+def inspect_lens(
+    text: InspectTextArg = None,
+    checkpoint: CheckpointOpt = None,
+    top: Annotated[int, typer.Option(help="Top next tokens kept per layer and position.")] = 5,
+    png: PngOpt = None,
+    html: HtmlOpt = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the lens as JSON ('-': stdout).")
+    ] = None,
+    last: LastOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: InspectDtypeOpt = "float32",
+) -> None:
+    """The logit lens: each layer's residual stream decoded into next-token probabilities."""
+    import json
+
+    from gptmini.inspect import lens_html, lens_png, render_lens
+
+    lm = _load_for_inspection(checkpoint, device, dtype, png, html, json_out)
+    lens = lm.logit_lens(_read_prompt(text), top=top, last=last)
+    if json_out is None or str(json_out) != "-":
+        from rich.console import Console
+
+        Console(highlight=False).print(render_lens(lens))
+    if json_out is not None:
+        _write_output(json_out, json.dumps(lens.to_json()))
+    if html is not None:
+        _write_output(html, lens_html(lens, f"logit lens: {checkpoint or 'checkpoints/default'}"))
+    if png is not None:
+        lens_png(lens, png)
+        _stderr().print(f"wrote {png}")
+
+
 @app.command()
 def chat(
     checkpoint: Annotated[
@@ -665,6 +835,113 @@ def finetune(
         view.close()
     _end_of_training(view, result)
     _stderr().print(f"chat with it: gptmini chat -c {result.out}")
+
+
+@app.command()
+def serve(
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "-c",
+            "--checkpoint",
+            help="gptmini or Hugging Face GPT-2 dir (default: checkpoints/default-chat, else checkpoints/default)",
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    parallel: Annotated[
+        int, typer.Option(help="Requests decoded together in one batch (KV-cache rows).")
+    ] = 4,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a row; more get 429.")] = 64,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--api-key", envvar="GPTMINI_API_KEY", help="Require 'Authorization: Bearer KEY' (repeatable)."
+        ),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option("--cors-origin", help="Allow browser calls from this origin (repeatable)."),
+    ] = None,
+    ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the web chat page at /.")] = True,
+    device: DeviceOpt = "auto",
+    dtype: Annotated[
+        str, typer.Option(help="auto (bf16 on CUDA, else fp32), float32, bfloat16, float16")
+    ] = "auto",
+    quantize: Annotated[
+        str, typer.Option(help="none, or int8 (CPU): int8 weights, faster decoding.")
+    ] = "none",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for the model (default: torch's).")] = None,
+    drain_timeout: Annotated[
+        float, typer.Option(help="Seconds Ctrl-C / SIGTERM waits for in-flight requests.")
+    ] = 30.0,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes; larger get 413.")] = 1 << 20,
+    model_name: Annotated[
+        str | None, typer.Option(help="Model id in /v1/models and responses (default: the directory name).")
+    ] = None,
+) -> None:
+    """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streaming), /metrics, a web chat page.
+
+    Concurrent requests decode together (continuous batching). Ctrl-C or SIGTERM drains, then exits.
+    """
+    import socket
+
+    if parallel < 1:
+        raise UserError(f"--parallel must be >= 1, got {parallel}")
+    if max_queue < 0:
+        raise UserError(f"--max-queue must be >= 0, got {max_queue}")
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {port}")
+    if drain_timeout < 0 or max_body < 1:
+        raise UserError("--drain-timeout must be >= 0 and --max-body >= 1")
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    if quantize not in ("none", "int8"):
+        raise UserError(f"unknown quantization {quantize!r}; choose none or int8")
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UserError(
+            f"gptmini serve needs FastAPI, uvicorn and prometheus-client ({e.name} is missing): "
+            "pip install 'gptmini[serve]'"
+        ) from None
+    from gptmini.chat import default_chat_checkpoint
+    from gptmini.checkpoint import read_model_config
+    from gptmini.server import ServeSettings
+    from gptmini.server import serve as run_server
+
+    path = checkpoint or default_chat_checkpoint()
+    read_model_config(path)  # a missing or damaged checkpoint is reported now, not after the server started
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UserError(
+                f"cannot listen on {host}:{port} ({e.strerror}); choose another --port or --host"
+            ) from None
+    keys = [k for k in (api_key or []) if k]
+    if host not in ("127.0.0.1", "localhost", "::1") and not keys:
+        _stderr().print(
+            f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach it can use it"
+        )
+    settings = ServeSettings(
+        checkpoint=path,
+        device=device,
+        dtype=dtype,
+        quantize=None if quantize == "none" else quantize,
+        threads=threads,
+        parallel=parallel,
+        max_queue=max_queue,
+        api_keys=keys,
+        cors_origins=list(cors_origin or []),
+        ui=ui,
+        max_body_bytes=max_body,
+        model_name=model_name,
+    )
+    raise typer.Exit(run_server(settings, host=host, port=port, drain_timeout=drain_timeout))
 
 
 # Typer ≥ 0.20 vendors its own click; older versions use click. Take the classes from whichever Typer uses.

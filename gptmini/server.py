@@ -1,0 +1,913 @@
+"""`gptmini serve`: the OpenAI HTTP API over the serving engine, with metrics and a web chat page.
+
+Endpoints (OpenAI's wire format, so the official `openai` client works unchanged):
+  POST /v1/completions, POST /v1/chat/completions (JSON, or SSE with `stream: true`), GET /v1/models,
+  GET /health (200 ready, 503 while loading; never needs a key), GET /metrics (Prometheus), GET / (the page).
+
+Every error is `{"error": {"message", "type", "param", "code"}}`; FastAPI's 422 becomes a 400. A failure while
+streaming is sent as an error event, then `data: [DONE]`. Model logic lives in `gptmini.serving`; this module
+only translates HTTP to `Request`s and `Output`s back to HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.sse import format_sse_event
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from gptmini.errors import UserError
+
+log = logging.getLogger("gptmini.server")
+
+PAGE = Path(__file__).parent / "assets" / "chat.html"
+MAX_N = 16  # choices per request
+MAX_STOPS = 4
+MAX_TOKENS = 32768  # per choice; generation slides past the context window, so this bounds time, not memory
+DEFAULT_MAX_BODY = 1 << 20  # 1 MiB of JSON is far more than any context window holds
+
+
+@dataclass
+class ServeSettings:
+    checkpoint: Path | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    quantize: str | None = None
+    threads: int | None = None
+    parallel: int = 4
+    max_queue: int = 64
+    api_keys: list[str] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list)
+    ui: bool = True
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    model_name: str | None = None
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+_STATUS_TYPES = {
+    401: ("authentication_error", "invalid_api_key"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "queue_full"),
+}
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    """The first problem pydantic found, as one readable line naming the field."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    if err.get("type") == "json_invalid":
+        return APIError(
+            400, f"the request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}"
+        )
+    if not loc:
+        return APIError(400, "the request body must be a JSON object")
+    # Union types report each member's failure; the field's name and the first message are what a user needs.
+    param = loc[0]
+    where = ".".join(loc[:1] + [p for p in loc[1:] if p.isdigit()])
+    return APIError(400, f"{where}: {err['msg']}", param=param, code="invalid_value")
+
+
+# ---- request bodies -------------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Parameters both endpoints take. Unknown fields are ignored (clients send ones we do not use)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)  # extension; None, 0 or -1: off
+    min_p: float | None = Field(None, ge=0.0, le=1.0)  # extension
+    repetition_penalty: float = Field(1.0, gt=0.0)  # extension
+    seed: int | None = None
+    stop: str | list[str] | None = Field(None)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # extension
+
+
+class CompletionBody(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS)
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+
+class ChatBody(_Common):
+    messages: list[Any]
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=5)
+
+
+# ---- metrics --------------------------------------------------------------------------------------------------
+
+
+class Metrics:
+    """Prometheus metrics of one app (its own registry, so several apps in one process do not clash)."""
+
+    def __init__(self, engine_state: Callable[[], tuple[int, int]]) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        r = self.registry
+        running = Gauge("gptmini_requests_running", "Requests decoding now (rows of the batch)", registry=r)
+        running.set_function(lambda: engine_state()[0])
+        waiting = Gauge("gptmini_requests_waiting", "Requests queued for a free row", registry=r)
+        waiting.set_function(lambda: engine_state()[1])
+        self.prompt_tokens = Counter("gptmini_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.generation_tokens = Counter("gptmini_generation_tokens", "Tokens generated", registry=r)
+        latency = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+        self.ttft = Histogram(
+            "gptmini_time_to_first_token_seconds",
+            "Request arrival to its first token",
+            buckets=latency,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "gptmini_inter_token_latency_seconds",
+            "Time between a request's tokens",
+            buckets=latency,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "gptmini_queue_time_seconds", "Request arrival to its prefill", buckets=latency, registry=r
+        )
+        self.batch = Histogram(
+            "gptmini_decode_batch_size",
+            "Requests in each decode step",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.finished_total = Counter(
+            "gptmini_requests_finished", "Requests finished, by reason", ["reason"], registry=r
+        )
+        self.cancelled = Counter(
+            "gptmini_requests_cancelled", "Requests cancelled (client gone or stopped)", registry=r
+        )
+        self.rejected = Counter(
+            "gptmini_requests_rejected", "Requests refused, by reason", ["reason"], registry=r
+        )
+
+    # EngineMetrics hooks (called from the engine thread)
+    def admitted(self, prompt_tokens: int, waited_s: float) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+        self.queue_time.observe(waited_s)
+
+    def token(self, first: bool, seconds: float) -> None:
+        self.generation_tokens.inc()
+        (self.ttft if first else self.itl).observe(seconds)
+
+    def step(self, batch_size: int, seconds: float) -> None:
+        self.batch.observe(batch_size)
+
+    def finished(self, reason: str) -> None:
+        self.finished_total.labels(reason).inc()
+        if reason == "cancelled":
+            self.cancelled.inc()
+
+
+# ---- the app --------------------------------------------------------------------------------------------------
+
+
+class State:
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.lm = None
+        self.engine = None
+        self.template = None
+        self.model_id = settings.model_name or (
+            settings.checkpoint.name if settings.checkpoint else "gptmini"
+        )
+        self.created = int(time.time())
+        self.load_error: str | None = None
+        self.ready = threading.Event()
+        self.metrics = Metrics(lambda: (self.engine.running, self.engine.waiting) if self.engine else (0, 0))
+
+
+def create_app(
+    settings: ServeSettings, *, lm: Any = None, on_load_error: Callable[[str], None] | None = None
+) -> FastAPI:
+    """The FastAPI app. The model loads in a background thread (GET /health says 503 until it is ready), unless a
+    loaded `lm` is given."""
+    state = State(settings)
+
+    def load() -> None:
+        from gptmini.api import load as load_lm
+        from gptmini.chat import template_for
+        from gptmini.serving import Engine
+
+        try:
+            model = lm or load_lm(
+                settings.checkpoint,
+                device=settings.device,
+                dtype=settings.dtype,
+                quantize=settings.quantize,
+                threads=settings.threads,
+            )
+            state.template = template_for(model.config, model.tokenizer)
+            state.engine = Engine(
+                model, parallel=settings.parallel, max_queue=settings.max_queue, metrics=state.metrics
+            ).start()
+            state.lm = model
+            state.ready.set()
+        except Exception as e:  # reported once, then the server stops (the CLI exits 2 for a UserError)
+            state.load_error = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            log.error("loading the model failed: %s", state.load_error)
+            if on_load_error is not None:
+                on_load_error(state.load_error)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = threading.Thread(target=load, name="gptmini-load", daemon=True)
+        loader.start()
+        yield
+        if state.engine is not None:
+            await asyncio.to_thread(state.engine.stop, 5.0)
+
+    app = FastAPI(
+        title="gptmini",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.state.gptmini = state
+    _install_error_handlers(app, state)
+    if settings.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.ready.is_set():
+            return JSONResponse({"status": "ok"})
+        status = "error" if state.load_error else "loading"
+        return JSONResponse({"status": status}, status_code=503)
+
+    guarded = APIRouter(dependencies=[Depends(_auth_dependency(settings.api_keys, state))])
+
+    @guarded.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "gptmini"}
+        if state.lm is not None:
+            card["context_length"] = state.lm.config.block_size
+        return {"object": "list", "data": [card]}
+
+    @guarded.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @guarded.post("/v1/completions")
+    async def completions(body: CompletionBody, http: HTTPRequest) -> Response:
+        _require_ready(state)
+        return await _serve(state, http, _completion_requests(state, body), body, chat=False)
+
+    @guarded.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody, http: HTTPRequest) -> Response:
+        _require_ready(state)
+        return await _serve(state, http, _chat_requests(state, body), body, chat=True)
+
+    if settings.ui:
+        page = PAGE.read_text(encoding="utf-8")
+
+        @guarded.get("/", response_class=HTMLResponse, include_in_schema=False)
+        async def index() -> HTMLResponse:
+            return HTMLResponse(page)
+
+    app.include_router(guarded)
+    return app
+
+
+class BodyLimit:
+    """413 for a body over `limit` bytes: at once from Content-Length, else as soon as the received bytes pass it.
+
+    Raised as an HTTPException while the route reads the body, so the 413 comes in OpenAI's error shape.
+    """
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_large = declared is not None and declared.isdigit() and int(declared) > self.limit
+        received = 0
+
+        async def limited_receive() -> dict[str, Any]:
+            nonlocal received
+            if too_large:
+                raise HTTPException(413)
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise HTTPException(413)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _install_error_handlers(app: FastAPI, state: State) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: HTTPRequest, exc: APIError) -> JSONResponse:
+        if exc.status == 429:
+            state.metrics.rejected.labels("queue_full").inc()
+        elif exc.status in (400, 413):
+            state.metrics.rejected.labels("invalid_request").inc()
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+        state.metrics.rejected.labels("invalid_request").inc()
+        return _validation_error(exc).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: HTTPRequest, exc: HTTPException) -> JSONResponse:
+        kind, code = _STATUS_TYPES.get(exc.status_code, ("invalid_request_error", None))
+        messages = {
+            404: f"no route {request.method} {request.url.path}; see GET /v1/models, POST /v1/completions, "
+            "POST /v1/chat/completions",
+            413: f"the request body is larger than {state.settings.max_body_bytes} bytes",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }
+        if exc.status_code == 413:
+            state.metrics.rejected.labels("invalid_request").inc()
+        message = messages.get(exc.status_code, str(exc.detail))
+        return APIError(exc.status_code, message, type=kind, code=code, headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def crashed(request: HTTPRequest, exc: Exception) -> JSONResponse:
+        log.exception("request failed")
+        return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
+
+
+def _auth_dependency(keys: list[str], state: State) -> Callable[[HTTPRequest], None]:
+    encoded = [k.encode() for k in keys]
+
+    def check(request: HTTPRequest) -> None:
+        if not encoded:
+            return
+        given = _presented_key(request.headers.get("authorization", ""))
+        # compare_digest with every key: the time taken says nothing about how much of a key matched
+        ok = False
+        for key in encoded:
+            ok |= hmac.compare_digest(given.encode(), key)
+        if not ok:
+            state.metrics.rejected.labels("unauthorized").inc()
+            message = "missing API key: send 'Authorization: Bearer KEY'" if not given else "invalid API key"
+            # Basic lets a browser ask for the key (any user name, the key as password) to open the page
+            raise APIError(
+                401,
+                message,
+                type="authentication_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": 'Bearer, Basic realm="gptmini"'},
+            )
+
+    return check
+
+
+def _presented_key(header: str) -> str:
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        import base64
+        import binascii
+
+        try:
+            return base64.b64decode(value.strip()).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+    return ""
+
+
+def _require_ready(state: State) -> None:
+    if not state.ready.is_set():
+        raise APIError(
+            503,
+            "the model is still loading; retry when GET /health answers 200",
+            type="server_error",
+            code="loading",
+            headers={"Retry-After": "1"},
+        )
+
+
+# ---- requests in --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Choice:
+    """One choice to generate: the engine request and what the response needs to know about it."""
+
+    request: Any  # gptmini.serving.Request
+    prompt_index: int
+    prompt_text: str = ""  # for echo
+
+
+def _sampling(body: _Common, stops: list[str], seed_offset: int) -> Any:
+    from gptmini.api import sampling_config
+
+    top_k = body.top_k if body.top_k not in (None, 0, -1) else None
+    seed = None if body.seed is None else body.seed + seed_offset
+    try:
+        return sampling_config(
+            temperature=body.temperature,
+            top_k=top_k,
+            top_p=body.top_p if body.top_p < 1.0 else None,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            seed=seed,
+            stop=stops,
+        )
+    except UserError as e:
+        raise APIError(400, str(e)) from None
+
+
+def _stops(body: _Common) -> list[str]:
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > MAX_STOPS:
+        raise APIError(400, f"stop: at most {MAX_STOPS} stop sequences, got {len(stops)}", param="stop")
+    return [s for s in stops if s]
+
+
+def _check_context(state: State, ids: list[int], param: str) -> None:
+    block = state.lm.config.block_size
+    if len(ids) > block:
+        raise APIError(
+            400,
+            f"this model's maximum context length is {block} tokens, but the prompt has {len(ids)} tokens; "
+            "shorten it",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def _completion_requests(state: State, body: CompletionBody) -> list[_Choice]:
+    from gptmini.serving import Request
+
+    tokenizer = state.lm.tokenizer
+    prompts: list[str | list[int]]
+    if isinstance(body.prompt, str):
+        prompts = [body.prompt]
+    elif body.prompt and all(isinstance(p, int) for p in body.prompt):
+        prompts = [list(body.prompt)]  # one prompt as token ids
+    else:
+        prompts = list(body.prompt)
+    if not prompts:
+        raise APIError(400, "prompt: must not be an empty list", param="prompt")
+    stops = _stops(body)
+    choices = []
+    for p_index, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+            text = prompt
+        else:
+            ids = list(prompt)
+            if not ids:
+                raise APIError(400, "prompt: a token list must not be empty", param="prompt")
+            bad = [t for t in ids if not 0 <= t < state.lm.config.vocab_size]
+            if bad:
+                raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary", param="prompt")
+            text = tokenizer.decode(ids)
+        _check_context(state, ids, "prompt")
+        for j in range(body.n):
+            request = Request(
+                prompt_ids=ids,
+                sampling=_sampling(body, stops, j),
+                max_new_tokens=body.max_tokens if body.max_tokens is not None else 16,
+                ignore_eos=body.ignore_eos,
+                logprobs=body.logprobs,
+                prompt_logprobs=body.echo,
+            )
+            choices.append(_Choice(request, p_index, text))
+    return choices
+
+
+def _chat_messages(raw: list[Any]) -> list[dict[str, str]]:
+    """OpenAI messages → {role, content} with text content; content parts joined, "developer" read as system."""
+    from gptmini.chat import check_messages
+
+    messages = []
+    for m in raw:
+        if isinstance(m, dict):
+            m = dict(m)
+            if m.get("role") == "developer":
+                m["role"] = "system"
+            content = m.get("content")
+            if isinstance(content, list):
+                texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+                if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
+                    raise APIError(400, "messages: only text content parts are supported", param="messages")
+                m["content"] = "".join(texts)
+            elif content is None and m.get("role") == "assistant":
+                m["content"] = ""
+        messages.append(m)
+    try:
+        return check_messages(messages)
+    except UserError as e:
+        raise APIError(400, f"messages: {e}", param="messages") from None
+
+
+def _chat_requests(state: State, body: ChatBody) -> list[_Choice]:
+    from gptmini.serving import Request
+
+    messages = _chat_messages(body.messages)
+    template = state.template
+    ids = template.encode(state.lm.tokenizer, messages)
+    _check_context(state, ids, "messages")
+    block = state.lm.config.block_size
+    max_tokens = body.max_completion_tokens or body.max_tokens or max(block - len(ids), 1)
+    stops = [*template.stop, *_stops(body)]
+    return [
+        _Choice(
+            Request(
+                prompt_ids=ids,
+                sampling=_sampling(body, stops, j),
+                max_new_tokens=max_tokens,
+                ignore_eos=body.ignore_eos,
+                logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                strip_leading_space=template.name == "plain",
+            ),
+            0,
+        )
+        for j in range(body.n)
+    ]
+
+
+# ---- responses out --------------------------------------------------------------------------------------------
+
+
+def _token_text(tokenizer: Any, token_id: int) -> tuple[str, bytes]:
+    """A token as OpenAI shows it: its text, or `bytes:\\xNN…` when its bytes are not whole UTF-8 characters."""
+    raw = tokenizer.token_bytes(token_id)
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
+
+
+class _ChoiceState:
+    """What has been said for one choice so far (text, logprobs, finish reason)."""
+
+    def __init__(self, index: int, choice: _Choice) -> None:
+        self.index = index
+        self.choice = choice
+        self.text: list[str] = []
+        self.tokens: list[Any] = []
+        self.prompt_tokens_lp: list[Any] | None = None
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self.prompt_tokens = len(choice.request.prompt_ids)
+        self.text_offset = 0  # completions logprobs: characters before the next token
+        self.error: str | None = None
+
+
+def _completion_logprobs(tokenizer: Any, tokens: list[Any], state: _ChoiceState) -> dict[str, Any]:
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for t in tokens:
+        text, _ = _token_text(tokenizer, t.id)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(t.logprob)
+        out["top_logprobs"].append(
+            None if t.logprob is None else {_token_text(tokenizer, i)[0]: lp for i, lp in t.top}
+        )
+        out["text_offset"].append(state.text_offset)
+        state.text_offset += len(tokenizer.token_bytes(t.id).decode("utf-8", errors="replace"))
+    return out
+
+
+def _chat_logprobs(tokenizer: Any, tokens: list[Any]) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text, raw = _token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+    content = [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in tokens]
+    return {"content": content, "refusal": None}
+
+
+def _usage(states: list[_ChoiceState]) -> dict[str, int]:
+    prompt = sum({s.choice.prompt_index: s.prompt_tokens for s in states}.values())
+    completion = sum(s.completion_tokens for s in states)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _serve(
+    state: State, http: HTTPRequest, choices: list[_Choice], body: _Common, *, chat: bool
+) -> Response:
+    from gptmini.serving import ContextLengthExceeded, QueueFull
+
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    def emitter(index: int) -> Callable[[Any], None]:
+        return lambda out: loop.call_soon_threadsafe(events.put_nowait, (index, out))
+
+    try:
+        handles = state.engine.submit_many([(c.request, emitter(i)) for i, c in enumerate(choices)])
+    except QueueFull as e:
+        raise APIError(
+            429,
+            f"the server is busy: {e}; retry shortly",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        ) from None
+    except (ContextLengthExceeded, ValueError) as e:
+        raise APIError(400, str(e)) from None
+    states = [_ChoiceState(i, c) for i, c in enumerate(choices)]
+    ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    tokenizer = state.lm.tokenizer
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        stream = _stream(
+            state, http, handles, states, events, ident, created, chat, include_usage, tokenizer, body
+        )
+        return StreamingResponse(
+            stream,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    try:
+        await _collect(http, handles, states, events)
+    finally:
+        for h in handles:
+            h.cancel()
+    failed = next((s for s in states if s.error), None)
+    if failed is not None:
+        raise APIError(500, failed.error, type="server_error", code="generation_failed")
+    result = []
+    for s in states:
+        text = "".join(s.text)
+        if chat:
+            entry = {
+                "index": s.index,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": _chat_logprobs(tokenizer, s.tokens)
+                if s.choice.request.logprobs is not None
+                else None,
+                "finish_reason": s.finish_reason,
+            }
+        else:
+            logprobs = None
+            if s.choice.request.logprobs is not None:
+                tokens = [*(s.prompt_tokens_lp or []), *s.tokens] if body.echo else s.tokens
+                logprobs = _completion_logprobs(tokenizer, tokens, s)
+            entry = {
+                "index": s.index,
+                "text": (s.choice.prompt_text if body.echo else "") + text,
+                "logprobs": logprobs,
+                "finish_reason": s.finish_reason,
+            }
+        result.append(entry)
+    return JSONResponse(
+        {
+            "id": ident,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": state.model_id,
+            "choices": result,
+            "usage": _usage(states),
+            "system_fingerprint": None,
+        }
+    )
+
+
+def _take(state: _ChoiceState, out: Any) -> None:
+    if out.prompt_logprobs is not None:
+        state.prompt_tokens_lp = out.prompt_logprobs
+    state.text.append(out.text)
+    state.tokens.extend(out.tokens)
+    if out.finish_reason is not None:
+        state.finish_reason = "length" if out.finish_reason == "length" else "stop"
+        state.completion_tokens = out.completion_tokens
+        if out.finish_reason == "error":
+            state.error = out.error or "generation failed"
+
+
+async def _next_event(http: HTTPRequest, events: asyncio.Queue) -> tuple[int, Any] | None:
+    """The next engine output, or None once the client has gone away."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), timeout=0.25)
+        except TimeoutError:
+            if await http.is_disconnected():
+                return None
+
+
+async def _collect(
+    http: HTTPRequest, handles: list[Any], states: list[_ChoiceState], events: asyncio.Queue
+) -> None:
+    remaining = len(states)
+    while remaining:
+        event = await _next_event(http, events)
+        if event is None:  # the client left: the finally of the caller cancels the handles
+            return
+        index, out = event
+        _take(states[index], out)
+        if out.finish_reason is not None:
+            remaining -= 1
+
+
+async def _stream(
+    state: State,
+    http: HTTPRequest,
+    handles: list[Any],
+    states: list[_ChoiceState],
+    events: asyncio.Queue,
+    ident: str,
+    created: int,
+    chat: bool,
+    include_usage: bool,
+    tokenizer: Any,
+    body: _Common,
+) -> AsyncIterator[bytes]:
+    """SSE: per choice a role delta (chat), content deltas, a finish chunk; the usage chunk; `[DONE]`."""
+    import json
+
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(
+        choices: list[dict[str, Any]], usage: dict[str, int] | None = None, with_usage: bool = False
+    ) -> bytes:
+        data: dict[str, Any] = {
+            "id": ident,
+            "object": obj,
+            "created": created,
+            "model": state.model_id,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+        if include_usage:
+            data["usage"] = usage
+        return format_sse_event(data_str=json.dumps(data, ensure_ascii=False))
+
+    def piece(s: _ChoiceState, text: str, tokens: list[Any], finish: str | None) -> dict[str, Any]:
+        wants_lp = s.choice.request.logprobs is not None
+        if chat:
+            delta = {"content": text} if text else {}
+            lp = _chat_logprobs(tokenizer, tokens) if wants_lp and tokens else None
+            return {"index": s.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        lp = _completion_logprobs(tokenizer, tokens, s) if wants_lp and (tokens or not finish) else None
+        return {"index": s.index, "text": text, "logprobs": lp, "finish_reason": finish}
+
+    echo = isinstance(body, CompletionBody) and body.echo
+    try:
+        if chat:
+            for s in states:
+                role = {
+                    "index": s.index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                yield chunk([role])
+        started = [False] * len(states)
+        remaining = len(states)
+        while remaining:
+            event = await _next_event(http, events)
+            if event is None:
+                return
+            index, out = event
+            s = states[index]
+            _take(s, out)
+            if s.error:
+                error = APIError(500, s.error, type="server_error", code="generation_failed").body()
+                yield format_sse_event(data_str=json.dumps(error))
+                break
+            text, tokens = out.text, list(out.tokens)
+            if echo and not started[index]:  # the prompt comes first, with its logprobs when asked for
+                text = s.choice.prompt_text + text
+                tokens = [*(out.prompt_logprobs or []), *tokens]
+            started[index] = True
+            if text or tokens:
+                yield chunk([piece(s, text, tokens, None)])
+            if out.finish_reason is not None:
+                remaining -= 1
+                yield chunk([piece(s, "", [], s.finish_reason)])
+        else:
+            if include_usage:
+                yield chunk([], _usage(states))
+    except Exception as e:  # never end a stream without saying why
+        log.exception("streaming failed")
+        error = APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body()
+        yield format_sse_event(data_str=json.dumps(error))
+    finally:
+        for h in handles:
+            h.cancel()  # a no-op for finished requests; frees the row of one whose client left
+    yield format_sse_event(data_str="[DONE]")
+
+
+# ---- running it -----------------------------------------------------------------------------------------------
+
+
+def serve(
+    settings: ServeSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    drain_timeout: float = 30.0,
+    announce: Callable[[str], None] = print,
+) -> int:
+    """Run the server until Ctrl-C / SIGTERM, then drain in-flight requests for up to `drain_timeout` seconds.
+
+    Returns the exit code: 0 after a clean stop, 2 when the model could not be loaded.
+    """
+    import uvicorn
+
+    failure: list[str] = []
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()  # a signal means "stop": exit 0 after draining, not die by it
+
+    def load_failed(message: str) -> None:
+        failure.append(message)
+        server.should_exit = True
+
+    app = create_app(settings, on_load_error=load_failed)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=drain_timeout,
+        lifespan="on",
+    )
+    server = Server(config)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    announce(f"gptmini serve: {url}  (web chat at {url}/)" if settings.ui else f"gptmini serve: {url}")
+    key = " -H 'Authorization: Bearer $KEY'" if settings.api_keys else ""
+    announce(
+        f"try: curl {url}/v1/completions -H 'Content-Type: application/json'{key} "
+        """-d '{"prompt": "To be, or not", "max_tokens": 20}'"""
+    )
+    server.run()
+    if failure:
+        raise UserError(failure[0])
+    return 0
