@@ -36,8 +36,9 @@ from gptmini.errors import UserError
 from gptmini.evaluate import EvalResult
 from gptmini.loss import IGNORE_INDEX, linear_cross_entropy
 from gptmini.model import GPT
+from gptmini.rundir import check_out_dir, run_in
 from gptmini.tokenizer import Tokenizer
-from gptmini.train import TrainEvent, TrainResult, check_out_dir, run_in, train
+from gptmini.train import TrainEvent, TrainResult, train
 
 # Fine-tuning starts from a trained model: a gentler peak lr and a short warm-up than pretraining's defaults.
 FINETUNE_DEFAULTS: dict[str, Any] = {

@@ -1,27 +1,26 @@
 """The training loop: text in, checkpoint directory out.
 
-    batches (BatchSource) ─▶ GPT hidden states ─▶ chunked LM-head cross-entropy ─▶ backward ─▶ clip ─▶ AdamW
+    batches (BatchSource) ─▶ GPT hidden states ─▶ chunked LM-head cross-entropy ─▶ backward ─▶ clip ─▶ optimizer
 
 The loop never prints: it reports `TrainEvent`s to a callback (the CLI renders them with rich). Everything a run
 needs to continue exactly — weights, optimizer moments, step, elapsed time, RNG state — is saved together, and a
 step's batches depend only on (seed, step), so a resumed run repeats the uninterrupted one.
+
+A run goes in named steps (`_train`): check the settings and load the data (`_check_settings`, `_load_data`), build
+the model and optimizer (`_Loop`), open the run directory (`gptmini.rundir`), train (`_Loop.run`, one `train_step`
+per iteration) and finish (`_Loop.finish`). Ranks under torchrun are `gptmini.distributed`'s.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import json
 import math
-import os
-import shutil
 import signal
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +29,15 @@ import torch
 import torch.nn as nn
 
 from gptmini.checkpoint import (
-    CONFIG_FILE,
-    TRAIN_STATE_FILE,
     WEIGHTS_FILE,
     load_checkpoint,
     load_state_into,
     load_train_state,
-    read_checkpoint_info,
     read_model_config,
     read_safetensors,
-    save_checkpoint,
 )
 from gptmini.config import PRESETS, GPTConfig, TrainConfig
-from gptmini.data import BatchSource, RandomWindows, check_split, load_corpus, token_byte_lengths
+from gptmini.data import BatchSource, Corpus, RandomWindows, check_split, load_corpus, token_byte_lengths
 from gptmini.devices import (
     autocast,
     dtype_name,
@@ -51,26 +46,57 @@ from gptmini.devices import (
     resolve_train_dtype,
     synchronize,
 )
+from gptmini.distributed import (
+    PEER_GONE,
+    Distributed,
+    RankFailed,
+    evaluate_sharded,
+    full_state,
+    gradient_sync,
+    load_optimizer_state,
+    shard,
+)
 from gptmini.errors import UserError
-from gptmini.evaluate import EvalResult, eval_windows, evaluate_tokens, evenly_spaced, window_batch
+from gptmini.evaluate import EvalResult, evaluate_tokens
 from gptmini.loss import IGNORE_INDEX, linear_cross_entropy
 from gptmini.model import GPT
 from gptmini.optim import make_optimizer
-from gptmini.plotting import METRICS_FILE
+from gptmini.rundir import (
+    BEST_DIR,
+    append_metrics,
+    check_out_dir,
+    commit_checkpoint,
+    default_out,
+    eval_record,
+    open_run_dir,
+    recover_staged,
+    run_in,
+)
 from gptmini.tokenizer import Tokenizer
 
-BEST_DIR = "best"
-STAGING_DIR = ".saving"
-COMPLETE_MARK = "COMPLETE"
+# Re-exported: importers of gptmini.train (tests, scripts) keep working.
+__all__ = [
+    "BEST_DIR",
+    "Distributed",
+    "LossModel",
+    "RankFailed",
+    "TrainEvent",
+    "TrainResult",
+    "build_model_config",
+    "check_out_dir",
+    "commit_checkpoint",
+    "default_out",
+    "learning_rate",
+    "progress_before_warmup",
+    "recover_staged",
+    "run_in",
+    "train",
+    "train_step",
+]
+
 DEFAULT_PRESET = "small"
 # Model fields that --init-from / --resume may not change (they fix the weights' shapes).
 SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_embedding")
-# A collective that waits longer than this fails instead of hanging (e.g. a rank lost on another node).
-DIST_TIMEOUT = timedelta(minutes=10)
-# Rank 0 alone tokenises a new corpus while the others wait: that may take hours for a large one.
-DATA_TIMEOUT = timedelta(hours=24)
-# How gloo's collectives fail when another rank has died: that rank shows its own error, this one stops quietly.
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 @dataclass
@@ -113,6 +139,14 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
     return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
+def progress_before_warmup(config: TrainConfig, step: int, progress: float) -> float:
+    """Progress through the cosine part: 0 at the end of warm-up, 1 at the end of the run."""
+    if config.max_iters is not None and config.time_budget_s is None:
+        span = max(config.max_iters - config.warmup_iters, 1)
+        return (step - config.warmup_iters) / span
+    return progress
+
+
 class LossModel(nn.Module):
     """GPT + chunked LM-head cross-entropy in one module, so DDP and torch.compile see the whole step.
 
@@ -129,93 +163,6 @@ class LossModel(nn.Module):
             hidden, self.module.lm_head.weight, y, vocab_size=self.module.config.vocab_size
         )
         return loss_sum, (y != IGNORE_INDEX).sum()
-
-
-# ---- run directory --------------------------------------------------------------------------------------------
-
-
-def default_out(paths: Sequence[str | Path]) -> Path:
-    first = Path(paths[0]) if paths else Path("run")
-    return Path("runs") / (first.stem or first.name or "run")
-
-
-def recover_staged(directory: Path) -> None:
-    """Finish or discard a save that was interrupted (see `commit_checkpoint`)."""
-    staging = directory / STAGING_DIR
-    if not staging.is_dir():
-        return
-    if (staging / COMPLETE_MARK).exists():
-        for name in (WEIGHTS_FILE, TRAIN_STATE_FILE, CONFIG_FILE):
-            if (staging / name).exists():
-                os.replace(staging / name, directory / name)
-    shutil.rmtree(staging, ignore_errors=True)
-
-
-def commit_checkpoint(
-    model: nn.Module,
-    directory: str | Path,
-    *,
-    train_state: dict | None,
-    meta: dict,
-    save_dtype: torch.dtype | None = None,
-) -> None:
-    """Save a checkpoint so that a kill at any moment leaves a whole one: the previous or the new.
-
-    Each file is written atomically by `save_checkpoint` into a staging directory; a marker then says the set is
-    complete, and only then do the files move into place (a few renames). A save killed before the marker is
-    discarded on resume; one killed after it is rolled forward.
-    """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    staging = directory / STAGING_DIR
-    shutil.rmtree(staging, ignore_errors=True)
-    save_checkpoint(model, staging, train_state=train_state, meta=meta, save_dtype=save_dtype)
-    (staging / COMPLETE_MARK).touch()
-    recover_staged(directory)
-
-
-def run_in(directory: Path) -> dict[str, Any] | None:
-    """The `run` record of the training run saved in `directory`, or None if it holds none."""
-    if not (directory / CONFIG_FILE).exists():
-        return None
-    try:
-        info = read_checkpoint_info(directory)
-    except UserError:
-        return None
-    return info.get("run")
-
-
-def check_out_dir(out: Path, *, resume: bool, force: bool) -> dict[str, Any] | None:
-    """Refuse to clobber: an --out holding another run needs --resume or --force. Returns the run to resume."""
-    if resume and force:
-        raise UserError("--resume and --force contradict each other; pass one")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; pass a directory")
-    run = run_in(out) if out.is_dir() else None
-    if resume:
-        if run is None or not (out / TRAIN_STATE_FILE).exists():
-            raise UserError(
-                f"nothing to resume in {out} (no training run saved there); start without --resume"
-            )
-        return run
-    if run is not None and not force:
-        raise UserError(
-            f"{out} already holds a training run (step {run.get('step', '?')}); "
-            "pass --resume to continue it or --force to start over"
-        )
-    if run is None and out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} is not empty and holds no gptmini run; choose another --out or pass --force")
-    return None
-
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"cannot write to --out {out} ({e.strerror or e})") from None
 
 
 # ---- model config ---------------------------------------------------------------------------------------------
@@ -244,7 +191,7 @@ def build_model_config(
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
-# ---- the loop -------------------------------------------------------------------------------------------------
+# ---- the loop's helpers ---------------------------------------------------------------------------------------
 
 
 class _StopFlag:
@@ -286,128 +233,6 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-_started_group = False  # gptmini started the default process group (once per process)
-
-
-def _end_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-class RankFailed(UserError):
-    """Under torchrun: another rank failed first and printed why; this one stops without repeating it."""
-
-    already_reported = True
-
-    def __init__(self) -> None:
-        super().__init__("another rank failed (its error is shown by that rank)")
-
-
-@dataclass
-class Distributed:
-    """Data parallelism under torchrun: each rank trains on its slice of every global batch (see RandomWindows),
-    DDP (or FSDP) averages the gradients, and only rank 0 writes files or reports.
-
-    The process group comes from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR…): NCCL on CUDA, gloo on
-    CPU. Started here, it ends at once on an error (the other ranks' collectives fail instead of waiting) and
-    otherwise when the process exits: it cannot be started again in the same process (torchrun's store already
-    holds its keys), and another `train()` in this process reuses it.
-    """
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    owns_group: bool = False  # gptmini started the default process group (a caller's own group is left alone)
-    data_group: Any = None  # gloo, long timeout: the others wait here while rank 0 tokenises
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls, device_name: str) -> Distributed:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        import torch.distributed as dist
-
-        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
-        if use_cuda:
-            torch.cuda.set_device(local)
-        global _started_group
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=DIST_TIMEOUT)
-            _started_group = True
-            atexit.register(_end_process_group)
-        data_group = dist.new_group(backend="gloo", timeout=DATA_TIMEOUT)
-        return cls(rank, local, world, _started_group, data_group)
-
-    def close(self, *, failed: bool = False) -> None:
-        """End this run's data group and, after a failure, the process group gptmini started."""
-        if not self.enabled:
-            return
-        import torch.distributed as dist
-
-        if failed and self.owns_group:
-            _end_process_group()
-        elif dist.is_initialized():
-            dist.destroy_process_group(self.data_group)
-
-    def device(self, device: torch.device) -> torch.device:
-        return torch.device("cuda", self.local_rank) if self.enabled and device.type == "cuda" else device
-
-    def reduce(self, values: list[float], device: torch.device, op: str = "mean") -> list[float]:
-        """The mean, sum or max of `values` over all ranks, so every rank takes the same decisions."""
-        if not self.enabled:
-            return values
-        import torch.distributed as dist
-
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        if op == "mean":
-            t /= self.world_size
-        return t.tolist()
-
-    def barrier(self) -> None:
-        if self.enabled:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    @contextlib.contextmanager
-    def main_first(self) -> Iterator[None]:
-        """Run the block on rank 0 first (checks, tokenising into the cache), then on the others (which find the
-        cache filled). If a rank fails, the others stop too, quietly (`RankFailed`): the error is shown once."""
-        if not self.enabled:
-            yield
-            return
-        if not self.is_main and self._any_failed(False):  # rank 0 failed
-            raise RankFailed()
-        try:
-            yield
-        except BaseException:
-            self._any_failed(True)
-            raise
-        if self.is_main:
-            self._any_failed(False)  # the others are waiting for rank 0
-        if self._any_failed(False):  # all ranks are through: did any of them fail?
-            raise RankFailed()
-
-    def _any_failed(self, failed: bool) -> bool:
-        import torch.distributed as dist
-
-        t = torch.tensor([float(failed)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.data_group)
-        return bool(t.item())
 
 
 def train(
@@ -470,6 +295,9 @@ def _device_flag(overrides: dict[str, Any], out: Path, resume: bool) -> str:
     return str(((run or {}).get("train") or {}).get("device") or "auto")
 
 
+# ---- one run, in named steps ----------------------------------------------------------------------------------
+
+
 def _train(
     dist: Distributed,
     paths: Sequence[str | Path],
@@ -486,75 +314,141 @@ def _train(
     evaluator: Callable[[GPT, bool], EvalResult] | None,
 ) -> TrainResult:
     report = (callback or (lambda event: None)) if dist.is_main else (lambda event: None)
-
     # 1. Validate everything before writing anything. Rank 0 goes first: a mistake is reported once, and a new
     # corpus is tokenised into the cache once, by rank 0; the other ranks then find it there.
     with dist.main_first():
-        run = check_out_dir(out, resume=resume, force=force)
-        if run is not None:
-            tcfg = TrainConfig.from_dict(
-                {**run["train"], **{k: v for k, v in overrides.items() if v is not None}}
-            )
-            saved_optimizer = TrainConfig.from_dict(run["train"]).optimizer
-            if tcfg.optimizer != saved_optimizer:
-                raise UserError(
-                    f"the run in {out} trained with --optimizer {saved_optimizer}; resume it with the same optimizer"
-                )
-            base_model = read_model_config(out)[0]
-            mcfg = build_model_config(preset, model or {}, base_model, f"the run in {out}")
-            if init_from is not None:
-                raise UserError("--init-from cannot be combined with --resume")
-            paths = list(paths) or run["data"]["files"]
-        else:
-            tcfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
-            base_model = read_model_config(init_from)[0] if init_from is not None else None
-            mcfg = build_model_config(preset, model or {}, base_model, f"--init-from {init_from}")
-        if not paths:
-            raise UserError("no corpus given; pass one or more text files or directories")
-        if tcfg.fsdp and not dist.enabled:
-            raise UserError(
-                "--fsdp shards the model over torchrun's processes: launch with "
-                "`torchrun --nproc_per_node N -m gptmini train …` (N > 1), or pass --no-fsdp"
-            )
-        if tcfg.fsdp and tcfg.optimizer == "muon":
-            raise UserError("Muon orthogonalises whole matrices, which --fsdp shards; add --optimizer adamw")
-        if tcfg.fsdp and (train_data is not None or evaluator is not None):
-            raise UserError("--fsdp is for `gptmini train` only; fine-tuning runs data parallel without it")
-
-        report(TrainEvent("data", 0, {"files": [str(p) for p in paths]}))
-        corpus = load_corpus(paths, encoding_errors=tcfg.encoding_errors)
-        train_tokens, val_tokens = corpus.split(tcfg.val_fraction)  # GPT-2 ids
-        if run is None and init_from is None and tcfg.vocab != "gpt2":
-            # A fresh model gets rows only for the tokens its corpus uses (see gptmini.tokenizer): the whole corpus,
-            # val split included, as a full GPT-2 vocabulary also has rows for the val text's tokens. With a limit,
-            # the most frequent tokens *of the train split* (what a tokenizer trained on that text would keep).
-            limit = tcfg.vocab_limit
-            tokenizer = Tokenizer.for_text_tokens(
-                corpus.tokens if limit is None else train_tokens, max_size=limit
-            )
-            mcfg = mcfg.replace(vocab_size=tokenizer.n_vocab, vocabulary=tokenizer.vocabulary.tolist())
-        else:
-            tokenizer = Tokenizer(mcfg.vocabulary)
-        train_tokens, val_tokens = (
-            np.asarray(tokenizer.from_gpt2(t), dtype=np.uint16) for t in (train_tokens, val_tokens)
+        run, tcfg, mcfg, paths = _check_settings(
+            dist, paths, overrides, model, preset, out, resume, force, init_from, train_data, evaluator
         )
-        if evaluator is None:  # with an evaluator, the text split is not used for validation
-            check_split(train_tokens, val_tokens, mcfg.block_size, len(corpus.tokens))
-        if run is not None and run["data"]["key"] != corpus.key:
-            raise UserError(
-                f"the corpus differs from the one the run in {out} trained on; resume with the same files"
-            )
-        token_bytes = token_byte_lengths(tokenizer, mcfg.vocab_size)
-
+        report(TrainEvent("data", 0, {"files": [str(p) for p in paths]}))
+        # With an evaluator, the text's val split is not used for validation: it may be short.
+        fresh_vocab = run is None and init_from is None
+        data = _load_data(paths, run, tcfg, mcfg, out, fresh_vocab=fresh_vocab, check_val=evaluator is None)
         device = dist.device(resolve_device(tcfg.device))
         dtype = resolve_train_dtype(tcfg.dtype, device)
         state = load_train_state(out) if run is not None else None
+    plan = _Plan(tcfg, data, device, dtype, state)
+    # 2. The model, its optimizer and the batches (restored from the checkpoint when resuming).
+    loop = _Loop(
+        dist, plan, out, init_from=init_from, train_data=train_data, evaluator=evaluator, report=report
+    )
+    # 3. Now the directory: create it, start or continue metrics.jsonl.
+    if dist.is_main:
+        open_run_dir(out, resumed_at=None if run is None else loop.step)
+    loop.report_start(resumed=run is not None)
+    # 4. Train until done, out of time, interrupted or diverged; 5. the final eval and save.
+    reason, message = loop.run()
+    return loop.finish(reason, message)
 
-    if device.type == "cpu":
-        keep_freed_memory_on_cpu()
-    torch.manual_seed(tcfg.seed)
-    # FSDP builds the model in host memory; fully_shard then moves only this rank's shard to the device.
-    home = torch.device("cpu") if tcfg.fsdp else device
+
+@dataclass
+class _Data:
+    """The tokenised corpus, mapped onto the model's vocabulary."""
+
+    corpus: Corpus
+    mcfg: GPTConfig  # the model config, with the vocabulary chosen for this corpus
+    train_tokens: np.ndarray  # the model's token ids
+    val_tokens: np.ndarray
+    token_bytes: np.ndarray  # UTF-8 bytes per token id, for bits per byte
+
+
+@dataclass
+class _Plan:
+    """Everything a run needs, checked (and the corpus tokenised) before anything is written."""
+
+    tcfg: TrainConfig
+    data: _Data
+    device: torch.device
+    dtype: torch.dtype
+    state: dict[str, Any] | None  # the train state to resume from
+
+
+def _check_settings(
+    dist: Distributed,
+    paths: Sequence[str | Path],
+    overrides: dict[str, Any],
+    model: dict[str, Any] | None,
+    preset: str | None,
+    out: Path,
+    resume: bool,
+    force: bool,
+    init_from: str | Path | None,
+    train_data: BatchSource | None,
+    evaluator: Callable[[GPT, bool], EvalResult] | None,
+) -> tuple[dict[str, Any] | None, TrainConfig, GPTConfig, Sequence[str | Path]]:
+    """(the run to resume, the training config, the model config, the corpus files), or a UserError."""
+    run = check_out_dir(out, resume=resume, force=force)
+    if run is not None:
+        tcfg = TrainConfig.from_dict(
+            {**run["train"], **{k: v for k, v in overrides.items() if v is not None}}
+        )
+        saved_optimizer = TrainConfig.from_dict(run["train"]).optimizer
+        if tcfg.optimizer != saved_optimizer:
+            raise UserError(
+                f"the run in {out} trained with --optimizer {saved_optimizer}; resume it with the same optimizer"
+            )
+        base_model = read_model_config(out)[0]
+        mcfg = build_model_config(preset, model or {}, base_model, f"the run in {out}")
+        if init_from is not None:
+            raise UserError("--init-from cannot be combined with --resume")
+        paths = list(paths) or run["data"]["files"]
+    else:
+        tcfg = TrainConfig(**{k: v for k, v in overrides.items() if v is not None})
+        base_model = read_model_config(init_from)[0] if init_from is not None else None
+        mcfg = build_model_config(preset, model or {}, base_model, f"--init-from {init_from}")
+    if not paths:
+        raise UserError("no corpus given; pass one or more text files or directories")
+    if tcfg.fsdp and not dist.enabled:
+        raise UserError(
+            "--fsdp shards the model over torchrun's processes: launch with "
+            "`torchrun --nproc_per_node N -m gptmini train …` (N > 1), or pass --no-fsdp"
+        )
+    if tcfg.fsdp and tcfg.optimizer == "muon":
+        raise UserError("Muon orthogonalises whole matrices, which --fsdp shards; add --optimizer adamw")
+    if tcfg.fsdp and (train_data is not None or evaluator is not None):
+        raise UserError("--fsdp is for `gptmini train` only; fine-tuning runs data parallel without it")
+    return run, tcfg, mcfg, paths
+
+
+def _load_data(
+    paths: Sequence[str | Path],
+    run: dict[str, Any] | None,
+    tcfg: TrainConfig,
+    mcfg: GPTConfig,
+    out: Path,
+    *,
+    fresh_vocab: bool,
+    check_val: bool,
+) -> _Data:
+    """Tokenise the corpus (or reuse the cache), choose the vocabulary and map the splits onto it."""
+    corpus = load_corpus(paths, encoding_errors=tcfg.encoding_errors)
+    train_tokens, val_tokens = corpus.split(tcfg.val_fraction)  # GPT-2 ids
+    if fresh_vocab and tcfg.vocab != "gpt2":
+        # A fresh model gets rows only for the tokens its corpus uses (see gptmini.tokenizer): the whole corpus,
+        # val split included, as a full GPT-2 vocabulary also has rows for the val text's tokens. With a limit,
+        # the most frequent tokens *of the train split* (what a tokenizer trained on that text would keep).
+        limit = tcfg.vocab_limit
+        tokenizer = Tokenizer.for_text_tokens(
+            corpus.tokens if limit is None else train_tokens, max_size=limit
+        )
+        mcfg = mcfg.replace(vocab_size=tokenizer.n_vocab, vocabulary=tokenizer.vocabulary.tolist())
+    else:
+        tokenizer = Tokenizer(mcfg.vocabulary)
+    train_tokens, val_tokens = (
+        np.asarray(tokenizer.from_gpt2(t), dtype=np.uint16) for t in (train_tokens, val_tokens)
+    )
+    if check_val:
+        check_split(train_tokens, val_tokens, mcfg.block_size, len(corpus.tokens))
+    if run is not None and run["data"]["key"] != corpus.key:
+        raise UserError(
+            f"the corpus differs from the one the run in {out} trained on; resume with the same files"
+        )
+    return _Data(corpus, mcfg, train_tokens, val_tokens, token_byte_lengths(tokenizer, mcfg.vocab_size))
+
+
+def _build_model(plan: _Plan, init_from: str | Path | None, out: Path, home: torch.device) -> GPT:
+    """A new GPT, or the --init-from checkpoint's with this run's dropout; a resumed run's saved weights."""
+    mcfg = plan.data.mcfg
     if init_from is not None:
         gpt, _ = load_checkpoint(init_from, device=home)
         gpt.config.dropout = mcfg.dropout
@@ -565,362 +459,314 @@ def _train(
             block.attn.dropout = mcfg.dropout
     else:
         gpt = GPT(mcfg).to(home)
-    if state is not None:
+    if plan.state is not None:
         load_state_into(gpt, read_safetensors(out / WEIGHTS_FILE), out / WEIGHTS_FILE)
     gpt.train()
-    loss_model: nn.Module = LossModel(gpt)
-    eval_model = loss_model  # evaluation runs it eagerly: never compiled, never through DDP
-    if tcfg.fsdp:
-        shard(loss_model, device, dist.world_size)
-    optimizer = make_optimizer(gpt, tcfg, device)
-    step, elapsed_before, tokens_seen, best_val = 0, 0.0, 0, None
-    if state is not None:
-        load_optimizer_state(gpt, optimizer, state["optimizer"], fsdp=tcfg.fsdp)
-        step = int(state["step"])
-        elapsed_before = float(state["elapsed_s"])
-        tokens_seen = int(state["tokens_seen"])
-        best_val = state.get("best_val_loss")
-        _set_rng_state(state["rng"], device)
+    return gpt
 
-    source = train_data or RandomWindows(
-        train_tokens,
-        mcfg.block_size,
-        tcfg.batch_size,
-        seed=tcfg.seed,
-        grad_accum=tcfg.grad_accum,
-        rank=dist.rank,
-        world_size=dist.world_size,
-    )
-    if tcfg.compile:
-        loss_model = torch.compile(loss_model)
-    if dist.enabled and not tcfg.fsdp:
-        from torch.nn.parallel import DistributedDataParallel
 
-        loss_model = DistributedDataParallel(
-            loss_model, device_ids=[device.index] if device.type == "cuda" else None
+class _Loop:
+    """One training run's state and the steps of its loop: train, log, evaluate, save."""
+
+    def __init__(
+        self,
+        dist: Distributed,
+        plan: _Plan,
+        out: Path,
+        *,
+        init_from: str | Path | None,
+        train_data: BatchSource | None,
+        evaluator: Callable[[GPT, bool], EvalResult] | None,
+        report: Callback,
+    ) -> None:
+        tcfg, mcfg, device = plan.tcfg, plan.data.mcfg, plan.device
+        self.dist, self.plan, self.out, self.report, self.evaluator = dist, plan, out, report, evaluator
+        self.tcfg, self.device, self.dtype = tcfg, device, plan.dtype
+        if device.type == "cpu":
+            keep_freed_memory_on_cpu()
+        torch.manual_seed(tcfg.seed)
+        # FSDP builds the model in host memory; fully_shard then moves only this rank's shard to the device.
+        self.gpt = _build_model(plan, init_from, out, torch.device("cpu") if tcfg.fsdp else device)
+        loss_model: nn.Module = LossModel(self.gpt)
+        self.eval_model = loss_model  # evaluation runs it eagerly: never compiled, never through DDP
+        if tcfg.fsdp:
+            shard(loss_model, device, dist.world_size)
+        self.optimizer = make_optimizer(self.gpt, tcfg, device)
+        self.step, self.elapsed_before, self.tokens_seen = 0, 0.0, 0
+        self.best_val: float | None = None
+        if plan.state is not None:
+            state = plan.state
+            load_optimizer_state(self.gpt, self.optimizer, state["optimizer"], fsdp=tcfg.fsdp)
+            self.step = int(state["step"])
+            self.elapsed_before = float(state["elapsed_s"])
+            self.tokens_seen = int(state["tokens_seen"])
+            self.best_val = state.get("best_val_loss")
+            _set_rng_state(state["rng"], device)
+        self.source = train_data or RandomWindows(
+            plan.data.train_tokens,
+            mcfg.block_size,
+            tcfg.batch_size,
+            seed=tcfg.seed,
+            grad_accum=tcfg.grad_accum,
+            rank=dist.rank,
+            world_size=dist.world_size,
         )
+        if tcfg.compile:
+            loss_model = torch.compile(loss_model)
+        if dist.enabled and not tcfg.fsdp:
+            from torch.nn.parallel import DistributedDataParallel
 
-    # 2. Now the directory: create it, start or continue metrics.jsonl.
-    metrics_path = out / METRICS_FILE
-    if dist.is_main:
-        check_writable(out)
-        if run is None:
-            metrics_path.unlink(missing_ok=True)
-            shutil.rmtree(out / BEST_DIR, ignore_errors=True)
-        else:
-            _truncate_metrics(metrics_path, step)
-
-    flops_per_token = gpt.flops_per_token(training=True)
-    tokens_per_step = tcfg.batch_size * tcfg.grad_accum * dist.world_size * mcfg.block_size
-    run_meta = {
-        "train": tcfg.to_dict(),
-        "data": {"files": [str(p) for p in corpus.files], "key": corpus.key, "n_tokens": len(corpus.tokens)},
-    }
-    n_params = gpt.num_params()["total"]
-    report(
-        TrainEvent(
-            "start",
-            step,
-            {
-                "out": str(out),
-                "resumed": run is not None,
-                "device": str(device),
-                "dtype": dtype_name(dtype),
-                "world_size": dist.world_size,
-                "params": n_params,
-                "model": mcfg.to_dict(),
-                "train": tcfg.to_dict(),
-                "train_tokens": len(train_tokens),
-                "val_tokens": len(val_tokens),
-                "flops_per_token": flops_per_token,
-                "max_iters": tcfg.max_iters,
-                "time_budget_s": tcfg.time_budget_s,
+            loss_model = DistributedDataParallel(
+                loss_model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        self.loss_model = loss_model
+        self.flops_per_token = self.gpt.flops_per_token(training=True)
+        self.tokens_per_step = tcfg.batch_size * tcfg.grad_accum * dist.world_size * mcfg.block_size
+        corpus = plan.data.corpus
+        self.run_meta = {
+            "train": tcfg.to_dict(),
+            "data": {
+                "files": [str(p) for p in corpus.files],
+                "key": corpus.key,
+                "n_tokens": len(corpus.tokens),
             },
-        )
-    )
+        }
+        self.last_loss: float | None = None
+        self.t0 = time.perf_counter()  # restarted by run()
 
-    def save(directory: Path, val_loss: float | None, with_state: bool = True) -> None:
+    # ---- clocks
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t0
+
+    def progress(self, now: float | None = None) -> float:
+        now = self.elapsed() if now is None else now
+        fractions = [0.0]
+        if self.tcfg.max_iters:
+            fractions.append(self.step / self.tcfg.max_iters)
+        if self.tcfg.time_budget_s:
+            fractions.append(now / self.tcfg.time_budget_s)
+        return max(fractions)
+
+    # ---- the loop
+
+    def report_start(self, *, resumed: bool) -> None:
+        plan, tcfg = self.plan, self.tcfg
+        info = {
+            "out": str(self.out),
+            "resumed": resumed,
+            "device": str(self.device),
+            "dtype": dtype_name(self.dtype),
+            "world_size": self.dist.world_size,
+            "params": self.gpt.num_params()["total"],
+            "model": plan.data.mcfg.to_dict(),
+            "train": tcfg.to_dict(),
+            "train_tokens": len(plan.data.train_tokens),
+            "val_tokens": len(plan.data.val_tokens),
+            "flops_per_token": self.flops_per_token,
+            "max_iters": tcfg.max_iters,
+            "time_budget_s": tcfg.time_budget_s,
+        }
+        self.report(TrainEvent("start", self.step, info))
+
+    def run(self) -> tuple[str, str]:
+        """Step until the run ends; returns (reason, message): done | time | interrupted | diverged."""
+        tcfg = self.tcfg
+        self.t0 = time.perf_counter()  # the clock starts here (elapsed_before: the resumed run's time)
+        window_tokens, window_time = 0, 0.0  # tokens/s over the steps since the last log line
+        with _StopFlag() as flag:
+            while True:
+                clock, reason = self._clock_and_stop(flag)
+                if reason is not None:
+                    return reason, ""
+                step_start = time.perf_counter()
+                lr = self._set_lr(clock)
+                loss_value, grad_norm = train_step(
+                    self.loss_model,
+                    self.optimizer,
+                    self.source,
+                    self.step,
+                    device=self.device,
+                    dtype=self.dtype,
+                    config=tcfg,
+                    dist=self.dist,
+                )
+                if not math.isfinite(loss_value):
+                    return "diverged", (
+                        f"the loss became {loss_value} at step {self.step + 1}; stopped and kept the last good "
+                        f"checkpoint in {self.out}. Lower --lr (now {tcfg.lr:g}) or raise --warmup-iters"
+                    )
+                synchronize(self.device)
+                self.step += 1
+                self.tokens_seen += self.tokens_per_step
+                self.last_loss = loss_value
+                window_tokens += self.tokens_per_step
+                window_time += time.perf_counter() - step_start
+                # The callback may ask to stop (True), exactly as Ctrl-C does.
+                if self.step % tcfg.log_interval == 0 or self.step == tcfg.max_iters:
+                    flag.stop |= self._log(lr, loss_value, grad_norm, window_tokens, window_time)
+                    window_tokens, window_time = 0, 0.0
+                if self.step % tcfg.eval_interval == 0 and not self._at_max_iters():
+                    flag.stop |= self._evaluate_and_save(lr, loss_value)
+
+    def _at_max_iters(self) -> bool:
+        return self.tcfg.max_iters is not None and self.step >= self.tcfg.max_iters
+
+    def _clock_and_stop(self, flag: _StopFlag) -> tuple[float, str | None]:
+        """The run's clock, and why it ends before the next step (None: it goes on)."""
+        if self._at_max_iters():
+            return 0.0, "done"
+        clock = self.elapsed()
+        if self.dist.enabled:  # one clock and one Ctrl-C for all ranks: the slowest one's time, anyone's stop
+            clock, stop = self.dist.reduce([clock, float(flag.stop)], self.device, op="max")
+            flag.stop = bool(stop)
+        if self.tcfg.time_budget_s is not None and clock >= self.tcfg.time_budget_s:
+            return clock, "time"
+        if flag.stop:
+            return clock, "interrupted"
+        return clock, None
+
+    def _set_lr(self, clock: float) -> float:
+        lr = learning_rate(
+            self.tcfg, self.step, progress_before_warmup(self.tcfg, self.step, self.progress(clock))
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _log(
+        self, lr: float, loss_value: float, grad_norm: float | None, window_tokens: int, window_time: float
+    ) -> bool:
+        """A log line to metrics.jsonl and the callback; True if the callback asks to stop."""
+        tps = window_tokens / window_time if window_time else 0.0
+        record = {
+            "step": self.step,
+            "elapsed_s": round(self.elapsed(), 3),
+            "tokens_seen": self.tokens_seen,
+            "train_loss": loss_value,
+            "val_loss": None,
+            "val_bpb": None,
+            "lr": lr,
+            "tokens_per_s": round(tps, 1),
+            "grad_norm": grad_norm,
+            "flops_per_s": tps * self.flops_per_token,
+        }
+        self._write_metrics(record)
+        return bool(self.report(TrainEvent("log", self.step, {**record, "progress": self.progress()})))
+
+    def _evaluate_and_save(self, lr: float, loss_value: float) -> bool:
+        """The periodic eval: save the resumable checkpoint, and best/ if the val loss improved; True if the
+        callback asks to stop."""
+        result = self.evaluate(final=False)
+        improved = self.best_val is None or result.loss < self.best_val
+        if improved:
+            self.best_val = result.loss
+        self.save(self.out, result.loss)
+        if improved:
+            self.save(self.out / BEST_DIR, result.loss, with_state=False)
+        record = eval_record(self.step, self.elapsed(), self.tokens_seen, loss_value, lr, result)
+        self._write_metrics(record)
+        event = TrainEvent("eval", self.step, {**record, "best": improved, "progress": self.progress()})
+        return bool(self.report(event))
+
+    def finish(self, reason: str, message: str) -> TrainResult:
+        """The final eval on the full val split (unless stopped early by divergence or Ctrl-C) and the last save."""
+        out, final = self.out, None
+        if reason != "diverged":
+            if reason in ("done", "time"):
+                final = self.evaluate(final=True)
+                # The evals before scored a fixed subset of the val windows: "best" compares on that same subset.
+                comparable = final if self.best_val is None else self.evaluate(final=False)
+                improved = self.best_val is None or comparable.loss < self.best_val
+                if improved:
+                    self.best_val = comparable.loss
+                    self.save(out / BEST_DIR, final.loss, with_state=False)
+                record = eval_record(self.step, self.elapsed(), self.tokens_seen, self.last_loss, None, final)
+                self._write_metrics({**record, "final": True})
+                self.report(TrainEvent("eval", self.step, {**record, "best": improved, "final": True}))
+            self.save(out, final.loss if final else None)
+            self.report(TrainEvent("save", self.step, {"out": str(out)}))
+            if reason == "interrupted":
+                message = f"interrupted at step {self.step}; saved to {out} (continue with --resume)"
+        result = TrainResult(
+            out=out,
+            step=self.step,
+            reason=reason,
+            elapsed_s=self.elapsed(),
+            tokens_seen=self.tokens_seen,
+            train_loss=self.last_loss,
+            final=final,
+            best_val_loss=self.best_val,
+            message=message,
+        )
+        self.dist.barrier()  # rank 0's last save is complete before any rank returns
+        self.report(TrainEvent("end", self.step, {"reason": reason, "message": message}))
+        return result
+
+    # ---- evaluation, checkpoints, metrics
+
+    def evaluate(self, final: bool) -> EvalResult:
+        dist, tcfg, plan = self.dist, self.tcfg, self.plan
+        if self.evaluator is not None:
+            result = self.evaluator(self.gpt, final)
+            if dist.enabled:  # every rank scores the same set: the mean makes their decisions agree exactly
+                loss, ppl, bpb = dist.reduce([result.loss, result.ppl, result.bpb], self.device)
+                result = EvalResult(loss=loss, ppl=ppl, bpb=bpb, tokens=result.tokens, bytes=result.bytes)
+            return result
+        if dist.enabled:  # the windows of one process with batch N·B, each rank scoring its share
+            return evaluate_sharded(
+                self.eval_model,
+                plan.data.val_tokens,
+                plan.data.token_bytes,
+                block_size=plan.data.mcfg.block_size,
+                batch_size=tcfg.batch_size,
+                max_windows=None if final else tcfg.eval_iters * tcfg.batch_size * dist.world_size,
+                device=self.device,
+                dtype=self.dtype,
+                dist=dist,
+                lockstep=tcfg.fsdp,
+            )
+        return evaluate_tokens(
+            self.gpt,
+            plan.data.val_tokens,
+            plan.data.token_bytes,
+            batch_size=tcfg.batch_size,
+            max_windows=None if final else tcfg.eval_iters * tcfg.batch_size,
+            dtype=self.dtype,
+        )
+
+    def save(self, directory: Path, val_loss: float | None, with_state: bool = True) -> None:
+        gpt, tcfg = self.gpt, self.tcfg
         saved: nn.Module = gpt
         optimizer_state = None
         if tcfg.fsdp:  # every rank takes part: rank 0 receives the whole tensors, in host memory
-            weights, optimizer_state = full_state(gpt, optimizer if with_state else None)
-        if not dist.is_main:
+            weights, optimizer_state = full_state(gpt, self.optimizer if with_state else None)
+        if not self.dist.is_main:
             return
         if tcfg.fsdp:  # written as one ordinary model.safetensors, like any other run's
             saved = load_state_into(GPT.skeleton(gpt.config), weights, directory / WEIGHTS_FILE)
         elif with_state:
-            optimizer_state = optimizer.state_dict()
-        meta = {"run": {**run_meta, "step": step, "val_loss": val_loss, "elapsed_s": elapsed()}}
+            optimizer_state = self.optimizer.state_dict()
+        meta = {
+            "run": {**self.run_meta, "step": self.step, "val_loss": val_loss, "elapsed_s": self.elapsed()}
+        }
         train_state = None
         if with_state:
             train_state = {
-                "step": step,
-                "elapsed_s": elapsed(),
-                "tokens_seen": tokens_seen,
-                "best_val_loss": best_val,
+                "step": self.step,
+                "elapsed_s": self.elapsed(),
+                "tokens_seen": self.tokens_seen,
+                "best_val_loss": self.best_val,
                 "optimizer": optimizer_state,
-                "rng": _rng_state(device),
+                "rng": _rng_state(self.device),
             }
         # best/ is for inference: it may be stored in bf16/fp16; the resumable checkpoint keeps fp32 weights.
         save_dtype = None if with_state else getattr(torch, tcfg.save_dtype)
         commit_checkpoint(saved, directory, train_state=train_state, meta=meta, save_dtype=save_dtype)
 
-    def write_metrics(record: dict[str, Any]) -> None:
-        if not dist.is_main:
-            return
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def progress(now: float | None = None) -> float:
-        now = elapsed() if now is None else now
-        fractions = [0.0]
-        if tcfg.max_iters:
-            fractions.append(step / tcfg.max_iters)
-        if tcfg.time_budget_s:
-            fractions.append(now / tcfg.time_budget_s)
-        return max(fractions)
-
-    def evaluate(final: bool) -> EvalResult:
-        if evaluator is not None:
-            result = evaluator(gpt, final)
-            if dist.enabled:  # every rank scores the same set: the mean makes their decisions agree exactly
-                loss, ppl, bpb = dist.reduce([result.loss, result.ppl, result.bpb], device)
-                result = EvalResult(loss=loss, ppl=ppl, bpb=bpb, tokens=result.tokens, bytes=result.bytes)
-            return result
-        if dist.enabled:  # the windows of one process with batch N·B, each rank scoring its share
-            return evaluate_sharded(
-                eval_model,
-                val_tokens,
-                token_bytes,
-                block_size=mcfg.block_size,
-                batch_size=tcfg.batch_size,
-                max_windows=None if final else tcfg.eval_iters * tcfg.batch_size * dist.world_size,
-                device=device,
-                dtype=dtype,
-                dist=dist,
-                lockstep=tcfg.fsdp,
-            )
-        return evaluate_tokens(
-            gpt,
-            val_tokens,
-            token_bytes,
-            batch_size=tcfg.batch_size,
-            max_windows=None if final else tcfg.eval_iters * tcfg.batch_size,
-            dtype=dtype,
-        )
-
-    t0 = time.perf_counter()
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - t0
-
-    reason, message = "done", ""
-    last_loss: float | None = None
-    window_tokens, window_time = 0, 0.0
-    with _StopFlag() as flag:
-        while True:
-            if tcfg.max_iters is not None and step >= tcfg.max_iters:
-                reason = "done"
-                break
-            clock = elapsed()
-            if dist.enabled:  # one clock and one Ctrl-C for all ranks: the slowest one's time, anyone's stop
-                clock, stop = dist.reduce([clock, float(flag.stop)], device, op="max")
-                flag.stop = bool(stop)
-            if tcfg.time_budget_s is not None and clock >= tcfg.time_budget_s:
-                reason = "time"
-                break
-            if flag.stop:
-                reason = "interrupted"
-                break
-            step_start = time.perf_counter()
-            lr = learning_rate(tcfg, step, progress_before_warmup(tcfg, step, progress(clock)))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_value, grad_norm = train_step(
-                loss_model, optimizer, source, step, device=device, dtype=dtype, config=tcfg, dist=dist
-            )
-            if not math.isfinite(loss_value):
-                reason = "diverged"
-                message = (
-                    f"the loss became {loss_value} at step {step + 1}; stopped and kept the last good checkpoint "
-                    f"in {out}. Lower --lr (now {tcfg.lr:g}) or raise --warmup-iters"
-                )
-                break
-            synchronize(device)
-            step += 1
-            tokens_seen += tokens_per_step
-            last_loss = loss_value
-            window_tokens += tokens_per_step
-            window_time += time.perf_counter() - step_start
-
-            if step % tcfg.log_interval == 0 or step == tcfg.max_iters:
-                tps = window_tokens / window_time if window_time else 0.0
-                record = {
-                    "step": step,
-                    "elapsed_s": round(elapsed(), 3),
-                    "tokens_seen": tokens_seen,
-                    "train_loss": loss_value,
-                    "val_loss": None,
-                    "val_bpb": None,
-                    "lr": lr,
-                    "tokens_per_s": round(tps, 1),
-                    "grad_norm": grad_norm,
-                    "flops_per_s": tps * flops_per_token,
-                }
-                write_metrics(record)
-                window_tokens, window_time = 0, 0.0
-                if report(TrainEvent("log", step, {**record, "progress": progress()})):
-                    flag.stop = True
-            if step % tcfg.eval_interval == 0 and not (tcfg.max_iters is not None and step >= tcfg.max_iters):
-                result = evaluate(final=False)
-                improved = best_val is None or result.loss < best_val
-                if improved:
-                    best_val = result.loss
-                save(out, result.loss)
-                if improved:
-                    save(out / BEST_DIR, result.loss, with_state=False)
-                record = _eval_record(step, elapsed(), tokens_seen, loss_value, lr, result)
-                write_metrics(record)
-                if report(TrainEvent("eval", step, {**record, "best": improved, "progress": progress()})):
-                    flag.stop = True
-
-    final = None
-    if reason != "diverged":
-        if reason in ("done", "time"):
-            final = evaluate(final=True)
-            # The evals before scored a fixed subset of the val windows: "best" compares on that same subset.
-            comparable = final if best_val is None else evaluate(final=False)
-            improved = best_val is None or comparable.loss < best_val
-            if improved:
-                best_val = comparable.loss
-                save(out / BEST_DIR, final.loss, with_state=False)
-            record = _eval_record(step, elapsed(), tokens_seen, last_loss, None, final)
-            write_metrics({**record, "final": True})
-            report(TrainEvent("eval", step, {**record, "best": improved, "final": True}))
-        save(out, final.loss if final else None)
-        report(TrainEvent("save", step, {"out": str(out)}))
-        if reason == "interrupted":
-            message = f"interrupted at step {step}; saved to {out} (continue with --resume)"
-    result = TrainResult(
-        out=out,
-        step=step,
-        reason=reason,
-        elapsed_s=elapsed(),
-        tokens_seen=tokens_seen,
-        train_loss=last_loss,
-        final=final,
-        best_val_loss=best_val,
-        message=message,
-    )
-    dist.barrier()  # rank 0's last save is complete before any rank returns
-    report(TrainEvent("end", step, {"reason": reason, "message": message}))
-    return result
-
-
-# ---- distributed helpers --------------------------------------------------------------------------------------
-
-
-def shard(loss_model: LossModel, device: torch.device, world_size: int) -> None:
-    """FSDP2 over all ranks: each Block is one unit (its whole weights exist only while it runs); the root holds
-    the rest (embeddings, final LayerNorm, the tied LM head). Moves this rank's shards to `device`."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(device.type, (world_size,))
-    for block in loss_model.module.transformer.h:
-        fully_shard(block, mesh=mesh)
-    fully_shard(loss_model, mesh=mesh)
-
-
-def full_state(
-    gpt: GPT, optimizer: torch.optim.Optimizer | None
-) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """The unsharded weights and optimizer state of an FSDP model, on rank 0's CPU (empty on the others).
-
-    A collective: every rank must call it. The optimizer state is keyed by parameter name.
-    """
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(gpt, options=options)
-    if optimizer is None:
-        return weights, None
-    return weights, get_optimizer_state_dict(gpt, optimizer, options=options)
-
-
-def load_optimizer_state(
-    gpt: GPT, optimizer: torch.optim.Optimizer, saved: dict[str, Any], *, fsdp: bool
-) -> None:
-    """Restore a saved optimizer state, whichever way it was saved (`optimizer.state_dict()` keys parameters by
-    position, FSDP's full state by name), so a run can resume with or without --fsdp, on any number of ranks."""
-    names = {id(p): name for name, p in gpt.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    by_name = any(isinstance(p, str) for group in saved["param_groups"] for p in group["params"])
-    if not fsdp:
-        if by_name:
-            index = {name: i for i, name in enumerate(order)}
-            saved = _rekey_optimizer_state(saved, index.__getitem__)
-        optimizer.load_state_dict(saved)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    if not by_name:
-        saved = _rekey_optimizer_state(saved, order.__getitem__)
-    # Every rank holds the whole state (read from train_state.pt) and keeps its own shard of it.
-    set_optimizer_state_dict(gpt, optimizer, saved, options=StateDictOptions(full_state_dict=True))
-
-
-def _rekey_optimizer_state(saved: dict[str, Any], key: Callable[[Any], Any]) -> dict[str, Any]:
-    return {
-        "state": {key(k): v for k, v in saved["state"].items()},
-        "param_groups": [{**g, "params": [key(p) for p in g["params"]]} for g in saved["param_groups"]],
-    }
-
-
-@torch.no_grad()
-def evaluate_sharded(
-    loss_model: nn.Module,
-    tokens: np.ndarray,
-    token_bytes: np.ndarray,
-    *,
-    block_size: int,
-    batch_size: int,
-    max_windows: int | None,
-    device: torch.device,
-    dtype: torch.dtype,
-    dist: Distributed,
-    lockstep: bool = False,
-) -> EvalResult:
-    """`evaluate_tokens` split over the ranks: the same windows in batches of `batch_size`, batch i scored on rank
-    i mod N, the sums added up over the ranks, so the figures are one process's (up to float rounding).
-
-    `lockstep` (FSDP: every forward gathers weights from all ranks) makes every rank run the same number of
-    forwards, the short ones padding with a batch that scores nothing.
-    """
-    windows = evenly_spaced(eval_windows(len(tokens), block_size), max_windows)
-    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    mine = batches[dist.rank :: dist.world_size]
-    rounds = -(-len(batches) // dist.world_size) if lockstep else len(mine)
-    loss_sum, n_scored, n_bytes = 0.0, 0, 0
-    was_training = loss_model.training
-    loss_model.eval()
-    try:
-        for i in range(rounds):
-            group = mine[i] if i < len(mine) else [(0, 1, 1)]  # one input token, no target
-            x, y = window_batch(tokens, group)
-            scored = y[y != IGNORE_INDEX]
-            with autocast(device, dtype):
-                total, _ = loss_model(torch.from_numpy(x).to(device), torch.from_numpy(y).to(device))
-            loss_sum += float(total)
-            n_scored += scored.size
-            n_bytes += int(token_bytes[scored].sum())
-    finally:
-        loss_model.train(was_training)
-    return EvalResult.from_sums(*dist.reduce([loss_sum, n_scored, n_bytes], device, op="sum"))
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            append_metrics(self.out, record)
 
 
 def train_step(
@@ -944,7 +790,7 @@ def train_step(
         xt = torch.as_tensor(x, device=device)
         yt = torch.as_tensor(y, device=device)
         # Under DDP/FSDP, gradients are averaged across ranks once per step: not on all but the last micro-batch.
-        with _gradient_sync(loss_model, micro == config.grad_accum - 1):
+        with gradient_sync(loss_model, micro == config.grad_accum - 1):
             with autocast(device, dtype):
                 loss_sum, count = loss_model(xt, yt)
             loss = loss_sum / count.clamp_min(1) / config.grad_accum
@@ -959,65 +805,6 @@ def train_step(
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_value, grad_norm
-
-
-@contextlib.contextmanager
-def _gradient_sync(loss_model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Inside, backward averages gradients across ranks (DDP, FSDP) only if `enabled`; a no-op in one process."""
-    if enabled:
-        yield
-    elif hasattr(loss_model, "no_sync"):  # DDP
-        with loss_model.no_sync():
-            yield
-    elif hasattr(loss_model, "set_requires_gradient_sync"):  # FSDP2: keeps unsharded gradients until then
-        loss_model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            loss_model.set_requires_gradient_sync(True)
-    else:
-        yield
-
-
-def progress_before_warmup(config: TrainConfig, step: int, progress: float) -> float:
-    """Progress through the cosine part: 0 at the end of warm-up, 1 at the end of the run."""
-    if config.max_iters is not None and config.time_budget_s is None:
-        span = max(config.max_iters - config.warmup_iters, 1)
-        return (step - config.warmup_iters) / span
-    return progress
-
-
-def _eval_record(
-    step: int,
-    elapsed: float,
-    tokens_seen: int,
-    train_loss: float | None,
-    lr: float | None,
-    result: EvalResult,
-) -> dict[str, Any]:
-    return {
-        "step": step,
-        "elapsed_s": round(elapsed, 3),
-        "tokens_seen": tokens_seen,
-        "train_loss": train_loss,
-        "val_loss": result.loss,
-        "val_ppl": result.ppl,
-        "val_bpb": result.bpb,
-        "lr": lr,
-        "tokens_per_s": None,
-    }
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint (those steps are about to be redone)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
 class _CallableModule(types.ModuleType):
