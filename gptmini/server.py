@@ -748,25 +748,28 @@ def _take(state: _ChoiceState, out: Any) -> None:
             state.error = out.error or "generation failed"
 
 
-async def _next_event(http: HTTPRequest, events: asyncio.Queue) -> tuple[int, Any] | None:
-    """The next engine output, or None once the client has gone away."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), timeout=0.25)
-        except TimeoutError:
-            if await http.is_disconnected():
-                return None
-
-
 async def _collect(
     http: HTTPRequest, handles: list[Any], states: list[_ChoiceState], events: asyncio.Queue
 ) -> None:
+    """Gather every choice's outputs; return early if the client leaves (the caller then cancels the handles).
+
+    The connection is checked every quarter second even while outputs keep coming: a JSON response is written only
+    at the end, so nothing else would notice the client go. (A stream needs no such watch: its response ends the
+    stream when the client disconnects.)
+    """
     remaining = len(states)
+    next_check = time.monotonic() + 0.25
     while remaining:
-        event = await _next_event(http, events)
-        if event is None:  # the client left: the finally of the caller cancels the handles
-            return
-        index, out = event
+        try:
+            index, out = await asyncio.wait_for(events.get(), timeout=0.25)
+        except TimeoutError:
+            index, out = -1, None
+        if time.monotonic() >= next_check:
+            if await http.is_disconnected():
+                return
+            next_check = time.monotonic() + 0.25
+        if out is None:
+            continue
         _take(states[index], out)
         if out.finish_reason is not None:
             remaining -= 1
@@ -828,10 +831,7 @@ async def _stream(
         started = [False] * len(states)
         remaining = len(states)
         while remaining:
-            event = await _next_event(http, events)
-            if event is None:
-                return
-            index, out = event
+            index, out = await events.get()
             s = states[index]
             _take(s, out)
             if s.error:
