@@ -6,6 +6,9 @@ moves by the same amount, instead of the few directions that dominate the raw gr
 head and the vectors (biases, LayerNorm gains) are not hidden-layer matrices and stay on AdamW. The update is scaled
 by 0.2·√max(rows, cols) so its RMS matches AdamW's (Moonshot, "Muon is Scalable for LLM Training"): the same lr and
 weight decay serve both. On the shipped corpus Muon reached in 1,200 steps what AdamW reached in ~2,300.
+
+The Newton–Schulz iterations run in bf16 (as in the reference) when training computes in bf16, and in fp32 when it
+computes in fp32: an fp32 run is fp32 throughout, so data-parallel ranks agree with one process to float rounding.
 """
 
 from __future__ import annotations
@@ -22,8 +25,14 @@ from gptmini.config import TrainConfig
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """`config.optimizer` over the model's trainable parameters; weight decay on matrices only."""
+def make_optimizer(
+    model: nn.Module, config: TrainConfig, device: torch.device, *, dtype: torch.dtype
+) -> torch.optim.Optimizer:
+    """`config.optimizer` over the model's trainable parameters; weight decay on matrices only.
+
+    `dtype` is the training compute dtype (`devices.resolve_train_dtype`): Muon orthogonalises in fp32 for an fp32
+    run, in bf16 otherwise.
+    """
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if config.optimizer == "muon":
         hidden = [p for name, p in params if p.dim() == 2 and is_hidden_matrix(name)]
@@ -35,6 +44,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
             lr=config.lr,
             betas=(config.beta1, config.beta2),
             weight_decay=config.weight_decay,
+            ns_dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16,
         )
     kwargs: dict[str, Any] = dict(lr=config.lr, betas=(config.beta1, config.beta2), eps=1e-8)
     groups = decay_groups([p for _, p in params], config.weight_decay)
@@ -57,10 +67,12 @@ def decay_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict[s
     ]
 
 
-def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """≈ U·Vᵀ of `matrix`'s SVD by quintic Newton–Schulz iterations in bf16 (singular values end near 1, ±0.5)."""
+def orthogonalize(
+    matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """≈ U·Vᵀ of `matrix`'s SVD by quintic Newton–Schulz iterations in `dtype` (singular values end near 1, ±0.5)."""
     a, b, c = NS_COEFFICIENTS
-    x = matrix.bfloat16()
+    x = matrix.to(dtype)
     wide = x.size(0) <= x.size(1)
     if not wide:
         x = x.T  # iterate on the smaller Gram matrix
@@ -87,11 +99,14 @@ class MuonAdamW(torch.optim.Optimizer):
         momentum: float = 0.95,
         eps: float = 1e-8,
         ns_steps: int = 5,
+        ns_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         groups = [{"params": hidden, "muon": True, "weight_decay": weight_decay}]
         groups += [{**group, "muon": False} for group in adamw_groups]
         defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, ns_steps=ns_steps, weight_decay=0.0)
         super().__init__([g for g in groups if g["params"]], defaults)
+        # Not a group setting: it follows this run's compute dtype, and is not saved with the optimizer's state.
+        self.ns_dtype = ns_dtype
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
@@ -108,7 +123,9 @@ class MuonAdamW(torch.optim.Optimizer):
                         state["momentum_buffer"] = torch.zeros_like(p)
                     buf = state["momentum_buffer"]
                     buf.lerp_(grad, 1.0 - group["momentum"])
-                    update = orthogonalize(grad.lerp(buf, group["momentum"]), group["ns_steps"])  # Nesterov
+                    update = orthogonalize(  # of the Nesterov momentum
+                        grad.lerp(buf, group["momentum"]), group["ns_steps"], dtype=self.ns_dtype
+                    )
                     p.add_(update.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
                 else:
                     self._adamw(p, grad, state, group)

@@ -491,7 +491,7 @@ class _Loop:
         self.eval_model = loss_model  # evaluation runs it eagerly: never compiled, never through DDP
         if tcfg.fsdp:
             shard(loss_model, device, dist.world_size)
-        self.optimizer = make_optimizer(self.gpt, tcfg, device)
+        self.optimizer = make_optimizer(self.gpt, tcfg, device, dtype=plan.dtype)
         self.step, self.elapsed_before, self.tokens_seen = 0, 0.0, 0
         self.best_val: float | None = None
         if plan.state is not None:

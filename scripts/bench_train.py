@@ -180,7 +180,7 @@ def gptmini_step(dtype_name: str, compact: bool = False, optimizer: str = "muon"
         config = config.replace(vocab_size=tok.n_vocab, vocabulary=tok.vocabulary.tolist())
     gpt = GPT(config)
     loss_model = LossModel(gpt)
-    optimizer = make_optimizer(gpt, tcfg, device)
+    optimizer = make_optimizer(gpt, tcfg, device, dtype=dtype)
 
     class Fixed:
         def __init__(self):

@@ -67,7 +67,7 @@ def test_orthogonalize_approximates_the_polar_factor():
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     gpt = GPT(GPTConfig(vocab_size=300, n_layer=2, n_head=2, n_embd=16, block_size=8))
-    optimizer = make_optimizer(gpt, TrainConfig(max_iters=1), torch.device("cpu"))
+    optimizer = make_optimizer(gpt, TrainConfig(max_iters=1), torch.device("cpu"), dtype=torch.float32)
     names = {id(p): name for name, p in gpt.named_parameters()}
     muon = {names[id(p)] for g in optimizer.param_groups if g["muon"] for p in g["params"]}
     other = {names[id(p)] for g in optimizer.param_groups if not g["muon"] for p in g["params"]}
@@ -84,5 +84,47 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
 
 def test_adamw_option_is_plain_adamw():
     gpt = GPT(GPTConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=16, block_size=8))
-    optimizer = make_optimizer(gpt, TrainConfig(max_iters=1, optimizer="adamw"), torch.device("cpu"))
+    optimizer = make_optimizer(
+        gpt, TrainConfig(max_iters=1, optimizer="adamw"), torch.device("cpu"), dtype=torch.float32
+    )
     assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def _newton_schulz_float64(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The quintic iteration written out in float64, as the reference to compare an orthogonalisation with."""
+    a, b, c = 3.4445, -4.7750, 2.0315  # Keller Jordan's coefficients
+    x = g.double()
+    tall = x.size(0) > x.size(1)
+    x = x.T if tall else x
+    x = x / x.norm()
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+def test_orthogonalize_in_float32_follows_the_float64_iteration():
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(48, 16), (16, 48), (32, 32)]:
+        g = torch.randn(shape, generator=gen)
+        exact = _newton_schulz_float64(g)
+        fp32, bf16 = orthogonalize(g, dtype=torch.float32), orthogonalize(g)
+        assert fp32.dtype == torch.float32 and bf16.dtype == torch.bfloat16
+        assert (fp32.double() - exact).abs().max() < 1e-5
+        assert (bf16.double() - exact).abs().max() > 1e-3  # the bf16 default is another, coarser computation
+
+
+def test_muon_orthogonalises_in_the_training_dtype():
+    gpt = GPT(GPTConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=16, block_size=8))
+    cpu = torch.device("cpu")
+    for compute, expected in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]:
+        assert make_optimizer(gpt, TrainConfig(max_iters=1), cpu, dtype=compute).ns_dtype == expected
+    # An fp32 Muon step is the float64 recompute of the same update, to float32 rounding.
+    w = torch.randn(24, 8, generator=torch.Generator().manual_seed(4))
+    ours = w.clone().requires_grad_()
+    ours.grad = torch.randn(24, 8, generator=torch.Generator().manual_seed(5))
+    MuonAdamW([ours], [], lr=1e-2, weight_decay=0.1, ns_dtype=torch.float32).step()
+    momentum = 0.05 * ours.grad.double()  # lerp from zero, then the Nesterov mix with the gradient
+    nesterov = ours.grad.double().lerp(momentum, 0.95)
+    expected = w.double() * (1 - 1e-2 * 0.1) - 1e-2 * 0.2 * 24**0.5 * _newton_schulz_float64(nesterov)
+    torch.testing.assert_close(ours.detach().double(), expected, rtol=0, atol=1e-6)
