@@ -461,6 +461,7 @@ def test_chinese_and_emoji_arrive_whole(unicode_checkpoint):
         full = s.client().completions.create(
             model="m", prompt="你好", max_tokens=60, temperature=0, stop="✨"
         )
+    full = full.choices[0].text
     streamed = "".join(pieces)
     assert "\ufffd" not in streamed and not any("\ufffd" in p for p in pieces)
     assert streamed == full
