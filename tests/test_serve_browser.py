@@ -1,0 +1,79 @@
+"""The web chat page of a live `gptmini serve`, in headless Chromium (Debian's, driven by Playwright)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from test_serve import BASE_CKPT, serve, wait_for
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium")
+
+# Headless, and none of Chromium's own calls home (this machine has no network; they would only fail).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless=new",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+@pytest.fixture(scope="module")
+def page_of_server():
+    """The base model: its replies (plain template) end only at max_tokens or "\nUser:", so Stop has time."""
+    with serve("-c", str(BASE_CKPT), "--parallel", "2") as server, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        requested = []
+        page.on("request", lambda r: requested.append(r.url))
+        page.goto(server.url + "/")
+        yield server, page, requested
+        browser.close()
+
+
+def test_page_streams_a_reply(page_of_server):
+    server, page, requested = page_of_server
+    page.wait_for_function("document.getElementById('model').textContent.includes('default')")
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "40")
+    page.fill("#input", "Who goes there? <b>bold</b>")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".meta")  # written when the reply has finished
+    user = page.inner_text(".msg.user")
+    assert user == "Who goes there? <b>bold</b>"  # shown as text, not HTML
+    assert page.locator(".msg.user b").count() == 0
+    reply = page.inner_text(".msg.assistant")
+    ref = server.client().chat.completions.create(
+        model="m", messages=[{"role": "user", "content": user}], temperature=0, max_tokens=40
+    )
+    assert reply == ref.choices[0].message.content and reply
+    assert "tokens" in page.inner_text(".meta")
+    assert all(url.startswith(server.url) for url in requested)  # nothing from outside: no CDN
+
+
+def test_stop_button_cancels_the_request(page_of_server):
+    server, page, _ = page_of_server
+    page.click("#new")
+    page.fill("#temperature", "0.8")
+    page.fill("#max_tokens", "5000")
+    page.fill("#input", "Tell me a very long tale.")
+    page.press("#input", "Enter")
+    page.wait_for_function(
+        "document.querySelector('.msg.assistant') && document.querySelector('.msg.assistant').textContent.length > 5"
+    )
+    assert page.is_visible("#stop")
+    assert server.metrics()["gptmini_requests_running"] == 1
+    page.click("#stop")
+    page.wait_for_selector(".meta")
+    assert "stopped" in page.inner_text(".meta")
+    assert page.is_visible("#send")
+    # the server noticed the aborted fetch and freed the row
+    assert wait_for(lambda: server.metrics()["gptmini_requests_running"] == 0, 2.0)
+    assert server.metrics()["gptmini_requests_cancelled_total"] >= 1
