@@ -1,12 +1,22 @@
-"""Shared fixtures: small random models, and Hugging Face GPT-2s built from a config (no download)."""
+"""Shared fixtures: small random models, and Hugging Face GPT-2s built from a config (no download).
+
+Also the device guard: a test that means the CPU must say so (`--device cpu`, `device="cpu"`), so the suite passes
+the same on a machine with a GPU. Tests marked `cuda` are the GPU variants and are exempt.
+"""
 
 from __future__ import annotations
 
+import inspect
+import os
+import shlex
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
+import gptmini.devices
 from gptmini.config import GPTConfig
 from gptmini.model import GPT
 
@@ -58,3 +68,146 @@ def corpus(tmp_path_factory):
     text = (ROOT / "data" / "shakespeare.txt").read_bytes()[:60_000].decode("utf-8", errors="ignore")
     path.write_text(text, encoding="utf-8")
     return path
+
+
+# ---- the device guard -----------------------------------------------------------------------------------------
+#
+# On a machine with a GPU, "auto" puts a model on CUDA in bf16: a test that means the CPU but leaves the device to
+# "auto" passes here only because this machine has none. The guard makes that dependency visible on any machine:
+# every `gptmini` process a test starts (subprocess.Popen/run, torchrun, a pseudo-terminal through
+# `check_cpu_argv`) must pass an explicit --device other than auto to each command that takes one, and every
+# in-process device choice (gptmini.load, train, evaluate_checkpoint, chat: all go through
+# gptmini.devices.resolve_device) must be explicit. A test that breaks the rule fails with the offending call.
+
+_current: dict[str, object] = {"item": None, "violations": []}
+_NO_MODEL_FLAGS = {"--help", "-h", "--version"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "cuda: needs a CUDA GPU (skipped without one; exempt from the CPU guard)"
+    )
+
+
+def _guarded() -> bool:
+    item = _current["item"]
+    return item is not None and item.get_closest_marker("cuda") is None
+
+
+def _violation(what: str) -> None:
+    if _guarded():
+        import traceback
+
+        tests_dir = str(Path(__file__).parent)
+        frames = [
+            f
+            for f in traceback.extract_stack()
+            if f.filename.startswith(tests_dir) and f.filename != __file__
+        ]
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}: " if frames else ""
+        _current["violations"].append(where + what)
+
+
+def _commands_with_device() -> set[str]:
+    from gptmini.cli import app
+
+    return {
+        c.name or c.callback.__name__.replace("_", "-")
+        for c in app.registered_commands
+        if "device" in inspect.signature(c.callback).parameters
+    }
+
+
+def gptmini_argv(argv: Sequence[str]) -> list[str] | None:
+    """The `gptmini` command line inside a process's argv (python -m gptmini, the console script, torchrun's
+    program), or None when the process does not run gptmini."""
+    argv = [str(a) for a in argv]
+    for i in range(len(argv) - 1):
+        if argv[i] == "-m" and argv[i + 1] == "gptmini":
+            return argv[i + 2 :]
+    if argv and os.path.basename(argv[0]) == "gptmini":
+        return argv[1:]
+    launcher = any(os.path.basename(a) == "torchrun" for a in argv[:1]) or "torch.distributed.run" in argv
+    if launcher:  # torchrun running a script that calls gptmini's main with the arguments after it
+        scripts = [i for i, a in enumerate(argv) if a.endswith(".py") and i > 0]
+        if scripts:
+            return argv[scripts[0] + 1 :]
+    return None
+
+
+def check_cpu_argv(argv: Sequence[str] | str) -> None:
+    """Record a violation if `argv` runs a gptmini command that loads a model without an explicit --device."""
+    if not _guarded():
+        return
+    cli = gptmini_argv(shlex.split(argv) if isinstance(argv, str) else argv)
+    if cli is None or _NO_MODEL_FLAGS & set(cli):
+        return
+    command = next((a for a in cli if not a.startswith("-")), None)
+    if command not in _commands_with_device():
+        return
+    device = None
+    for i, a in enumerate(cli):
+        if a == "--device" and i + 1 < len(cli):
+            device = cli[i + 1]
+        elif a.startswith("--device="):
+            device = a.split("=", 1)[1]
+    if device is None or device.split(":")[0] == "auto":
+        _violation(f"`gptmini {' '.join(cli)}` leaves the device to auto: pass --device cpu")
+
+
+_real_popen_init = subprocess.Popen.__init__
+
+
+def _checked_popen_init(self, args, *pargs, **kwargs):
+    check_cpu_argv(args)  # only looks at the command line: the process starts and behaves as it would anyway
+    _real_popen_init(self, args, *pargs, **kwargs)
+
+
+subprocess.Popen.__init__ = _checked_popen_init
+
+_real_resolve_device = gptmini.devices.resolve_device
+
+
+def _checked_resolve_device(name: str = "auto") -> torch.device:
+    if name.split(":")[0] == "auto":
+        _violation("a model was placed with device='auto': pass device='cpu' (or --device cpu)")
+    return _real_resolve_device(name)
+
+
+def _install_device_check() -> None:
+    """Point every gptmini module's `resolve_device` at the checking one (modules imported later take it from
+    gptmini.devices)."""
+    import sys
+
+    for name, module in list(sys.modules.items()):
+        if (name == "gptmini" or name.startswith("gptmini.")) and (
+            getattr(module, "resolve_device", None) is _real_resolve_device
+        ):
+            module.resolve_device = _checked_resolve_device
+
+
+_install_device_check()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _install_device_check()  # modules that imported resolve_device before this conftest did
+    _current["item"], _current["violations"] = item, []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        violations = list(dict.fromkeys(_current["violations"]))
+        if violations and report.passed:
+            report.outcome = "failed"
+            report.longrepr = (
+                "device guard: this CPU test depends on the machine having no GPU:\n"
+                + "\n".join(f"  - {v}" for v in violations)
+            )
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    _current["item"] = None

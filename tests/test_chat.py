@@ -17,7 +17,7 @@ import time
 
 import pytest
 import torch
-from conftest import random_gpt
+from conftest import check_cpu_argv, random_gpt
 
 import gptmini
 from gptmini.chat import (
@@ -73,8 +73,10 @@ def chat_ckpt(tmp_path_factory):
 
 
 def run_chat(*args, input: str, env: dict | None = None):
+    """`gptmini chat ARGS` with piped stdin, on the CPU (the replies are compared with CPU fp32 references)."""
+    args = [*map(str, args), *([] if "--device" in args else ["--device", "cpu"])]
     return subprocess.run(
-        [sys.executable, "-m", "gptmini", "chat", *map(str, args)],
+        [sys.executable, "-m", "gptmini", "chat", *args],
         input=input,
         capture_output=True,
         text=True,
@@ -286,6 +288,24 @@ def test_pipe_chat_token_model_matches_a_hand_built_prompt(chat_ckpt, tok):
     assert out.stdout == tok.decode(reply).lstrip() + "\n"
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_pipe_chat_on_cuda_answers_like_the_api_on_cuda(chat_ckpt):
+    # On a GPU, chat's "auto" is CUDA bf16; the reference is the Python API on the same device and dtype (the
+    # text of a bf16 model need not be the CPU fp32 one's).
+    out = run_chat(
+        "-c", chat_ckpt, "-t", 0, "-n", 8, "--system", "Be kind.", "--device", "cuda", input="hi\n"
+    )
+    assert out.returncode == 0, out.stderr
+    session = ChatSession(
+        gptmini.load(str(chat_ckpt), device="cuda"),
+        settings=ChatSettings(temperature=0, max_new_tokens=8),
+        system="Be kind.",
+    )
+    assert session.lm.model.lm_head.weight.device.type == "cuda"
+    assert out.stdout == "".join(session.respond("hi")).lstrip() + "\n"
+
+
 def test_pipe_long_conversation_with_a_small_context(tmp_path):
     ckpt = tmp_path / "ctx32"
     save_checkpoint(random_gpt(std=0.2, block_size=32), ckpt)
@@ -305,10 +325,11 @@ def test_chat_prefers_the_default_chat_checkpoint(tmp_path):
     save_checkpoint(random_gpt(std=0.2), tmp_path / "checkpoints" / "default")
     save_checkpoint(random_gpt(std=0.2, vocab_size=50261), tmp_path / "checkpoints" / "default-chat")
     out = subprocess.run(
-        [sys.executable, "-m", "gptmini", "chat", "-n", "2"],
+        [sys.executable, "-m", "gptmini", "chat", "-n", "2", "--device", "cpu"],
         input="hi\n/stats\n",
         capture_output=True,
         text=True,
+        timeout=120,
         cwd=tmp_path,
         env={
             **os.environ,
@@ -331,7 +352,7 @@ def test_chat_prefers_the_default_chat_checkpoint(tmp_path):
     ],
 )
 def test_chat_flag_mistakes_are_one_line_exit_2(base_ckpt, capsys, args, message):
-    code, err = run_main(capsys, "chat", *[base_ckpt if a == "CKPT" else a for a in args])
+    code, err = run_main(capsys, "chat", *[base_ckpt if a == "CKPT" else a for a in args], "--device", "cpu")
     assert code == 2 and err.startswith("error:") and message in err
     assert len(err.strip().splitlines()) == 1
 
@@ -347,6 +368,7 @@ class Terminal:
     def __init__(self, argv: list[str], env: dict[str, str]) -> None:
         import pty
 
+        check_cpu_argv(argv)  # the device guard sees no Popen here
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child
             os.environ.update(env)
@@ -396,7 +418,20 @@ def test_terminal_repl_streams_survives_ctrl_c_keeps_history(base_ckpt, tmp_path
     history = tmp_path / "hist"
     lm = gptmini.load(str(base_ckpt), device="cpu")
     term = Terminal(
-        [sys.executable, "-m", "gptmini", "chat", "-c", str(base_ckpt), "-n", "5", "-t", "0"],
+        [
+            sys.executable,
+            "-m",
+            "gptmini",
+            "chat",
+            "-c",
+            str(base_ckpt),
+            "-n",
+            "5",
+            "-t",
+            "0",
+            "--device",
+            "cpu",
+        ],
         {"GPTMINI_HISTORY": str(history), "COLUMNS": "200", "TERM": "xterm", "OMP_NUM_THREADS": "1"},
     )
     term.expect("you›")
@@ -480,9 +515,12 @@ def test_finetune_reports_malformed_lines_by_number(tmp_path, base_ckpt):
             str(base_ckpt),
             "--out",
             str(tmp_path / "o"),
+            "--device",
+            "cpu",
         ],
         capture_output=True,
         text=True,
+        timeout=120,
     )
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert "2 malformed line(s)" in out.stderr
@@ -562,7 +600,7 @@ def test_finetune_learns_a_tiny_dataset_and_resumes(tmp_path, base_ckpt, monkeyp
     cmd = [sys.executable, "-m", "gptmini", "finetune", str(data), "-c", str(base_ckpt), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     resumed = subprocess.run(
-        [*cmd, "--max-iters", "50", "--resume", *common], capture_output=True, text=True, env=env
+        [*cmd, "--max-iters", "50", "--resume", *common], capture_output=True, text=True, env=env, timeout=300
     )  # ... and the command, continuing the same run
     assert resumed.returncode == 0, resumed.stderr
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -597,7 +635,7 @@ def test_make_dialogues_pairs_speeches_within_scenes(tmp_path):
     out = tmp_path / "d.jsonl"
     script = os.path.join(os.path.dirname(__file__), "..", "scripts", "make_dialogues.py")
     done = subprocess.run(
-        [sys.executable, script, str(source), "-o", str(out)], capture_output=True, text=True
+        [sys.executable, script, str(source), "-o", str(out)], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
     pairs = [
@@ -616,6 +654,7 @@ def test_make_dialogues_pairs_speeches_within_scenes(tmp_path):
         [sys.executable, script, str(source), "--turns", "2", "--system", "Speak verse."],
         capture_output=True,
         text=True,
+        timeout=60,
     )
     [conv] = [json.loads(line)["messages"] for line in two.stdout.splitlines()]  # only scene 2 has 4 speeches
     assert [m["role"] for m in conv] == ["system", "user", "assistant", "user", "assistant"]
@@ -659,7 +698,7 @@ def test_finetune_on_two_ranks_equals_one_process_with_accumulation(tmp_path, ba
     data = tmp_path / "yesno.jsonl"
     yes_no_dataset(data, 40, seed=2)
     common = dict(max_iters=6, batch_size=4, lr=1e-2, warmup_iters=2, device="cpu", dtype="float32")
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29677"]
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in common.items()]
     done = subprocess.run(
         [

@@ -22,7 +22,9 @@ def test_help_lists_commands_without_importing_torch():
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
     for command in ("train", "generate", "chat", "eval", "info", "export-hf"):
         assert command in out
     assert out.strip().endswith("NO-TORCH")
@@ -43,12 +45,15 @@ def ckpt(tmp_path_factory):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["generate", "hi", "-c", "/no/such/dir"], "does not exist"),
-        (["generate", "hi", "--temperature", "abc"], "--temperature"),
-        (["generate", "hi", "--bogus"], "No such option"),
-        (["generate", "hi", "-c", "CKPT", "--temperature", "-1"], "temperature must be >= 0"),
-        (["generate", "hi", "-c", "CKPT", "--top-k", "0"], "top-k"),
-        (["generate", "hi", "-c", "CKPT", "--top-p", "1.5"], "top-p"),
+        (["generate", "hi", "-c", "/no/such/dir", "--device", "cpu"], "does not exist"),
+        (["generate", "hi", "--temperature", "abc", "--device", "cpu"], "--temperature"),
+        (["generate", "hi", "--bogus", "--device", "cpu"], "No such option"),
+        (
+            ["generate", "hi", "-c", "CKPT", "--temperature", "-1", "--device", "cpu"],
+            "temperature must be >= 0",
+        ),
+        (["generate", "hi", "-c", "CKPT", "--top-k", "0", "--device", "cpu"], "top-k"),
+        (["generate", "hi", "-c", "CKPT", "--top-p", "1.5", "--device", "cpu"], "top-p"),
         (["generate", "hi", "-c", "CKPT", "--device", "cuda"], None),
         (["generate", "hi", "-c", "CKPT", "--device", "tpu"], "unknown device"),
         (["info", "-c", "/no/such/dir"], "does not exist"),
@@ -72,7 +77,7 @@ def test_user_mistakes_are_one_line_exit_2(ckpt, args, message):
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hello": 1}))
-    out = run("generate", "hi", "-c", str(tmp_path))
+    out = run("generate", "hi", "-c", str(tmp_path), "--device", "cpu")
     assert out.returncode == 2 and "not a gptmini" in out.stderr
 
 
@@ -94,12 +99,14 @@ def test_info_gpt2_small(tmp_path):
 
 
 def test_generate_reads_stdin_and_prints_prompt_then_completion(ckpt):
-    out = run("generate", "-c", str(ckpt), "--greedy", "-n", "5", input="Once upon")
+    out = run("generate", "-c", str(ckpt), "--greedy", "-n", "5", "--device", "cpu", input="Once upon")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("Once upon") and len(out.stdout) > len("Once upon")
 
 
 def test_generate_stats_go_to_stderr(ckpt):
-    out = run("generate", "hi", "-c", str(ckpt), "--greedy", "-n", "5", "--stats", "--ignore-eos")
+    out = run(
+        "generate", "hi", "-c", str(ckpt), "--greedy", "-n", "5", "--stats", "--ignore-eos", "--device", "cpu"
+    )
     assert out.returncode == 0
     assert "tokens/s" in out.stderr and "tokens/s" not in out.stdout

@@ -36,7 +36,7 @@ def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess
 
 @pytest.mark.skipif(not DEFAULT.exists(), reason="no shipped default model")
 def test_generate_without_a_checkpoint_uses_the_default_model():
-    out = run_cli("generate", "ChatGPT is", "-n", "20", "--seed", "1")
+    out = run_cli("generate", "ChatGPT is", "-n", "20", "--seed", "1", "--device", "cpu")
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ChatGPT is") and len(out.stdout) > len("ChatGPT is") + 10
 
@@ -45,13 +45,22 @@ def test_generate_without_a_checkpoint_uses_the_default_model():
 def test_default_card_bits_per_byte_is_reproduced_by_eval():
     from gptmini.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(DEFAULT, [ROOT / "data" / "shakespeare.txt"], split="val")
+    result = evaluate_checkpoint(DEFAULT, [ROOT / "data" / "shakespeare.txt"], split="val", device="cpu")
     assert round(result.bpb, 4) == card_bits_per_byte(DEFAULT / "MODEL.md")
 
 
 @pytest.mark.skipif(not DEFAULT_CHAT.exists(), reason="no shipped chat model")
 def test_chat_without_a_checkpoint_uses_the_chat_model():
-    out = run_cli("chat", "-t", "0", "-n", "20", stdin="What news from the court?\nAnd then?\n/stats\n")
+    out = run_cli(
+        "chat",
+        "-t",
+        "0",
+        "-n",
+        "20",
+        "--device",
+        "cpu",
+        stdin="What news from the court?\nAnd then?\n/stats\n",
+    )
     assert out.returncode == 0, out.stderr
     assert "template: tokens" in out.stderr  # /stats: the fine-tuned chat model, with its chat tokens
     assert out.stdout.strip()

@@ -1,16 +1,19 @@
 """`gptmini generate`, run in-process (fast) and checked against a naive greedy reference and the Python API."""
 
+import copy
 import io
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import random_gpt
 from test_generation import naive_greedy
 
 from gptmini.api import load
-from gptmini.checkpoint import save_checkpoint
+from gptmini.checkpoint import load_checkpoint, save_checkpoint
 from gptmini.cli import main
+from gptmini.quantize import pack_linears, quantize_int8
 from gptmini.tokenizer import Tokenizer
 
 TOK = Tokenizer()
@@ -26,15 +29,20 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(ckpt):
-    return load(ckpt).model
+    # The plain CPU fp32 model (no packed linears) every CPU test's reference runs on.
+    return load_checkpoint(ckpt, device="cpu")[0]
 
 
 def cli(capsys, monkeypatch, *args, stdin=None):
+    """`gptmini generate ARGS` in this process, on the CPU unless the args name a device."""
     if stdin is not None:
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    args = [str(a) for a in args]
+    if args[:1] == ["generate"] and "--device" not in args:
+        args += ["--device", "cpu"]
     code = 0
     try:
-        main([str(a) for a in args])
+        main(args)
     except SystemExit as e:
         code = e.code
     out = capsys.readouterr()
@@ -89,7 +97,7 @@ def test_prompt_from_stdin_dash_omitted_and_empty(capsys, monkeypatch, ckpt, mod
 
 
 def test_sampling_flags_reach_the_sampler(capsys, monkeypatch, ckpt):
-    lm = load(ckpt)
+    lm = load(ckpt, device="cpu")
     kw = dict(
         temperature=0.9, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.3, seed=4, ignore_eos=True
     )
@@ -116,7 +124,7 @@ def test_sampling_flags_reach_the_sampler(capsys, monkeypatch, ckpt):
 
 
 def test_num_samples_prints_each_sample(capsys, monkeypatch, ckpt):
-    lm = load(ckpt)
+    lm = load(ckpt, device="cpu")
     samples = lm.generate(PROMPT, max_new_tokens=10, temperature=1.0, seed=1, num_samples=3, ignore_eos=True)
     code, out, _ = cli(
         capsys,
@@ -162,8 +170,16 @@ def test_speed_flags_run(capsys, monkeypatch, ckpt, model, extra):
         capsys, monkeypatch, "generate", PROMPT, "-c", ckpt, "--greedy", "-n", 6, "--ignore-eos", *extra
     )
     assert code == 0, err
-    assert out.startswith(PROMPT) and len(out) > len(PROMPT) + 1
-    if extra == ["--compile"]:  # same math as eager fp32
+    if "bfloat16" in extra:  # the naive recompute over the same bf16 weights (fp32's text differs)
+        bf16 = pack_linears(copy.deepcopy(model).to(torch.bfloat16))
+        assert out == PROMPT + reference(bf16, PROMPT, 6) + "\n"
+    elif (
+        "int8" in extra
+    ):  # the naive recompute over the same int8 weights, as far as the bf16 KV cache of int8
+        # models keeps (its rounding may flip a later near tie): the first three tokens
+        ids = naive_greedy(quantize_int8(copy.deepcopy(model)), TOK.encode(PROMPT), 3)
+        assert out.startswith(PROMPT + TOK.decode(ids))
+    else:  # --compile: same math as eager fp32
         assert out == PROMPT + reference(model, PROMPT, 6) + "\n"
 
 
@@ -203,9 +219,60 @@ def test_generate_help_does_not_import_torch():
         "try:\n    main(['generate', '--help'])\nexcept SystemExit:\n    pass\n"
         "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
     for flag in ("--top-p", "--min-p", "--repetition-penalty", "--stop", "--num-samples", "--no-kv-cache"):
         assert flag in out
     for flag in ("--stats", "--dtype", "--quantize", "--compile", "--device", "--no-stream"):
         assert flag in out
     assert out.strip().endswith("NO-TORCH")
+
+
+# ---- the same on a GPU ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp32_greedy_equals_the_naive_recompute_on_cuda(capsys, monkeypatch, ckpt):
+    # fp32 on both sides, same device: the cached engine must reproduce the full recompute token for token.
+    cuda_model = load(ckpt, device="cuda", dtype="float32").model
+    expected = PROMPT + reference(cuda_model, PROMPT, 20) + "\n"
+    for extra in ([], ["--no-kv-cache"], ["--compile"]):
+        code, out, err = cli(
+            capsys, monkeypatch, "generate", PROMPT, "-c", ckpt, "--greedy", "-n", 20, "--ignore-eos",
+            "--device", "cuda", "--dtype", "float32", *extra,
+        )  # fmt: skip
+        assert code == 0, err
+        assert out == expected, extra
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_logits_are_within_bf16_rounding_of_cpu_fp32(capsys, monkeypatch, ckpt, model):
+    # "auto" on a GPU is bf16. Tolerance: bf16 keeps 8 significant bits (relative error 2^-9 per rounding); through
+    # two blocks and the head the logits stay within 3% of their largest magnitude, and the argmax agrees at most
+    # positions (random weights leave some near ties).
+    bf16 = load(ckpt, device="cuda", dtype="auto").model
+    assert bf16.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.tensor([TOK.encode(PROMPT * 3)[:48]])
+    with torch.no_grad():
+        expected = model(ids)[0][0]
+        got = bf16(ids.cuda())[0][0].float().cpu()
+    assert (got - expected).abs().max() <= 0.03 * expected.abs().max()
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+    code, out, err = cli(
+        capsys, monkeypatch, "generate", PROMPT, "-c", ckpt, "--greedy", "-n", 6, "--ignore-eos",
+        "--device", "cuda",
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.startswith(PROMPT) and len(TOK.encode(out)) == len(TOK.encode(PROMPT)) + 6
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_int8_is_refused_in_one_line(capsys, monkeypatch, ckpt):
+    code, out, err = cli(
+        capsys, monkeypatch, "generate", "hi", "-c", ckpt, "--quantize", "int8", "--device", "cuda"
+    )
+    assert code == 2 and out == "" and err.count("\n") == 1 and "--quantize int8 is for CPU decoding" in err

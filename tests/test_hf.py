@@ -18,7 +18,11 @@ PROMPTS = ["ChatGPT is", "To be, or not to be", "The quick brown fox jumps over"
 def hf_greedy(hf, ids, n):
     with torch.no_grad():
         out = hf.generate(
-            torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=50256
+            torch.tensor([ids], device=hf.device),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=50256,
         )
     return out[0, len(ids) :].tolist()
 
@@ -48,19 +52,31 @@ def test_pytorch_model_bin_and_unprefixed_keys(tmp_path):
         torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=0)
 
 
-def test_greedy_cli_matches_transformers(hf_dir):
-    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+def greedy_cli_matches_transformers(hf_dir, device: str) -> None:
+    """`gptmini generate --greedy` on `device` in fp32 prints transformers' fp32 greedy text on that device."""
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval().to(device)
     tok = Tokenizer()
     for prompt in PROMPTS:
         expected = tok.decode(hf_greedy(hf, tok.encode(prompt), 32))
         out = subprocess.run(
             [sys.executable, "-m", "gptmini", "generate", prompt, "-c", str(hf_dir), "--greedy"]
-            + ["--max-new-tokens", "32", "--ignore-eos"],
+            + ["--max-new-tokens", "32", "--ignore-eos", "--device", device, "--dtype", "float32"],
             capture_output=True,
             text=True,
             check=True,
+            timeout=120,
         )
         assert out.stdout == prompt + expected + "\n"
+
+
+def test_greedy_cli_matches_transformers(hf_dir):
+    greedy_cli_matches_transformers(hf_dir, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_greedy_cli_on_cuda_matches_transformers_on_cuda(hf_dir):
+    greedy_cli_matches_transformers(hf_dir, "cuda")
 
 
 def test_export_round_trips_through_transformers(tmp_path):
@@ -87,6 +103,7 @@ def test_export_cli(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "gptmini", "export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")],
         check=True,
+        timeout=120,
     )
     reloaded, _ = load_checkpoint(tmp_path / "hf")  # and back in through the importer
     original, _ = load_checkpoint(tmp_path / "ckpt")

@@ -46,8 +46,9 @@ def one_thread():
 
 
 def settings(**changes):
+    """Tiny-run settings on the CPU: on a machine with a GPU, "auto" would train on CUDA in bf16."""
     return {
-        **dict(batch_size=8, eval_interval=1000, eval_iters=2, log_interval=5, dtype="float32"),
+        **dict(batch_size=8, eval_interval=1000, eval_iters=2, log_interval=5, dtype="float32", device="cpu"),
         **changes,
     }
 
@@ -80,7 +81,7 @@ def test_loss_falls_well_below_uniform(corpus, tmp_path):
         assert all(key in r for r in records)
     assert records[-1]["val_bpb"] == pytest.approx(result.final.bpb)
     # The saved checkpoint is the trained model: `eval --split val` reproduces the final figures.
-    again = evaluate_checkpoint(tmp_path, split="val")
+    again = evaluate_checkpoint(tmp_path, split="val", device="cpu")
     assert again.loss == pytest.approx(result.final.loss, rel=1e-5)
     assert (tmp_path / "best" / "model.safetensors").exists()
 
@@ -107,7 +108,7 @@ def test_compact_vocabulary_by_default_and_full_gpt2_on_request(corpus, tmp_path
 
     lm = gptmini.load(tmp_path / "compact", device="cpu")
     first_token = lm.tokenizer.encode(other.read_text(encoding="utf-8"))[0]
-    result = evaluate_checkpoint(tmp_path / "compact", [other])
+    result = evaluate_checkpoint(tmp_path / "compact", [other], device="cpu")
     assert math.isfinite(result.loss)
     assert result.bytes == len(other.read_bytes()) - len(lm.tokenizer.token_bytes(first_token))  # unscored
     completion = lm.generate("你好 zebra", max_new_tokens=5, temperature=0, ignore_eos=True)
@@ -131,8 +132,8 @@ def test_save_dtype_halves_best_and_keeps_the_resumable_checkpoint_fp32(corpus, 
         torch.testing.assert_close(a[name], b[name].to(torch.bfloat16).float(), atol=0, rtol=0)
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(corpus, tmp_path):
-    cfg = settings(max_iters=16, grad_accum=2, eval_interval=6, dtype="auto")
+def interrupted_and_resumed_equals_uninterrupted(corpus, tmp_path, *, device: str, dtype: str, atol: float):
+    cfg = settings(max_iters=16, grad_accum=2, eval_interval=6, dtype=dtype, device=device)
     model = {**TINY, "dropout": 0.1}  # dropout draws from the RNG: it must be restored too
     train([corpus], config=cfg, model=model, out=tmp_path / "straight")
 
@@ -146,7 +147,22 @@ def test_interrupted_and_resumed_equals_uninterrupted(corpus, tmp_path):
     assert resumed.reason == "done" and resumed.step == 16
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "split")
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0)
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(corpus, tmp_path):
+    # "auto": bf16 autocast on CPUs with bf16 matmuls, fp32 elsewhere; one process repeats itself either way.
+    interrupted_and_resumed_equals_uninterrupted(corpus, tmp_path, device="cpu", dtype="auto", atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-6), ("bfloat16", 1e-4)])
+def test_interrupted_and_resumed_equals_uninterrupted_on_cuda(corpus, tmp_path, dtype, atol):
+    # fp32: the same kernels in the same order, exact as on the CPU. bf16: cuBLAS may pick another algorithm for the
+    # resumed process's first matmuls; bf16 autocast turns such reorderings into differences of a bf16 rounding of
+    # an update (lr 2e-3 × 2^-8 ≈ 1e-5 a step, 16 steps): 1e-4.
+    interrupted_and_resumed_equals_uninterrupted(corpus, tmp_path, device="cuda", dtype=dtype, atol=atol)
 
 
 def test_kill_during_save_leaves_a_whole_checkpoint(tmp_path):
@@ -281,13 +297,13 @@ def saved_run(corpus, tmp_path_factory):
 
 
 def test_eval_command_json_and_split(saved_run, corpus, capsys):
-    code, out, _ = cli(capsys, "eval", corpus, "-c", saved_run, "--json")
+    code, out, _ = cli(capsys, "eval", corpus, "-c", saved_run, "--json", "--device", "cpu")
     assert code == 0
     whole = json.loads(out)
-    code, out, _ = cli(capsys, "eval", "-c", saved_run, "--split", "val", "--json")
+    code, out, _ = cli(capsys, "eval", "-c", saved_run, "--split", "val", "--json", "--device", "cpu")
     val = json.loads(out)
     assert set(whole) >= {"loss", "ppl", "bpb"} and val["tokens"] < whole["tokens"] / 5
-    expected = evaluate_checkpoint(saved_run, [corpus], split="val")
+    expected = evaluate_checkpoint(saved_run, [corpus], split="val", device="cpu")
     assert val["bpb"] == pytest.approx(expected.bpb)
 
 
@@ -335,7 +351,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(args, message, corpus,
     head = lambda a: a.split("/", 1)[0]  # noqa: E731
     args = [str(names[head(a)]) + a[len(head(a)) :] if head(a) in names else a for a in args]
     before_run, before_tmp = snapshot(saved_run), snapshot(tmp_path)
-    code, _, err = cli(capsys, "train", *args, "--max-iters", "2")
+    code, _, err = cli(capsys, "train", *args, "--max-iters", "2", "--device", "cpu")
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert snapshot(saved_run) == before_run and snapshot(tmp_path) == before_tmp
@@ -372,7 +388,8 @@ def test_ctrl_c_saves_and_exits_cleanly(corpus, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "gptmini", "train", str(corpus), "--out", str(out), "--preset", "tiny"]
-        + ["--block-size", "32", "--time", "5m", "--log-interval", "1", "--eval-interval", "100000"],
+        + ["--block-size", "32", "--time", "5m", "--log-interval", "1", "--eval-interval", "100000"]
+        + ["--device", "cpu"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
