@@ -24,14 +24,15 @@ def linear_cross_entropy(
     *,
     vocab_size: int | None = None,
     compute_dtype: torch.dtype | None = None,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> torch.Tensor:
     """Sum over positions of −log softmax(hidden · weight[:vocab_size]ᵀ)[target]; targets of −1 are skipped.
 
     `hidden` is `[..., C]`, `weight` `[V_padded, C]` and `targets` `hidden.shape[:-1]`. Matmuls run in
     `compute_dtype` (bf16 under mixed precision), the softmax in fp32. Returns a 0-dim fp32 tensor (a sum: divide
-    by the number of scored positions for the mean).
+    by the number of scored positions for the mean). `chunk_bytes` defaults to `CHUNK_BYTES`, read at each call.
     """
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     vocab_size = vocab_size or weight.shape[0]
     compute_dtype = compute_dtype or _autocast_dtype(hidden)
     hidden = hidden.reshape(-1, hidden.shape[-1])
