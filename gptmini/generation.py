@@ -15,6 +15,7 @@ safe); `generate_texts` does it for several samples drawn from one prefill. Noth
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,23 @@ FINISHED = -1  # placeholder id yielded for a sample that already hit <|endoftex
 def window_shift(block_size: int) -> int:
     """How many of the oldest tokens a full window drops: a quarter (at least one)."""
     return max(1, block_size // 4)
+
+
+@dataclass
+class AttentionStep:
+    """What one step's forward pass attended to when it produced the next token (see `generate_tokens`)."""
+
+    weights: list[torch.Tensor]  # per layer `[num_samples, n_head, n_keys]`: the newest query's weights
+    keys: torch.Tensor  # `[num_samples, n_keys]`: the window's token ids, the keys attended over
+    key_start: int  # index of the window's first token in prompt + generated tokens (moves when it slides)
+    tokens: torch.Tensor  # `[num_samples]`: the tokens sampled from this step's logits
+
+
+def _attention_step(model: GPT, window: torch.Tensor, length: int, key_start: int, tokens: torch.Tensor):
+    # Each layer kept `[1 or B, H, queries, keys]` (the decode step's keys span the whole cache): the newest query
+    # over the window's `length` keys; a prefill shared by several samples is repeated for each.
+    rows = [b.attn.attention[:, :, -1, :length].expand(len(tokens), -1, -1) for b in model.transformer.h]
+    return AttentionStep(rows, window[:, :length].clone(), key_start, tokens)
 
 
 @dataclass
@@ -67,12 +85,14 @@ def generate_tokens(
     compile: bool = False,
     stats: GenerationStats | None = None,
     record_step_times: bool = False,
+    on_attention: Callable[[AttentionStep], None] | None = None,
 ) -> Iterator[list[int]]:
     """Yield, per step, one new token id per sample (`FINISHED` for samples that already emitted `eos_id`).
 
     Stops after `max_new_tokens` steps or when every sample has emitted `eos_id` (pass None to ignore EOS).
     `compile` runs each cached step through `compiled_decode_step` (ignored without the cache: that path is the
-    plain reference).
+    plain reference). `on_attention`, if given, is called with an `AttentionStep` for every yielded step, before it
+    is yielded: the attention of the forward pass that produced it (prefill, decode step or window re-prefill).
     """
     config = model.config
     device = model.transformer.wte.weight.device
@@ -97,24 +117,34 @@ def generate_tokens(
         seen[:, torch.tensor(sorted(set(prompt_ids)), device=device)] = True
 
     cache = KVCache.for_model(model, batch_size=1) if use_cache else None
-    step_fn = compiled_decode_step(model) if compile and use_cache else None
-    t0 = time.perf_counter()
-    logits = model(window[:1, :length], cache=cache, start_pos=0, last_only=True)[0][:, -1]
-    if cache is not None and num_samples > 1:
-        cache = cache.expand(num_samples)  # one prefill serves every sample
-    if step_fn is not None:
-        # The compiled step's inputs live at fixed addresses (CUDA graphs replay from them); refilled each step.
-        step_tok = torch.zeros(num_samples, 1, dtype=torch.long, device=device)
-        step_pos = torch.zeros((), dtype=torch.long, device=device)
-        _mark_static(*cache.k_layers, *cache.v_layers, step_tok, step_pos)
-    next_tok = sample_next(logits.expand(num_samples, -1), sampling, generator, seen)
-    ids = next_tok.tolist()
-    synchronize(device)
-    stats.prefill_s = time.perf_counter() - t0
-
-    finished = [False] * num_samples
-    t_decode = time.perf_counter()
+    step_fn = None
+    if compile and use_cache:
+        # A compiled graph cannot hand out its attention: capturing runs the same static decode step eagerly.
+        step_fn = model.decode_step if on_attention is not None else compiled_decode_step(model)
+    capture = contextlib.ExitStack()  # closed in the `finally` below
+    if on_attention is not None:
+        capture.enter_context(model.keeping_attention())
+    key_start = stats.prompt_truncated  # where the window starts in prompt + generated tokens
+    t_decode = None
     try:
+        t0 = time.perf_counter()
+        logits = model(window[:1, :length], cache=cache, start_pos=0, last_only=True)[0][:, -1]
+        if cache is not None and num_samples > 1:
+            cache = cache.expand(num_samples)  # one prefill serves every sample
+        if step_fn is not None:
+            # The compiled step's inputs live at fixed addresses (CUDA graphs replay from them); refilled each step.
+            step_tok = torch.zeros(num_samples, 1, dtype=torch.long, device=device)
+            step_pos = torch.zeros((), dtype=torch.long, device=device)
+            _mark_static(*cache.k_layers, *cache.v_layers, step_tok, step_pos)
+        next_tok = sample_next(logits.expand(num_samples, -1), sampling, generator, seen)
+        ids = next_tok.tolist()
+        synchronize(device)
+        stats.prefill_s = time.perf_counter() - t0
+        if on_attention is not None:
+            on_attention(_attention_step(model, window, length, key_start, next_tok))
+
+        finished = [False] * num_samples
+        t_decode = time.perf_counter()
         for step in range(max_new_tokens):
             out = []
             for i, tok in enumerate(ids):
@@ -133,6 +163,7 @@ def generate_tokens(
                 keep = block - window_shift(block)
                 window[:, : keep - 1] = window[:, length - keep + 1 : length].clone()
                 window[:, keep - 1] = next_tok
+                key_start += length - keep + 1
                 length = keep
                 logits = model(window[:, :length], cache=cache, start_pos=0, last_only=True)[0][:, -1]
                 stats.window_slides += 1
@@ -149,10 +180,14 @@ def generate_tokens(
                     logits = model(window[:, :length], last_only=True)[0][:, -1]
             next_tok = sample_next(logits, sampling, generator, seen)
             ids = next_tok.tolist()  # the one host sync per step: the caller needs the token
+            if on_attention is not None:
+                on_attention(_attention_step(model, window, length, key_start, next_tok))
             if record_step_times:
                 stats.step_times.append(time.perf_counter() - t_step)
     finally:
-        stats.decode_s = time.perf_counter() - t_decode
+        capture.close()
+        if t_decode is not None:
+            stats.decode_s = time.perf_counter() - t_decode
 
 
 def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor]:
@@ -239,8 +274,10 @@ def stream_text(
     use_cache: bool = True,
     compile: bool = False,
     stats: GenerationStats | None = None,
+    on_attention: Callable[[AttentionStep], None] | None = None,
 ) -> Iterator[str]:
-    """Yield the completion of one sample as text pieces, as soon as each is certain."""
+    """Yield the completion of one sample as text pieces, as soon as each is certain (`on_attention`: as for
+    `generate_tokens`)."""
     stats = stats if stats is not None else GenerationStats()
     decoder = tokenizer.stream_decoder()
     matcher = StopMatcher(sampling.stop)
@@ -254,6 +291,7 @@ def stream_text(
         use_cache=use_cache,
         compile=compile,
         stats=stats,
+        on_attention=on_attention,
     )
     try:
         for (tok,) in tokens:
@@ -285,6 +323,7 @@ def generate_texts(
     use_cache: bool = True,
     compile: bool = False,
     stats: GenerationStats | None = None,
+    on_attention: Callable[[AttentionStep], None] | None = None,
 ) -> list[str]:
     """`num_samples` completions of one prompt, drawn in one batch from a single prefill."""
     eos_id = None if ignore_eos else tokenizer.eot_id
@@ -302,6 +341,7 @@ def generate_texts(
         use_cache=use_cache,
         compile=compile,
         stats=stats,
+        on_attention=on_attention,
     )
     try:
         for step_ids in tokens:

@@ -97,6 +97,8 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         keys, values = cache.write_at(self.layer_idx, pos, k, v)
+        if self.keep_attention:  # a Python check: no cost, and no other graph, when off
+            self.attention = attention_probs(q, keys, allowed=mask)
         y = attend(q, keys, values, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -108,10 +110,14 @@ def causal_mask(n_query: int, start_pos: int, device: torch.device) -> torch.Ten
     return key_pos[None, :] <= query_pos[:, None]
 
 
-def attention_probs(q: torch.Tensor, k: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-    """softmax(Q·Kᵀ/√d_k) under the causal mask, spelled out: the weights SDPA uses but never shows."""
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, start_pos: int = 0, *, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """softmax(Q·Kᵀ/√d_k) in fp32 under the causal mask (or the boolean mask `allowed`, as the decode step's),
+    spelled out: the weights SDPA uses but never shows."""
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    allowed = causal_mask(q.shape[2], start_pos, q.device)
+    if allowed is None:
+        allowed = causal_mask(q.shape[2], start_pos, q.device)
     return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
 
 
@@ -297,19 +303,25 @@ class GPT(nn.Module):
             x = block.decode(x, cache, at, mask)
         return self.logits(self.transformer.ln_f(x))[:, 0]
 
+    @contextlib.contextmanager
+    def keeping_attention(self) -> Iterator[list[CausalSelfAttention]]:
+        """Within: every layer also computes its attention probabilities (fp32) and keeps them in `.attention`."""
+        layers = [block.attn for block in self.transformer.h]
+        for layer in layers:
+            layer.keep_attention = True
+        try:
+            yield layers
+        finally:
+            for layer in layers:
+                layer.keep_attention = False
+                layer.attention = None
+
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor) -> list[torch.Tensor]:
         """Attention probabilities of every layer, each `[B, n_head, T, T]` (row = query, column = key)."""
-        blocks = list(self.transformer.h)
-        for block in blocks:
-            block.attn.keep_attention = True
-        try:
+        with self.keeping_attention() as layers:
             self.hidden_states(idx)
-            return [block.attn.attention for block in blocks]
-        finally:
-            for block in blocks:
-                block.attn.keep_attention = False
-                block.attn.attention = None
+            return [layer.attention for layer in layers]
 
     # ---- counting ------------------------------------------------------------------------------------------
 
