@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -14,10 +14,13 @@ from gptmini.checkpoint import load_checkpoint
 from gptmini.config import GPTConfig, SamplingConfig
 from gptmini.devices import resolve_device, resolve_dtype
 from gptmini.errors import UserError
-from gptmini.generation import GenerationStats, generate_texts, stream_text
+from gptmini.generation import AttentionStep, GenerationStats, generate_texts, stream_text
 from gptmini.model import GPT
 from gptmini.quantize import check_quantize, prepare_for_decoding
 from gptmini.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from gptmini.inspect import Attention, HeadScores, LogitLens
 
 DEFAULT_CHECKPOINT = Path("checkpoints/default")
 
@@ -70,12 +73,14 @@ class LM:
         ignore_eos: bool = False,
         use_cache: bool = True,
         stats: GenerationStats | None = None,
+        on_attention: Callable[[AttentionStep], None] | None = None,
         **sampling_fields: Any,
     ) -> Iterator[str]:
         """Yield the completion (not the prompt) piece by piece as it is generated.
 
         Sampling is one `SamplingConfig`; its fields may also be given by name (`temperature=0`, `top_k=50`,
-        `seed=1`, `stop=["."]`, …), which override the config's.
+        `seed=1`, `stop=["."]`, …), which override the config's. `on_attention` receives what each step attended
+        to (e.g. a `gptmini.inspect.GenerationAttention`).
         """
         sampling = sampling_config(sampling, **sampling_fields)
         _check_max_new_tokens(max_new_tokens)
@@ -91,6 +96,7 @@ class LM:
             use_cache=use_cache,
             compile=self.compile,
             stats=stats,
+            on_attention=on_attention,
         )
 
     def generate(
@@ -103,11 +109,18 @@ class LM:
         use_cache: bool = True,
         num_samples: int | None = None,
         stats: GenerationStats | None = None,
+        on_attention: Callable[[AttentionStep], None] | None = None,
         **sampling_fields: Any,
     ) -> str | list[str]:
         """The completion as one string, or a list of `num_samples` completions drawn from one prefill."""
         sampling = sampling_config(sampling, **sampling_fields)
-        options = dict(max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, use_cache=use_cache, stats=stats)
+        options = dict(
+            max_new_tokens=max_new_tokens,
+            ignore_eos=ignore_eos,
+            use_cache=use_cache,
+            stats=stats,
+            on_attention=on_attention,
+        )
         if num_samples is None:
             return "".join(self.stream(prompt, sampling, **options))
         if num_samples < 1:
@@ -122,6 +135,26 @@ class LM:
             compile=self.compile,
             **options,
         )
+
+    # ---- looking inside: thin wrappers of gptmini.inspect -----------------------------------------------------
+
+    def attention(self, text: str, *, last: int | None = None) -> Attention:
+        """Attention maps of `text` (or its last `last` tokens): `.weights[layer, head, query, key]`, fp32."""
+        from gptmini import inspect
+
+        return inspect.attention(self.model, self.tokenizer, text, last=last)
+
+    def logit_lens(self, text: str, *, top: int = 5, last: int | None = None) -> LogitLens:
+        """Each layer's top `top` next tokens and its probability of the actual next token, per position."""
+        from gptmini import inspect
+
+        return inspect.logit_lens(self.model, self.tokenizer, text, top=top, last=last)
+
+    def head_scores(self, text: str | None = None, *, seed: int = 0) -> HeadScores:
+        """Entropy, previous/first/self-token and induction scores of every head, with the roles they suggest."""
+        from gptmini import inspect
+
+        return inspect.head_scores(self.model, self.tokenizer, text, seed=seed)
 
 
 def sampling_config(base: SamplingConfig | None = None, **fields: Any) -> SamplingConfig:
