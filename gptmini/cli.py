@@ -628,16 +628,18 @@ def inspect_attention(
     text: InspectTextArg = None,
     checkpoint: CheckpointOpt = None,
     layer: Annotated[
-        int | None, typer.Option(help="Layer shown in the terminal [default: the last].")
+        int | None, typer.Option(help="Layer shown in the terminal (default: the last; layers count from 0).")
     ] = None,
     head: Annotated[
-        int | None, typer.Option(help="Head shown in the terminal [default: the mean of the layer's heads].")
+        int | None, typer.Option(help="Head shown in the terminal (default: the mean of the layer's heads).")
     ] = None,
     png: PngOpt = None,
     html: HtmlOpt = None,
     json_out: Annotated[
         Path | None,
-        typer.Option("--json", help="Write {tokens, ids, attention[layer][head][query][key]} ('-': stdout)."),
+        typer.Option(
+            "--json", help="Write {tokens, ids, attention: layer × head × query × key} ('-': stdout)."
+        ),
     ] = None,
     last: LastOpt = None,
     device: DeviceOpt = "auto",
@@ -673,7 +675,7 @@ def inspect_heads(
     checkpoint: CheckpointOpt = None,
     text: Annotated[
         str | None,
-        typer.Option("--text", help="Text the patterns are measured on [default: a short passage]."),
+        typer.Option("--text", help="Text the patterns are measured on (default: a short English passage)."),
     ] = None,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the scores as JSON ('-': stdout).")
