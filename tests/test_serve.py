@@ -779,3 +779,50 @@ def test_memory_per_slot_is_reported(lm):
     engine = Engine(lm, parallel=3)
     c = lm.config
     assert engine.cache_bytes_per_slot() == 2 * c.n_layer * c.block_size * c.n_embd * 4
+
+
+def test_health_is_503_while_the_model_loads(monkeypatch):
+    """The server answers at once; until the model is loaded /health says 503 and requests get a 503 error."""
+    import threading
+
+    import uvicorn
+
+    import gptmini.api
+    from gptmini.server import ServeSettings, create_app
+
+    release = threading.Event()
+    real_load = gptmini.api.load
+
+    def slow_load(*args, **kwargs):
+        release.wait(timeout=60)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(gptmini.api, "load", slow_load)
+    port = free_port()
+    app = create_app(ServeSettings(checkpoint=BASE_CKPT, device="cpu", parallel=1))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: _answers(url), 30)
+        health = httpx.get(url + "/health", timeout=5)
+        assert health.status_code == 503 and health.json() == {"status": "loading"}
+        early = httpx.post(url + "/v1/completions", json={"prompt": "x"}, timeout=5)
+        assert early.status_code == 503 and early.json()["error"]["code"] == "loading"
+        release.set()
+        assert wait_for(lambda: _ready(url), 60)
+        ok = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+        assert ok.status_code == 200
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(url + "/health", timeout=2)
+        return True
+    except httpx.HTTPError:
+        return False
