@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,17 +99,68 @@ def test_export_of_non_gpt2_variants_keeps_the_function(tmp_path, overrides):
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=1e-5, rtol=0)
 
 
-def test_export_cli(tmp_path):
-    save_checkpoint(random_gpt(std=0.2), tmp_path / "ckpt")
+def export_cli(checkpoint: Path, out: Path, *args: str) -> None:
     subprocess.run(
-        [sys.executable, "-m", "gptmini", "export-hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")],
+        [sys.executable, "-m", "gptmini", "export-hf", str(checkpoint), str(out), *args],
         check=True,
+        capture_output=True,
         timeout=120,
     )
-    reloaded, _ = load_checkpoint(tmp_path / "hf")  # and back in through the importer
-    original, _ = load_checkpoint(tmp_path / "ckpt")
-    vocab = original.config.vocab_size  # padding rows are not exported
-    assert torch.equal(reloaded.lm_head.weight[:vocab], original.lm_head.weight[:vocab])
+
+
+def assert_transformers_logits(directory: Path, model, atol: float = 1e-5) -> None:
+    """transformers' own GPT-2, loaded from `directory`, computes `model`'s logits (not gptmini's importer)."""
+    hf = transformers.GPT2LMHeadModel.from_pretrained(directory).eval().float()
+    idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx)[0], atol=atol, rtol=0)
+
+
+def test_export_cli_writes_what_transformers_loads(tmp_path):
+    model = random_gpt(std=0.2)
+    save_checkpoint(model, tmp_path / "ckpt")
+    export_cli(tmp_path / "ckpt", tmp_path / "hf")
+    assert_transformers_logits(tmp_path / "hf", model)
+
+
+def test_export_cli_of_a_bf16_best_dir_from_training(corpus, tmp_path, monkeypatch, capsys):
+    """The README's recipe: `train --vocab gpt2 --save-dtype bfloat16`, then `export-hf RUN/best` (as fp32 and as
+    bf16 weights). transformers' logits are those of the bf16 weights read straight from best/'s safetensors."""
+    from safetensors.torch import load_file
+
+    from gptmini.cli import main
+
+    monkeypatch.setenv("GPTMINI_CACHE_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    args = [
+        "train",
+        str(corpus),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "--block-size",
+        "32",
+        "--max-iters",
+        "2",
+    ]
+    args += ["--vocab", "gpt2", "--save-dtype", "bfloat16", "--device", "cpu", "--dtype", "float32"]
+    try:
+        main(args)
+    except SystemExit as e:
+        pytest.fail(f"train exited {e.code}: {capsys.readouterr().err}")
+    stored = load_file(run / "best" / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    # The reference: a GPT of best/'s config holding exactly those bf16 values, as fp32.
+    reference = random_gpt(n_layer=2, n_head=2, n_embd=64, block_size=32)
+    with torch.no_grad():
+        for name, param in reference.state_dict().items():
+            if name != "lm_head.weight":  # tied to the token embedding
+                param.copy_(stored[name].float())
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"hf-{dtype}"
+        export_cli(run / "best", out, "--dtype", dtype)
+        assert_transformers_logits(out, reference)
 
 
 def test_unsupported_hf_config(tmp_path):

@@ -1,10 +1,13 @@
 import random
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gptmini.tokenizer import EOT_ID, Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TEXTS = [
     "Hello world",
@@ -20,9 +23,33 @@ def tok():
     return Tokenizer()
 
 
-def test_known_ids(tok):
-    assert tok.encode("Hello world") == [15496, 995]
-    assert tok.encode("ChatGPT is") == [30820, 38, 11571, 318]
+# GPT-2 ids as published (OpenAI's encoder.json, quoted throughout the GPT-2 literature), written out by hand.
+PUBLISHED_IDS = {
+    "Hello world": [15496, 995],
+    "hello world": [31373, 995],
+    "ChatGPT is": [30820, 38, 11571, 318],
+    "The": [464],
+    " The": [383],
+    " the": [262],
+    " and": [290],
+    " of": [286],
+    " to": [284],
+    " a": [257],
+    " is": [318],
+    ",": [11],
+    ".": [13],
+    "!": [0],  # the first printable byte is token 0
+    " ": [220],
+    "\n": [198],
+    "<|endoftext|>": [27, 91, 437, 1659, 5239, 91, 29],  # as text, not the control token
+}
+# tiktoken publishes this SHA-256 for GPT-2's ranks file (r50k_base.tiktoken, tiktoken_ext/openai_public.py).
+R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+
+@pytest.mark.parametrize("text", PUBLISHED_IDS)
+def test_known_ids(tok, text):
+    assert tok.encode(text) == PUBLISHED_IDS[text]
     assert tok.eot_id == EOT_ID == 50256
 
 
@@ -31,10 +58,51 @@ def test_special_tokens_only_when_allowed(tok):
     assert 50256 not in tok.encode("<|endoftext|>")  # user text cannot smuggle in control tokens
 
 
-def test_matches_tiktoken_reference_ranks(tok):
-    # The same ranks as published for GPT-2: every byte is a token, and id 50255 is the last merge.
-    assert len({tok.token_bytes(i) for i in range(50256)}) == 50256
-    assert all(len(tok.encode(bytes([b]).decode("latin-1"))) >= 1 for b in range(256))
+def test_shipped_ranks_are_the_published_file():
+    import hashlib
+
+    from gptmini.tokenizer import GPT2_RANKS_FILE
+
+    assert hashlib.sha256(GPT2_RANKS_FILE.read_bytes()).hexdigest() == R50K_SHA256
+
+
+@pytest.fixture(scope="module")
+def published_gpt2(tmp_path_factory):
+    """tiktoken's own GPT-2 encoding (r50k_base: its split pattern, <|endoftext|>, the hash it checks), built from the
+    shipped ranks file instead of the download; tiktoken itself refuses a file whose SHA-256 differs."""
+    import tiktoken
+    import tiktoken_ext.openai_public as published
+    from tiktoken.load import load_tiktoken_bpe
+
+    from gptmini.tokenizer import GPT2_RANKS_FILE
+
+    hashes = []
+
+    def from_the_shipped_file(url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+        hashes.append(expected_hash)
+        return load_tiktoken_bpe(str(GPT2_RANKS_FILE), expected_hash)
+
+    with pytest.MonkeyPatch.context() as mp:
+        # An empty cache of its own: tiktoken reads the file and checks its hash (it skips the check with no cache)
+        mp.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path_factory.mktemp("tiktoken-cache")))
+        mp.setattr(published, "load_tiktoken_bpe", from_the_shipped_file)
+        spec = published.r50k_base()
+    assert hashes == [R50K_SHA256]
+    return tiktoken.Encoding(**spec)
+
+
+def test_matches_tiktoken_reference_ranks(tok, published_gpt2):
+    rng = random.Random(0)
+    shakespeare = (ROOT / "data" / "shakespeare.txt").read_text(encoding="utf-8")[:20_000]
+    randoms = ["".join(chr(rng.randrange(0x20, 0x3000)) for _ in range(200)) for _ in range(5)]
+    for text in [*TEXTS, *PUBLISHED_IDS, shakespeare, *randoms]:
+        assert tok.encode(text) == published_gpt2.encode_ordinary(text), text[:40]
+    assert tok.encode("a<|endoftext|>b", allow_special=True) == published_gpt2.encode(
+        "a<|endoftext|>b", allowed_special="all"
+    )
+    ids = [rng.randrange(50257) for _ in range(2000)]
+    assert tok.decode(ids) == published_gpt2.decode(ids)
+    assert all(tok.token_bytes(i) == published_gpt2.decode_single_token_bytes(i) for i in range(50257))
 
 
 @pytest.mark.parametrize("text", TEXTS)
