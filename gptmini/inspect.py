@@ -515,24 +515,23 @@ def render_lens(lens: LogitLens) -> Any:
     from rich.text import Text
 
     table = Table()
-    table.add_column("#", justify="right")
+    table.add_column("#", justify="right", no_wrap=True)
     table.add_column("token", no_wrap=True)
-    table.add_column("next", no_wrap=True)
     for name in lens.layers:
         table.add_column(name, no_wrap=True)
-    table.add_column("p(next)", no_wrap=True)
+    table.add_column("actual next: p by layer", no_wrap=True)
     T = len(lens.ids)
     for t in range(T):
         actual = lens.ids[t + 1] if t + 1 < T else None
-        cells = [str(t), lens.tokens[t], lens.tokens[t + 1] if actual is not None else ""]
+        cells = [str(t), lens.tokens[t]]
         for layer in range(len(lens.layers)):
             label, p = lens.top_labels[layer][t][0], float(lens.top_probs[layer, t, 0])
             hit = actual is not None and int(lens.top_ids[layer, t, 0]) == actual
             cells.append(Text(f"{label} {p:.2f}", style="bold green" if hit else ""))
         spark = ""
         if actual is not None:
-            spark = "".join(SPARK[min(7, int(8 * float(p)))] for p in lens.next_probs[:, t])
-            spark += f" {float(lens.next_probs[-1, t]):.2f}"
+            spark = "".join(SPARK[min(7, int(8 * math.sqrt(float(p))))] for p in lens.next_probs[:, t])
+            spark = f"{lens.tokens[t + 1]} {spark} {float(lens.next_probs[-1, t]):.2f}"
         cells.append(spark)
         table.add_row(*cells)
     k = lens.top_ids.shape[-1]
@@ -547,8 +546,8 @@ def render_lens(lens: LogitLens) -> Any:
         ]
         last.add_row(name, *row)
     return _titled(
-        "logit lens: each layer's top next token and its probability (green: the actual next token); "
-        "p(next): the actual next token's probability, embedding → last layer",
+        "logit lens: each layer's top next token and its probability (green: it is the actual next token); "
+        "last column: the actual next token's probability, bars from the embedding to the last layer (height ∝ √p)",
         table,
         Text(f"\ntop {k} next tokens after the last token ({lens.tokens[-1]}), by layer", style="bold"),
         last,
