@@ -36,7 +36,9 @@ from gptmini.tokenizer import Tokenizer
 MAX_MAP_BYTES = 1 << 30
 # Head roles: a head is marked when its mean weight on that key is at least this.
 ROLE_MARKS = {"previous-token": 0.5, "induction": 0.4, "first-token": 0.5, "self": 0.5}
-INDUCTION_LENGTH = 40  # random tokens repeated once for the induction score (TransformerLens uses similar)
+INDUCTION_LENGTH = (
+    40  # random tokens repeated once for the induction score: chance (~1/80) stays far below 0.4
+)
 INDUCTION_BATCH = 4
 DEFAULT_HEADS_TEXT = (
     "The cat sat on the mat. The dog sat on the log. When the cat saw the dog, the cat ran up the tree, and "
@@ -107,7 +109,9 @@ class Attention:
     dropped: int = 0  # tokens cut from the start of the text (`last`)
 
     def to_json(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "ids": self.ids, "attention": self.weights.tolist()}
+        # Rounded to 1e-6 (in float64, so they print short): a third of the text of float32's full digits.
+        weights = self.weights.double().mul(1e6).round().div(1e6)
+        return {"tokens": self.tokens, "ids": self.ids, "attention": weights.tolist()}
 
 
 @dataclass

@@ -57,7 +57,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # Q, K, V in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        # When set, forward also computes the attention probabilities explicitly and keeps them here.
+        # When set, forward and decode also compute the attention probabilities explicitly and keep them here.
         self.keep_attention = False
         self.attention: torch.Tensor | None = None
 
