@@ -518,7 +518,9 @@ def _completion_requests(state: State, body: CompletionBody) -> list[_Choice]:
         prompts = list(body.prompt)
     if not prompts:
         raise APIError(400, "prompt: must not be an empty list", param="prompt")
-    stops = _stops(body)
+    # A chat model's control tokens (<|end|>, <|user|>, …) end a text as <|endoftext|> does (ignore_eos: neither).
+    ends = state.template.name == "tokens" and not body.ignore_eos
+    stops = _stops(body) + (list(state.template.stop) if ends else [])
     choices = []
     for p_index, prompt in enumerate(prompts):
         if isinstance(prompt, str):

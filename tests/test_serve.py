@@ -26,6 +26,7 @@ pytest.importorskip("prometheus_client")
 
 import gptmini  # noqa: E402
 from gptmini.chat import ChatSession, ChatSettings  # noqa: E402
+from gptmini.tokenizer import CHAT_TOKENS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT_CKPT = ROOT / "checkpoints" / "default-chat"
@@ -144,7 +145,8 @@ def test_greedy_completion_equals_the_library(server, lm):
     got = server.client().completions.create(
         model="default-chat", prompt=prompt, max_tokens=24, temperature=0
     )
-    ref = lm.generate(prompt, temperature=0, max_new_tokens=24)
+    # a chat model's completion ends at its control tokens, as at <|endoftext|>
+    ref = lm.generate(prompt, temperature=0, max_new_tokens=24, stop=list(CHAT_TOKENS))
     assert got.choices[0].text == ref
     assert got.usage.prompt_tokens == len(lm.tokenizer.encode(prompt))
     assert got.usage.completion_tokens <= 24
