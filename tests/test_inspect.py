@@ -5,13 +5,13 @@ model trained to copy (whose induction head must be found)."""
 import io
 import json
 import math
-import shutil
 import struct
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from chromium import CHROMIUM, launch
 from conftest import random_gpt
 
 import gptmini
@@ -411,25 +411,13 @@ def test_png_files_are_valid_images_of_the_expected_size(tmp_path):
     assert png_size(lens_path) == size
 
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless=new",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
 @pytest.fixture(scope="module")
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api")
-    if not CHROMIUM.exists() and shutil.which("chromium") is None:
-        pytest.skip("no chromium at /usr/bin/chromium")
+    if not CHROMIUM.exists():
+        pytest.skip("needs Debian's chromium")
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = launch(p)
         yield browser
         browser.close()
 

@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
+from chromium import CHROMIUM, launch
 from test_serve import BASE_CKPT, serve, wait_for
 
 sync_api = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium")
-
-# Headless, and none of Chromium's own calls home (this machine has no network; they would only fail).
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless=new",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")
 
 
 @pytest.fixture(scope="module")
 def page_of_server():
     """The base model: its replies (plain template) end only at max_tokens or "\nUser:", so Stop has time."""
     with serve("-c", str(BASE_CKPT), "--parallel", "2") as server, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(pw)
         page = browser.new_page()
         requested = []
         page.on("request", lambda r: requested.append(r.url))
