@@ -466,6 +466,41 @@ def test_terminal_repl_streams_survives_ctrl_c_keeps_history(base_ckpt, tmp_path
     ]
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
+def test_history_flag_moves_the_input_history(base_ckpt, tmp_path):
+    moved, from_env = tmp_path / "moved-history", tmp_path / "env-history"
+    moved.write_text("an older line\n")  # read at start: the up-arrow recalls it
+    term = Terminal(
+        [
+            sys.executable,
+            "-m",
+            "gptmini",
+            "chat",
+            "-c",
+            str(base_ckpt),
+            "-n",
+            "2",
+            "-t",
+            "0",
+            "--device",
+            "cpu",
+        ]
+        + ["--history", str(moved)],
+        {"GPTMINI_HISTORY": str(from_env), "COLUMNS": "200", "TERM": "xterm", "OMP_NUM_THREADS": "1"},
+    )
+    term.expect("you›")
+    term.send("\x1b[A\r")
+    assert "an older line" in term.expect("tokens/s")
+    term.expect("you›")
+    term.send("/stats\r")
+    term.expect("you›")
+    term.send("\x04")
+    assert term.wait() == 0
+    lines = moved.read_text().splitlines()
+    assert lines[0] == "an older line" and lines[-1] == "/stats"
+    assert not from_env.exists()  # --history wins over $GPTMINI_HISTORY
+
+
 # ---- fine-tuning ----------------------------------------------------------------------------------------------
 
 

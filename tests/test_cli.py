@@ -96,6 +96,22 @@ def test_info_gpt2_small(tmp_path):
     data = json.loads(run("info", "-c", str(tmp_path), "--json").stdout)
     assert data["parameters"]["total"] == 124_439_808
     assert data["cost"]["kv_cache_bytes_per_token"] == 2 * 12 * 768 * 4
+    forward = forward_flops_by_hand(n_layer=12, n_embd=768, block_size=1024, vocab_size=50257)
+    assert forward == 284_978_688
+    assert data["cost"]["forward_flops_per_token_at_full_context"] == forward
+    assert data["cost"]["training_flops_per_token"] == 3 * forward  # backward: twice the forward's matmuls
+    assert f"{forward:,}" in out.stdout
+
+
+def forward_flops_by_hand(*, n_layer: int, n_embd: int, block_size: int, vocab_size: int) -> int:
+    """Matmul FLOPs of one token's forward pass at full context, counted layer by layer: 2 per weight it multiplies
+    through (biases counted like weights, as in the 2·N convention), the LM head, and attention's scores QKᵀ and
+    weighted sum over `block_size` keys (2·2·T·C per layer). Embedding lookups cost nothing."""
+    c = n_embd
+    qkv, attn_proj = c * 3 * c + 3 * c, c * c + c
+    mlp_up, mlp_down = c * 4 * c + 4 * c, 4 * c * c + c
+    weights = n_layer * (qkv + attn_proj + mlp_up + mlp_down) + c * vocab_size
+    return 2 * weights + n_layer * 2 * 2 * block_size * c
 
 
 def test_generate_reads_stdin_and_prints_prompt_then_completion(ckpt):

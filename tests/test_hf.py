@@ -1,9 +1,12 @@
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import hf_gpt2, random_gpt
 
 from gptmini.checkpoint import load_checkpoint, save_checkpoint
@@ -161,6 +164,58 @@ def test_export_cli_of_a_bf16_best_dir_from_training(corpus, tmp_path, monkeypat
         out = tmp_path / f"hf-{dtype}"
         export_cli(run / "best", out, "--dtype", dtype)
         assert_transformers_logits(out, reference)
+
+
+def gptmini_cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gptmini", *args], capture_output=True, text=True, input=input, timeout=120
+    )
+
+
+def test_eval_info_and_chat_take_a_hugging_face_directory(hf_dir, tmp_path):
+    """Every -c takes a Hugging Face GPT-2 directory: eval's figures, info's counts and chat's reply are those of
+    transformers' model loaded from it."""
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    tok = Tokenizer()
+    text = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 8
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    ids = tok.encode(text)
+
+    # eval: cross-entropy of transformers' logits over non-overlapping 128-token windows (its context)
+    done = gptmini_cli("eval", str(tmp_path / "t.txt"), "-c", str(hf_dir), "--json", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    nats = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, 128):
+            x = torch.tensor([ids[start : start + 128]])
+            y = torch.tensor([ids[start + 1 : start + 129]])
+            nats += F.cross_entropy(hf(x[:, : y.shape[1]]).logits[0].double(), y[0], reduction="sum").item()
+    n_bytes = len(tok.decode(ids[1:]).encode("utf-8"))
+    assert got["tokens"] == len(ids) - 1 and got["bytes"] == n_bytes
+    assert got["loss"] == pytest.approx(nats / (len(ids) - 1), rel=1e-5)
+    assert got["bpb"] == pytest.approx(nats / (n_bytes * math.log(2)), rel=1e-5)
+
+    # info: transformers' parameter count (the tied head counted once) and the config it read
+    done = gptmini_cli("info", "-c", str(hf_dir), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["parameters"]["total"] == hf.num_parameters()
+    assert report["checkpoint"]["format"] == "huggingface-gpt2"
+    cfg = report["config"]
+    assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["block_size"]) == (3, 4, 64, 128)
+
+    # chat (a base model: the plain template): transformers' greedy continuation of the same prompt, cut at the
+    # next "\nUser:" turn or <|endoftext|>
+    done = gptmini_cli("chat", "-c", str(hf_dir), "-t", "0", "-n", "12", "--device", "cpu", input="hi\n")
+    assert done.returncode == 0, done.stderr
+    prompt = tok.encode("User: hi\nAssistant:")
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=50256, eos_token_id=50256
+        )
+    reply = tok.decode([t for t in out[0, len(prompt) :].tolist() if t != 50256]).split("\nUser:")[0]
+    assert done.stdout == reply.lstrip() + "\n"
 
 
 def test_unsupported_hf_config(tmp_path):

@@ -21,7 +21,7 @@ import gptmini.train as train_mod
 from gptmini.checkpoint import CONFIG_FILE, TRAIN_STATE_FILE, load_checkpoint, load_train_state
 from gptmini.cli import main
 from gptmini.evaluate import eval_windows, evaluate_checkpoint, evaluate_tokens
-from gptmini.tokenizer import Tokenizer
+from gptmini.tokenizer import EOT_ID, Tokenizer
 from gptmini.train import recover_staged, train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,14 +212,93 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, 
     assert load_train_state(tmp_path)["step"] == 5  # the save at step 5 is what remains
 
 
-def test_time_budget_ends_the_run(corpus, tmp_path):
+class FakeClock:
+    """`time.perf_counter` for gptmini's modules, moved on by hand: a `--time` run then takes the same steps on any
+    machine. Every other `time` function is the real one."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    clock = FakeClock()
+    for name, module in list(sys.modules.items()):
+        if name.startswith("gptmini") and getattr(module, "time", None) is time:
+            monkeypatch.setattr(module, "time", clock)
+    return clock
+
+
+def one_second_per_step(clock, stop_at: int | None = None):
+    """A train() callback: each step's log event moves the clock on 1 s; at `stop_at` it stops the run."""
+
+    def callback(event) -> bool:
+        if event.kind == "log":
+            clock.now += 1.0
+            return event.step == stop_at
+        return False
+
+    return callback
+
+
+TIMED = dict(time_budget_s=10.0, max_iters=None, warmup_iters=2, log_interval=1, lr=3e-3, min_lr_ratio=0.1)
+
+
+def expected_time_lrs(budget: float = 10.0) -> list[float]:
+    """By hand: step s starts s seconds in; linear warm-up over 2 steps, then cosine in elapsed/budget."""
+    lr, floor = 3e-3, 3e-4
+    return [
+        lr * (s + 1) / 2 if s < 2 else floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * s / budget))
+        for s in range(int(budget))
+    ]
+
+
+def logged_lrs(out) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["lr"] for r in records if r["lr"] is not None]
+
+
+def test_time_budget_follows_the_clock_and_ends_the_run(corpus, tmp_path, fake_clock):
     result = train(
-        [corpus], config=settings(time_budget_s=3.0, warmup_iters=2, log_interval=1), model=TINY, out=tmp_path
+        [corpus], config=settings(**TIMED), model=TINY, out=tmp_path, callback=one_second_per_step(fake_clock)
     )
-    assert result.reason == "time" and result.step > 0
-    lrs = [json.loads(line)["lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    lrs = [lr for lr in lrs if lr is not None]
-    assert lrs[-1] < lrs[0]  # the cosine followed the clock down
+    # 10 s of budget at 1 s a step: ten steps, each with the lr of its place on the clock.
+    assert result.reason == "time" and result.step == 10
+    assert logged_lrs(tmp_path) == pytest.approx(expected_time_lrs(), rel=1e-9)
+
+
+def test_a_time_run_resumes_where_its_clock_stopped(corpus, tmp_path, fake_clock):
+    straight = train(
+        [corpus],
+        config=settings(**TIMED),
+        model=TINY,
+        out=tmp_path / "straight",
+        callback=one_second_per_step(fake_clock),
+    )
+    out = tmp_path / "split"
+    first = train(
+        [corpus],
+        config=settings(**TIMED),
+        model=TINY,
+        out=out,
+        callback=one_second_per_step(fake_clock, stop_at=4),
+    )
+    assert first.reason == "interrupted" and first.step == 4
+    assert load_train_state(out)["elapsed_s"] == pytest.approx(4.0)
+    fake_clock.now += 3600.0  # time between the runs is not training time
+    resumed = train([corpus], out=out, resume=True, callback=one_second_per_step(fake_clock))
+    assert resumed.reason == "time" and resumed.step == straight.step == 10
+    assert resumed.elapsed_s == pytest.approx(10.0)
+    assert logged_lrs(out) == pytest.approx(expected_time_lrs(), rel=1e-9)
+    a, b = weights(tmp_path / "straight"), weights(out)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
 
 
 def test_learning_rate_schedule():
@@ -310,6 +389,101 @@ def test_eval_command_json_and_split(saved_run, corpus, capsys):
 def test_plot_in_the_terminal(saved_run, capsys):
     code, out, _ = cli(capsys, "plot", saved_run, "--terminal")
     assert code == 0 and "train loss" in out and "step 6" in out
+
+
+def test_plot_writes_a_png_of_both_curves(saved_run, tmp_path, capsys):
+    image = pytest.importorskip("matplotlib.image")
+    code, _, err = cli(capsys, "plot", saved_run, "--png", tmp_path / "loss.png")
+    assert code == 0 and f"wrote {tmp_path / 'loss.png'}" in err
+    png = tmp_path / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = image.imread(png)
+    assert pixels.shape[:2] == (540, 960)  # 8 × 4.5 inches at 120 dpi
+    # Both series are drawn: matplotlib's first two colours (train loss C0 blue, val loss C1 orange) are there.
+    rgb = (pixels[..., :3] * 255).round()
+    for colour in ((31, 119, 180), (255, 127, 14)):
+        assert (abs(rgb - torch.tensor(colour).numpy()).max(-1) < 8).sum() > 50, colour
+    # Without matplotlib, the same command draws in the terminal.
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            importlib.util, "find_spec", lambda n, *a: None if n == "matplotlib" else real_find_spec(n, *a)
+        )
+        code, out, _ = cli(capsys, "plot", saved_run)
+    assert code == 0 and "train loss" in out and not (saved_run / "loss.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--split", "test"], "split must be all or val, got 'test'"),
+        (["--batch-size", "0"], "batch-size must be a positive integer"),
+        (["--stride", "0"], "stride must be in [1, 32] (the block size)"),
+        (["--stride", "33"], "stride must be in [1, 32] (the block size)"),
+        (["--dtype", "float64"], "unknown dtype 'float64'"),
+        (["--dtype", "float16"], "float16"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--bogus"], "No such option: --bogus"),
+        (["NOFILES"], "no text given; pass FILES (or --split val"),
+        (["/no/such.txt"], "does not exist"),
+        (["BAD_UTF8"], "is not valid UTF-8 (byte offset 3)"),
+        (["-c", "/no/such/dir"], "does not exist"),
+    ],
+)
+def test_eval_mistakes_are_one_line_exit_2(saved_run, corpus, tmp_path, capsys, args, message):
+    (tmp_path / "bad.txt").write_bytes(b"ok \xff tail")
+    files = {"NOFILES": [], "BAD_UTF8": [tmp_path / "bad.txt"]}.get(args[0])
+    if files is not None:
+        args = [*files, *args[1:]]
+    elif not args[0].startswith("/"):
+        args = [corpus, *args]
+    if "-c" not in args:
+        args = [*args, "-c", saved_run]
+    code, out, err = cli(capsys, "eval", *args, *(["--device", "cpu"] if "--device" not in args else []))
+    assert code == 2 and out == "", err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_vocab_corpus_keeps_every_token_the_corpus_uses(corpus, tmp_path):
+    tok = Tokenizer()
+    byte_ids = {tok.encoding.encode_single_token(bytes([b])) for b in range(256)}
+    train([corpus], config=settings(max_iters=1, vocab="corpus"), model=TINY, out=tmp_path)
+    # By hand: the GPT-2 ids of the whole text (val split included), the 256 byte tokens and <|endoftext|>.
+    used = set(tok.encode(corpus.read_text(encoding="utf-8")))
+    config = load_checkpoint(tmp_path)[0].config
+    assert config.vocabulary == sorted(used | byte_ids | {EOT_ID})
+    assert config.vocab_size == len(config.vocabulary)
+    # The README's figure for the whole of Shakespeare, counted the same way.
+    everything = set(tok.encode((ROOT / "data" / "shakespeare.txt").read_text(encoding="utf-8")))
+    assert len(everything | byte_ids | {EOT_ID}) == 19_553
+
+
+def inductor_compiles() -> bool:
+    try:
+        return bool(torch.compile(lambda x: x * 2 + 1)(torch.ones(3)).sum() == 9)
+    except Exception:  # no C++ compiler, an unsupported platform: inductor cannot run here
+        return False
+
+
+def test_train_compile_follows_the_eager_run(corpus, tmp_path):
+    if not inductor_compiles():
+        pytest.skip("torch.compile (inductor) cannot compile on this machine")
+    config = settings(max_iters=3, log_interval=1)
+    eager = train([corpus], config=config, model=TINY, out=tmp_path / "eager")
+    compiled = train([corpus], config={**config, "compile": True}, model=TINY, out=tmp_path / "compiled")
+    # The same math, fused differently: fp32 losses and weights agree to float rounding.
+    assert compiled.step == eager.step == 3
+    a, b = (
+        [json.loads(line)["train_loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        for d in ("eager", "compiled")
+    )
+    assert b == pytest.approx(a, abs=1e-5)
+    wa, wb = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
+    assert wa.keys() == wb.keys()  # plain names: no `_orig_mod.` prefix
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(
