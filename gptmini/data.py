@@ -2,7 +2,10 @@
 
 Text files (or directories of `.txt`) are read in blocks, checked for UTF-8, tokenised in parallel and streamed into
 a uint16 memmap on disk, so a corpus larger than RAM never sits in Python lists. The cache is keyed by the files'
-contents, the tokenizer and the decoding mode: a second run on the same text skips tokenisation.
+contents, the tokenizer and the decoding mode: a second run on the same text skips tokenisation. Counting a corpus's
+tokens (to choose a compact vocabulary) and mapping it onto that vocabulary stream through the cache in chunks too;
+the mapped splits are memmaps of their own, cached by content, vocabulary and split. Memory stays flat as the
+corpus grows: the chunks are read from the files, not through the memmaps (whose pages, once read, stay resident).
 
 Batches come from a `BatchSource`: anything with `batch(step, micro) -> (x, y)`. The training loop only knows that
 interface, so pretraining windows and (later) chat conversations with y = -1 on the positions the loss ignores plug
@@ -22,11 +25,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from gptmini.config import GPT2_VOCAB_SIZE
 from gptmini.errors import UserError
 
 CACHE_FORMAT = 1
 READ_BLOCK = 8 << 20  # bytes read and tokenised per round
 PIECE = 256 << 10  # characters per piece handed to one tokeniser thread
+TOKEN_CHUNK = 1 << 20  # tokens per chunk when counting or remapping a cached corpus (2 MB of uint16)
 IGNORE_INDEX = -1  # a target the loss skips
 
 
@@ -158,12 +163,24 @@ class Corpus:
     files: list[Path]
     key: str
     n_bytes: int  # UTF-8 bytes of the text the tokens encode
+    path: Path  # the cache file `tokens` maps
+
+    def split_index(self, val_fraction: float) -> int:
+        """Where val starts: the last `val_fraction` of the tokens are val."""
+        return len(self.tokens) - int(len(self.tokens) * val_fraction)
 
     def split(self, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
         """(train, val): val is the last `val_fraction` of the tokens."""
-        n_val = int(len(self.tokens) * val_fraction)
-        cut = len(self.tokens) - n_val
+        cut = self.split_index(val_fraction)
         return self.tokens[:cut], self.tokens[cut:]
+
+    def chunks(self, start: int = 0, stop: int | None = None) -> Iterator[np.ndarray]:
+        """tokens[start:stop] in chunks of TOKEN_CHUNK, read from the cache file (memory: one chunk)."""
+        stop, size = len(self.tokens) if stop is None else stop, TOKEN_CHUNK
+        with open(self.path, "rb") as f:
+            f.seek(2 * start)
+            for begin in range(start, stop, size):
+                yield np.frombuffer(f.read(2 * min(size, stop - begin)), dtype=np.uint16)
 
 
 def load_corpus(
@@ -181,12 +198,73 @@ def load_corpus(
         raise UserError("the token cache stores uint16 ids; this tokenizer's vocabulary is too large")
     files = collect_files(paths)
     key = _content_key(files, tokenizer.name, encoding_errors)
+    total = sum(p.stat().st_size for p in files)
+
+    def tokenise(out: Any) -> dict[str, Any]:
+        n_tokens, n_bytes = _tokenise_into(out, files, tokenizer, encoding_errors, total, progress)
+        if n_bytes == 0:
+            names = ", ".join(str(p) for p in files[:3]) + (" …" if len(files) > 3 else "")
+            raise UserError(f"the corpus is empty ({names}); give it some text")
+        return {"n_tokens": n_tokens, "n_bytes": n_bytes, "files": [str(p) for p in files]}
+
+    path, meta = _cached_tokens(key, tokenise, required=("n_tokens", "n_bytes"))
+    tokens = np.memmap(path, dtype=np.uint16, mode="r", shape=(meta["n_tokens"],))
+    return Corpus(tokens, files, key, meta["n_bytes"], path)
+
+
+def count_tokens(corpus: Corpus, stop: int | None = None) -> np.ndarray:
+    """How often each GPT-2 id occurs in corpus.tokens[:stop], counted chunk by chunk."""
+    counts = np.zeros(GPT2_VOCAB_SIZE, dtype=np.int64)
+    for chunk in corpus.chunks(0, stop):
+        counts += np.bincount(chunk, minlength=GPT2_VOCAB_SIZE)[:GPT2_VOCAB_SIZE]
+    return counts
+
+
+def remap_splits(corpus: Corpus, tokenizer: Any, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) of `corpus.split(val_fraction)` in `tokenizer`'s ids, as read-only uint16 memmaps.
+
+    A compact vocabulary spells some GPT-2 tokens with several ids, so each split is mapped on its own (as
+    `tokenizer.from_gpt2` on the whole split would) and they are stored one after the other, in chunks, cached by
+    the corpus, the vocabulary and the split. GPT-2's own numbering needs no mapping: the corpus's own memmap.
+    """
+    cut = corpus.split_index(val_fraction)
+    if tokenizer.vocabulary is None:
+        return corpus.tokens[:cut], corpus.tokens[cut:]
+    h = hashlib.sha256(f"gptmini-remap/{CACHE_FORMAT}/{corpus.key}/{cut}/".encode())
+    h.update(np.asarray(tokenizer.vocabulary, dtype="<i8").tobytes())
+    key = f"{corpus.key}-{h.hexdigest()[:16]}"
+
+    def remap_part(out: Any, start: int, stop: int | None) -> int:
+        n_tokens = 0
+        for chunk in corpus.chunks(start, stop):
+            ids = np.asarray(tokenizer.from_gpt2(chunk), dtype=np.uint16)
+            out.write(ids.tobytes())
+            n_tokens += len(ids)
+        return n_tokens
+
+    def remap(out: Any) -> dict[str, Any]:
+        n_train = remap_part(out, 0, cut)
+        n_tokens = n_train + remap_part(out, cut, None)
+        return {"n_tokens": n_tokens, "n_train": n_train, "vocab_size": len(tokenizer.vocabulary)}
+
+    path, meta = _cached_tokens(key, remap, required=("n_tokens", "n_train"))
+    tokens = np.memmap(path, dtype=np.uint16, mode="r", shape=(meta["n_tokens"],))
+    return tokens[: meta["n_train"]], tokens[meta["n_train"] :]
+
+
+def _cached_tokens(
+    key: str, write: Callable[[Any], dict[str, Any]], *, required: Sequence[str]
+) -> tuple[Path, dict[str, Any]]:
+    """The cache file `key.bin` of uint16 tokens and its metadata `key.json`; written first if missing.
+
+    `write(file)` streams the tokens into an open temporary file and returns the metadata (with n_tokens). The
+    file appears whole or not at all (fsync, then rename), and its metadata after it.
+    """
     root = cache_root() / "tokens"
     bin_path, meta_path = root / f"{key}.bin", root / f"{key}.json"
-    meta = _read_meta(meta_path)
+    meta = _read_meta(meta_path, required)
     if meta is not None and bin_path.exists() and bin_path.stat().st_size == 2 * meta["n_tokens"]:
-        tokens = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(meta["n_tokens"],))
-        return Corpus(tokens, files, key, meta["n_bytes"])
+        return bin_path, meta
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=root)
@@ -194,33 +272,25 @@ def load_corpus(
         raise UserError(
             f"cannot write the token cache in {root} ({e.strerror}); set GPTMINI_CACHE_DIR to a writable directory"
         ) from None
-    total = sum(p.stat().st_size for p in files)
     try:
         with os.fdopen(fd, "wb") as out:
-            n_tokens, n_bytes = _tokenise_into(out, files, tokenizer, encoding_errors, total, progress)
+            meta = write(out)
             out.flush()
             os.fsync(out.fileno())
-        if n_bytes == 0:
-            names = ", ".join(str(p) for p in files[:3]) + (" …" if len(files) > 3 else "")
-            raise UserError(f"the corpus is empty ({names}); give it some text")
         os.replace(tmp, bin_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    meta = {"n_tokens": n_tokens, "n_bytes": n_bytes, "files": [str(p) for p in files]}
     tmp_meta = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
     tmp_meta.write_text(json.dumps(meta))
     os.replace(tmp_meta, meta_path)  # the metadata appears whole, after the tokens it describes
-    tokens = np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(n_tokens,))
-    return Corpus(tokens, files, key, n_bytes)
+    return bin_path, meta
 
 
-def _read_meta(path: Path) -> dict[str, Any] | None:
+def _read_meta(path: Path, required: Sequence[str]) -> dict[str, Any] | None:
     try:
         meta = json.loads(path.read_text())
-        return (
-            meta if isinstance(meta.get("n_tokens"), int) and isinstance(meta.get("n_bytes"), int) else None
-        )
+        return meta if all(isinstance(meta.get(name), int) for name in required) else None
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -238,10 +308,13 @@ def _tokenise_into(
 
     def emit(pieces: list[str]) -> None:
         nonlocal n_tokens
-        for ids in tokenizer.encode_batch(pieces, num_threads=threads):
-            arr = np.asarray(ids, dtype=np.uint16)
-            out.write(arr.tobytes())
-            n_tokens += len(arr)
+        # A piece per thread at a time: the ids come back as Python lists (~36 bytes a token), so a whole block's
+        # at once would hold ~100 MB.
+        for first in range(0, len(pieces), threads):
+            for ids in tokenizer.encode_batch(pieces[first : first + threads], num_threads=threads):
+                arr = np.asarray(ids, dtype=np.uint16)
+                out.write(arr.tobytes())
+                n_tokens += len(arr)
 
     first = True
     for path in files:

@@ -144,7 +144,7 @@ def evaluate_checkpoint(
     the files recorded in the checkpoint's run.
     """
     from gptmini.checkpoint import load_checkpoint, read_model_config
-    from gptmini.data import load_corpus, token_byte_lengths
+    from gptmini.data import load_corpus, remap_splits, token_byte_lengths
     from gptmini.devices import resolve_device, resolve_train_dtype
     from gptmini.tokenizer import Tokenizer
 
@@ -166,10 +166,11 @@ def evaluate_checkpoint(
     compute = resolve_train_dtype(dtype, dev)
     tokenizer = Tokenizer(config.vocabulary)
     corpus = load_corpus(files, encoding_errors=encoding_errors)
-    tokens = corpus.tokens
+    # Mapped onto the model's vocabulary in chunks, into the cache (a corpus may not fit in memory).
     if split == "val":
-        tokens = corpus.split(run.get("train", {}).get("val_fraction", 0.1))[1]
-    tokens = tokenizer.from_gpt2(tokens)
+        tokens = remap_splits(corpus, tokenizer, run.get("train", {}).get("val_fraction", 0.1))[1]
+    else:
+        tokens = remap_splits(corpus, tokenizer, 0.0)[0]  # the whole text: a split with nothing held out
     if len(tokens) < 2:
         raise UserError(f"the text has {len(tokens)} tokens; need at least 2 to score one")
     model, _ = load_checkpoint(checkpoint, device=dev)

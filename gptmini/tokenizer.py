@@ -111,14 +111,20 @@ class Tokenizer:
     def for_text_tokens(
         cls, gpt2_ids: np.ndarray, max_size: int | None = None, chunk: int = 1 << 24
     ) -> Tokenizer:
-        """A compact vocabulary of the tokens in `gpt2_ids` (any length: counted in chunks).
+        """A compact vocabulary of the tokens in `gpt2_ids` (any length: counted in chunks); see
+        `for_token_counts`."""
+        counts = np.zeros(GPT2_VOCAB_SIZE, dtype=np.int64)
+        for start in range(0, len(gpt2_ids), chunk):
+            counts += np.bincount(np.asarray(gpt2_ids[start : start + chunk]), minlength=GPT2_VOCAB_SIZE)
+        return cls.for_token_counts(counts, max_size)
+
+    @classmethod
+    def for_token_counts(cls, counts: np.ndarray, max_size: int | None = None) -> Tokenizer:
+        """A compact vocabulary of the GPT-2 ids with a nonzero count (`counts[id]`: how often a corpus uses id).
 
         With `max_size`, only the most frequent ones (ties: lower id) fill the places the byte tokens and
         <|endoftext|> leave; the others are spelled with the pieces they were merged from.
         """
-        counts = np.zeros(GPT2_VOCAB_SIZE, dtype=np.int64)
-        for start in range(0, len(gpt2_ids), chunk):
-            counts += np.bincount(np.asarray(gpt2_ids[start : start + chunk]), minlength=GPT2_VOCAB_SIZE)
         keep = np.zeros(GPT2_VOCAB_SIZE, dtype=bool)
         keep[byte_token_ids()] = True  # always: any text can be spelled with them
         keep[EOT_ID] = True
@@ -127,7 +133,7 @@ class Tokenizer:
             raise UserError(
                 f"vocab must hold at least {n_always + 1} tokens (256 bytes, <|endoftext|> and one more)"
             )
-        used = np.flatnonzero((counts > 0) & ~keep)
+        used = np.flatnonzero((counts[:GPT2_VOCAB_SIZE] > 0) & ~keep)
         if max_size is not None:
             by_count = used[np.argsort(-counts[used], kind="stable")]
             used = by_count[: max_size - n_always]
@@ -138,20 +144,32 @@ class Tokenizer:
         return gpt2_id if self._from_gpt2 is None else int(self._from_gpt2[gpt2_id])
 
     def from_gpt2(self, gpt2_ids: np.ndarray) -> np.ndarray:
-        """GPT-2 ids → model ids; a token outside a compact vocabulary becomes the pieces it was merged from."""
+        """GPT-2 ids → model ids; a token outside a compact vocabulary becomes the pieces it was merged from.
+
+        Token by token, so mapping a sequence in chunks and joining the results gives the whole sequence's ids.
+        """
         if self._from_gpt2 is None:
             return gpt2_ids
-        ids = self._from_gpt2[np.asarray(gpt2_ids)]
-        missing = np.flatnonzero(ids < 0)
-        if len(missing) == 0:
+        gpt2_ids = np.asarray(gpt2_ids)
+        ids = self._from_gpt2[gpt2_ids]
+        missing = ids < 0
+        if not missing.any():
             return ids
-        pieces, start = [], 0
-        for i in missing:
-            pieces.append(ids[start:i])
-            pieces.append(self._spelling(int(gpt2_ids[i])))
-            start = i + 1
-        pieces.append(ids[start:])
-        return np.concatenate(pieces)
+        # Each missing token widens to its spelling: repeat it to the spelling's length, then write the spellings
+        # over those runs (array operations throughout: a corpus may miss tens of millions of tokens).
+        absent, which = np.unique(gpt2_ids[missing], return_inverse=True)
+        spellings = [self._spelling(int(t)) for t in absent]
+        spelled_len = np.array([len(sp) for sp in spellings], dtype=np.int64)
+        flat = np.concatenate(spellings)
+        run_len = spelled_len[which]  # per missing position
+        lengths = np.ones(len(ids), dtype=np.int64)
+        lengths[missing] = run_len
+        out = np.repeat(ids, lengths)
+        within = np.arange(int(run_len.sum())) - np.repeat(np.cumsum(run_len) - run_len, run_len)
+        run_start = (np.cumsum(lengths) - lengths)[missing]
+        spelling_start = (np.cumsum(spelled_len) - spelled_len)[which]
+        out[np.repeat(run_start, run_len) + within] = flat[np.repeat(spelling_start, run_len) + within]
+        return out
 
     def _spelling(self, gpt2_id: int) -> np.ndarray:
         spelling = self._spellings.get(gpt2_id)

@@ -37,11 +37,21 @@ from gptmini.checkpoint import (
     read_safetensors,
 )
 from gptmini.config import PRESETS, GPTConfig, TrainConfig
-from gptmini.data import BatchSource, Corpus, RandomWindows, check_split, load_corpus, token_byte_lengths
+from gptmini.data import (
+    BatchSource,
+    Corpus,
+    RandomWindows,
+    check_split,
+    count_tokens,
+    load_corpus,
+    remap_splits,
+    token_byte_lengths,
+)
 from gptmini.devices import (
     autocast,
     dtype_name,
     keep_freed_memory_on_cpu,
+    release_freed_memory,
     resolve_device,
     resolve_train_dtype,
     synchronize,
@@ -420,23 +430,23 @@ def _load_data(
     fresh_vocab: bool,
     check_val: bool,
 ) -> _Data:
-    """Tokenise the corpus (or reuse the cache), choose the vocabulary and map the splits onto it."""
+    """Tokenise the corpus (or reuse the cache), choose the vocabulary and map the splits onto it.
+
+    Each of these streams through the token cache in chunks into memmaps (see gptmini.data): memory stays flat
+    however large the corpus.
+    """
     corpus = load_corpus(paths, encoding_errors=tcfg.encoding_errors)
-    train_tokens, val_tokens = corpus.split(tcfg.val_fraction)  # GPT-2 ids
     if fresh_vocab and tcfg.vocab != "gpt2":
         # A fresh model gets rows only for the tokens its corpus uses (see gptmini.tokenizer): the whole corpus,
         # val split included, as a full GPT-2 vocabulary also has rows for the val text's tokens. With a limit,
         # the most frequent tokens *of the train split* (what a tokenizer trained on that text would keep).
         limit = tcfg.vocab_limit
-        tokenizer = Tokenizer.for_text_tokens(
-            corpus.tokens if limit is None else train_tokens, max_size=limit
-        )
+        counts = count_tokens(corpus, None if limit is None else corpus.split_index(tcfg.val_fraction))
+        tokenizer = Tokenizer.for_token_counts(counts, max_size=limit)
         mcfg = mcfg.replace(vocab_size=tokenizer.n_vocab, vocabulary=tokenizer.vocabulary.tolist())
     else:
         tokenizer = Tokenizer(mcfg.vocabulary)
-    train_tokens, val_tokens = (
-        np.asarray(tokenizer.from_gpt2(t), dtype=np.uint16) for t in (train_tokens, val_tokens)
-    )
+    train_tokens, val_tokens = remap_splits(corpus, tokenizer, tcfg.val_fraction)
     if check_val:
         check_split(train_tokens, val_tokens, mcfg.block_size, len(corpus.tokens))
     if run is not None and run["data"]["key"] != corpus.key:
@@ -482,6 +492,7 @@ class _Loop:
         tcfg, mcfg, device = plan.tcfg, plan.data.mcfg, plan.device
         self.dist, self.plan, self.out, self.report, self.evaluator = dist, plan, out, report, evaluator
         self.tcfg, self.device, self.dtype = tcfg, device, plan.dtype
+        release_freed_memory()  # the data's scratch memory (tokenising, remapping) goes before the model comes
         if device.type == "cpu":
             keep_freed_memory_on_cpu()
         torch.manual_seed(tcfg.seed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -120,3 +122,45 @@ def test_ranks_take_their_slice_of_the_global_batch():
         ddp = RandomWindows(tokens, 16, 4, seed=0, grad_accum=2, rank=rank, world_size=2)
         for micro in range(2):
             assert np.array_equal(ddp.batch(5, micro)[0], single.batch(5, rank * 2 + micro)[0])
+
+
+def test_streamed_vocabulary_and_remap_equal_the_in_memory_ones(tmp_path, tok, monkeypatch):
+    text = (Path(__file__).parent.parent / "data" / "shakespeare.txt").read_text(encoding="utf-8")[:40_000]
+    text += TRICKY  # Chinese and emoji: tokens a small vocabulary spells with byte tokens
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    corpus = load_corpus([path], tok)
+    train, val = (np.asarray(part) for part in corpus.split(0.1))
+    monkeypatch.setattr(data, "TOKEN_CHUNK", 1000)  # many chunks, none aligned with the split
+    counts = data.count_tokens(corpus, len(train))
+    assert np.array_equal(counts, np.bincount(train, minlength=len(counts)))
+    compact = Tokenizer.for_token_counts(counts, max_size=600)  # ~1 token in 5 is spelled with its pieces
+    assert np.array_equal(compact.vocabulary, Tokenizer.for_text_tokens(train, max_size=600).vocabulary)
+
+    streamed = data.remap_splits(corpus, compact, 0.1)
+    for part, whole in zip(streamed, (train, val), strict=True):
+        assert isinstance(part, np.memmap) and part.dtype == np.uint16
+        assert np.array_equal(part, compact.from_gpt2(whole))  # the in-memory remap of the whole split
+        # ... and, independently of from_gpt2, each GPT-2 token's own id or its spelling, token by token.
+        by_token = [
+            [compact._from_gpt2[t]] if compact._from_gpt2[t] >= 0 else compact._spelling(int(t))
+            for t in whole
+        ]
+        assert part.tolist() == np.concatenate(by_token).tolist()
+    assert len(streamed[0]) > len(train)  # some tokens were spelled
+    assert compact.decode(streamed[0]) + compact.decode(streamed[1]) == text
+
+    # Cached by content, vocabulary and split: the same call maps nothing again; another vocabulary does.
+    def boom(*args, **kwargs):
+        raise AssertionError("remapped a cached corpus")
+
+    monkeypatch.setattr(Tokenizer, "from_gpt2", boom)
+    again = data.remap_splits(corpus, compact, 0.1)
+    assert all(np.array_equal(a, b) for a, b in zip(again, streamed, strict=True))
+    with pytest.raises(AssertionError, match="remapped"):
+        data.remap_splits(corpus, Tokenizer.for_token_counts(counts, max_size=500), 0.1)
+    with pytest.raises(AssertionError, match="remapped"):
+        data.remap_splits(corpus, compact, 0.2)
+    # GPT-2's own numbering maps nothing: the corpus's own memmap.
+    full = data.remap_splits(corpus, tok, 0.1)
+    assert np.array_equal(full[0], train) and np.array_equal(full[1], val)
