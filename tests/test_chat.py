@@ -162,12 +162,22 @@ def test_trimming_drops_the_fewest_oldest_turns(tok, template):
 
 
 def test_long_conversation_in_process_never_fails(tok):
+    from test_generation import naive_greedy
+
     lm = gptmini.LM(random_gpt(std=0.2, block_size=32), tok)
     session = ChatSession(lm, settings=ChatSettings(temperature=0, max_new_tokens=12), system="Be kind.")
+    system = [{"role": "system", "content": "Be kind."}]
     for i in range(12):
         reply = "".join(session.respond(f"tell me about thing {i} " * (1 + i % 4)))
-        assert isinstance(reply, str)
         assert session.last.prompt_tokens <= 32 - 12  # room for the reply
+        # The reply is the naive greedy continuation of the kept turns' prompt (its last 20 tokens when even the
+        # newest message is longer), up to <|endoftext|> or the next "\nUser:".
+        kept = session.conversation.messages[session.conversation.start : -1]
+        prompt = PlainTemplate().encode(tok, system + kept)[-(32 - 12) :]
+        assert session.last.prompt_tokens == len(prompt)
+        ids = naive_greedy(lm.model, prompt, 12)
+        ids = ids[: ids.index(tok.eot_id)] if tok.eot_id in ids else ids
+        assert reply == tok.decode(ids).split("\nUser:")[0].lstrip(), i
     assert session.conversation.start > 0 and len(session.conversation.messages) == 24
     assert session.conversation.system == "Be kind."
 

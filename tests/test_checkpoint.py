@@ -1,3 +1,4 @@
+import copy
 import json
 import subprocess
 import sys
@@ -63,6 +64,23 @@ def test_train_state_loads_without_pickle(tmp_path):
     save_checkpoint(model, tmp_path / "t", train_state=state)
     restored = load_train_state(tmp_path / "t")
     assert restored["step"] == 3 and torch.equal(restored["rng"], state["rng"])
+    # The optimizer state comes back exactly: every moment and step count, the groups' settings...
+    saved = opt.state_dict()
+    assert restored["optimizer"]["param_groups"] == saved["param_groups"]
+    assert restored["optimizer"]["state"].keys() == saved["state"].keys()
+    for index, moments in saved["state"].items():
+        for name, value in moments.items():
+            assert torch.equal(restored["optimizer"]["state"][index][name], value), (index, name)
+    # ... and an optimizer loaded from it takes the original's next step.
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.AdamW(twin.parameters())
+    twin_opt.load_state_dict(restored["optimizer"])
+    for m, o in ((model, opt), (twin, twin_opt)):
+        o.zero_grad()
+        m(torch.tensor([[4, 5]]), torch.tensor([[5, 6]]))[1].backward()
+        o.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_malicious_train_state_is_refused(tmp_path):

@@ -21,8 +21,9 @@ import gptmini.train as train_mod
 from gptmini.checkpoint import CONFIG_FILE, TRAIN_STATE_FILE, load_checkpoint, load_train_state
 from gptmini.cli import main
 from gptmini.evaluate import eval_windows, evaluate_checkpoint, evaluate_tokens
+from gptmini.rundir import recover_staged
 from gptmini.tokenizer import EOT_ID, Tokenizer
-from gptmini.train import recover_staged, train
+from gptmini.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32)
@@ -165,35 +166,88 @@ def test_interrupted_and_resumed_equals_uninterrupted_on_cuda(corpus, tmp_path, 
     interrupted_and_resumed_equals_uninterrupted(corpus, tmp_path, device="cuda", dtype=dtype, atol=atol)
 
 
-def test_kill_during_save_leaves_a_whole_checkpoint(tmp_path):
-    """A process saving again and again is killed at random moments; what is on disk always loads, consistently."""
-    script = f"""
-import sys, torch
-sys.path.insert(0, {str(ROOT / "tests")!r})
+# Commits step 0 into BASE, then for each kill point: a forked copy of this process commits step 1 into a copy of
+# BASE and SIGKILLs itself just before (or just after) its Nth os.fsync/os.replace, the calls that order a save on
+# disk. It prints one JSON line per kill point; the last save is the one that ran to the end unkilled.
+KILL_AT_EACH_SYNC = r"""
+import json, os, shutil, signal, sys, torch
+sys.path.insert(0, sys.argv[2])
+torch.set_num_threads(1)  # nothing multithreaded before fork()
 from conftest import random_gpt
-from gptmini.train import commit_checkpoint
-model = random_gpt(n_layer=4, n_embd=128, n_head=4)
-for step in range(10**6):
+from gptmini.rundir import commit_checkpoint
+
+base = sys.argv[1] + "/base"
+model = random_gpt(n_layer=2, n_embd=32, n_head=2)
+
+def commit(step, directory):
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(float(step))
-    commit_checkpoint(model, sys.argv[1], train_state={{"step": step}}, meta={{"run": {{"step": step}}}})
-    if step == 0:
-        print("saved", flush=True)
+    commit_checkpoint(model, directory, train_state={"step": step}, meta={"run": {"step": step}})
+
+commit(0, base)
+real = {"fsync": os.fsync, "replace": os.replace}
+for n in range(1, 100):
+    for when in ("before", "after"):
+        directory = f"{sys.argv[1]}/{when}-{n}"
+        shutil.copytree(base, directory)
+        pid = os.fork()
+        if pid == 0:
+            calls = [0]
+            def hooked(name):
+                def call(*args):
+                    calls[0] += 1
+                    if calls[0] == n and when == "before":
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    result = real[name](*args)
+                    if calls[0] == n and when == "after":
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    return result
+                return call
+            os.fsync, os.replace = hooked("fsync"), hooked("replace")
+            commit(1, directory)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        print(json.dumps({"dir": directory, "killed": killed}), flush=True)
+        if not killed:
+            sys.exit(0)
 """
-    out = tmp_path / "ckpt"
-    for delay in (0.05, 0.2, 0.45):
-        proc = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "saved"
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        model, info = load_checkpoint(out)  # loadable even before recovery
-        recover_staged(out)
-        model, info = load_checkpoint(out)
-        step = load_train_state(out)["step"]
-        assert info["run"]["step"] == step
-        assert torch.all(model.lm_head.weight == float(step))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the kill points are forked processes")
+def test_a_kill_at_any_fsync_or_replace_of_a_save_leaves_a_whole_checkpoint(tmp_path):
+    """Killed before or after each of a save's fsyncs and renames, in turn: what is on disk always loads; after
+    recovery it is wholly the previous checkpoint or wholly the new one, and once a kill point leaves the new one,
+    every later one does."""
+    from gptmini.rundir import COMPLETE_MARK, STAGING_DIR
+
+    done = subprocess.run(
+        [sys.executable, "-c", KILL_AT_EACH_SYNC, str(tmp_path), str(ROOT / "tests")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    points = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [p["killed"] for p in points] == [True] * (len(points) - 1) + [False]
+    assert len(points) >= 2 * 10  # a save orders itself through at least ten fsyncs and renames
+    steps = []
+    for point in points:
+        directory = Path(point["dir"])
+        model, info = load_checkpoint(directory)  # loadable as it was left, before any recovery
+        consistent = info["run"]["step"] == load_train_state(directory)["step"] == model.lm_head.weight[0, 0]
+        # A mixed directory exists only beside a complete staged save, which recovery rolls forward.
+        assert consistent or (directory / STAGING_DIR / COMPLETE_MARK).exists(), point
+        recover_staged(directory)
+        model, info = load_checkpoint(directory)
+        step = load_train_state(directory)["step"]
+        assert info["run"]["step"] == step and torch.all(model.lm_head.weight == float(step)), point
+        assert not (directory / STAGING_DIR).exists()
+        steps.append(step)
+    assert (
+        steps == sorted(steps) and steps[0] == 0 and steps[-1] == 1
+    )  # old until one point, new from then on
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
@@ -570,11 +624,17 @@ def test_ctrl_c_saves_and_exits_cleanly(corpus, tmp_path):
         env=env,
     )
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    try:  # Ctrl-C once two steps are logged (or the run has died: then its error shows below)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert time.monotonic() < deadline, "no step logged in 120 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "--resume" in err
     state = load_train_state(out)
