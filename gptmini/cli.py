@@ -6,8 +6,9 @@ torch is imported inside the commands, never at the top, so `gptmini --help` ans
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -646,27 +647,47 @@ def inspect_attention(
     dtype: InspectDtypeOpt = "float32",
 ) -> None:
     """Attention maps: per token, the earlier tokens it attends to, in every layer and head."""
-    import json
 
     from gptmini.inspect import attention_html, attention_png, check_layer_head, render_attention
 
     lm = _load_for_inspection(checkpoint, device, dtype, png, html, json_out)
     check_layer_head(lm.config, layer, head)
     att = lm.attention(_read_prompt(text), last=last)
+    _inspection_outputs(
+        lambda: render_attention(att, lm.config.n_layer - 1 if layer is None else layer, head),
+        json_out,
+        att.to_json,
+        html=html,
+        page=lambda: attention_html(att, lm.tokenizer, f"attention: {checkpoint or 'checkpoints/default'}"),
+        png=png,
+        draw=lambda path: attention_png(att, path),
+    )
+
+
+def _inspection_outputs(
+    table: Callable[[], Any],
+    json_out: Path | None,
+    data: Callable[[], Any],
+    *,
+    html: Path | None = None,
+    page: Callable[[], str] | None = None,
+    png: Path | None = None,
+    draw: Callable[[Path], Any] | None = None,
+) -> None:
+    """Print the table (unless --json goes to stdout), then write whichever of --json / --html / --png were asked
+    for; each is rendered only when asked for."""
+    import json
+
     if json_out is None or str(json_out) != "-":
         from rich.console import Console
 
-        Console(highlight=False).print(
-            render_attention(att, lm.config.n_layer - 1 if layer is None else layer, head)
-        )
+        Console(highlight=False).print(table())
     if json_out is not None:
-        _write_output(json_out, json.dumps(att.to_json()))
+        _write_output(json_out, json.dumps(data()))
     if html is not None:
-        _write_output(
-            html, attention_html(att, lm.tokenizer, f"attention: {checkpoint or 'checkpoints/default'}")
-        )
+        _write_output(html, page())
     if png is not None:
-        attention_png(att, png)
+        draw(png)
         _stderr().print(f"wrote {png}")
 
 
@@ -685,18 +706,12 @@ def inspect_heads(
     dtype: InspectDtypeOpt = "float32",
 ) -> None:
     """What each head does: entropy, previous-token, first-token, self and induction scores; roles marked."""
-    import json
 
     from gptmini.inspect import render_heads
 
     lm = _load_for_inspection(checkpoint, device, dtype, None, json_out)
     scores = lm.head_scores(text, seed=seed)
-    if json_out is None or str(json_out) != "-":
-        from rich.console import Console
-
-        Console(highlight=False).print(render_heads(scores))
-    if json_out is not None:
-        _write_output(json_out, json.dumps(scores.to_json()))
+    _inspection_outputs(lambda: render_heads(scores), json_out, scores.to_json)
 
 
 @inspect_app.command("lens")
@@ -714,23 +729,20 @@ def inspect_lens(
     dtype: InspectDtypeOpt = "float32",
 ) -> None:
     """The logit lens: each layer's residual stream decoded into next-token probabilities."""
-    import json
 
     from gptmini.inspect import lens_html, lens_png, render_lens
 
     lm = _load_for_inspection(checkpoint, device, dtype, png, html, json_out)
     lens = lm.logit_lens(_read_prompt(text), top=top, last=last)
-    if json_out is None or str(json_out) != "-":
-        from rich.console import Console
-
-        Console(highlight=False).print(render_lens(lens))
-    if json_out is not None:
-        _write_output(json_out, json.dumps(lens.to_json()))
-    if html is not None:
-        _write_output(html, lens_html(lens, f"logit lens: {checkpoint or 'checkpoints/default'}"))
-    if png is not None:
-        lens_png(lens, png)
-        _stderr().print(f"wrote {png}")
+    _inspection_outputs(
+        lambda: render_lens(lens),
+        json_out,
+        lens.to_json,
+        html=html,
+        page=lambda: lens_html(lens, f"logit lens: {checkpoint or 'checkpoints/default'}"),
+        png=png,
+        draw=lambda path: lens_png(lens, path),
+    )
 
 
 @app.command()
