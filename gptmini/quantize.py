@@ -7,6 +7,13 @@ weight bytes read per token divided by the memory bandwidth. Two ways to read fe
   row (symmetric, `scale = max|w| / 127`), ¼ of the fp32 bytes. The matmul is fbgemm's dynamic int8 kernel: the
   activation row is quantised on the fly (per tensor, 8 bits, its own min/max each call), multiplied in int8 with
   int32 accumulation and rescaled to fp32. Embeddings, LayerNorms and attention stay in floating point.
+* `quantize_int4`: every linear and the LM head as 4-bit codes with an asymmetric scale and zero per group of
+  `INT4_GROUP_SIZE` inputs (`w ≈ (q − 8)·scale + zero`, q ∈ 0…15, as gpt-fast's int4 and llama.cpp's Q4_1), ⅛ of
+  the fp32 bytes plus 4 bytes of bf16 scale and zero per group. The matmul is ATen's CPU int4 kernel
+  (`_weight_int4pack_mm_for_cpu`, gpt-fast's and torchao's CPU path): it is vectorised for bf16 activations only
+  (fp32 ones take a scalar loop, ~25× slower), so each linear rounds its input to bf16 and returns fp32; it
+  accumulates in fp32. A linear the kernel cannot take (outputs not a multiple of 16, inputs not a multiple of the
+  group) stays int8.
 * `pack_linears`: fp32 or bf16 weights reordered once into oneDNN's blocked layout. `F.linear` on a single row
   reads an fp32 matrix at 11–13 GB/s, on one core's worth of bandwidth; oneDNN's kernels use every core and read
   it about twice as fast (GPT-2's 768→50,304 head: 6.4 vs 13.4 ms), and bf16 about 1.5× faster.
@@ -18,13 +25,15 @@ LM head keeps pointing at the embedding matrix as `.weight`, so code that asks f
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 
 from gptmini.errors import UserError
 
-QUANTIZE_CHOICES = ("none", "int8")
+QUANTIZE_CHOICES = ("none", "int8", "int4")
+INT4_GROUP_SIZE = 32  # inputs per scale and zero: llama.cpp's Q4 block; the kernel takes 32, 64, 128 or 256
 
 
 def check_quantize(name: str | None, device: torch.device) -> str | None:
@@ -32,13 +41,17 @@ def check_quantize(name: str | None, device: torch.device) -> str | None:
     if name in (None, "none"):
         return None
     if name not in QUANTIZE_CHOICES:
-        raise UserError(f"unknown quantization {name!r}; choose none or int8")
+        raise UserError(f"unknown quantization {name!r}; choose none, int8 or int4")
     if device.type != "cpu":
         raise UserError(
-            "--quantize int8 is for CPU decoding; add --device cpu (or use --dtype bfloat16 on a GPU)"
+            f"--quantize {name} is for CPU decoding; add --device cpu (or use --dtype bfloat16 on a GPU)"
+        )
+    if name == "int4" and not int4_supported():
+        raise UserError(
+            "--quantize int4 needs PyTorch's CPU int4 kernel (torch >= 2.5), which this build lacks"
         )
     if "fbgemm" not in torch.backends.quantized.supported_engines:
-        raise UserError("--quantize int8 needs PyTorch's fbgemm kernels (x86-64), which this build lacks")
+        raise UserError(f"--quantize {name} needs PyTorch's fbgemm kernels (x86-64), which this build lacks")
     return name
 
 
@@ -75,6 +88,74 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row"
 
 
+def int4_supported() -> bool:
+    return all(
+        hasattr(torch, op) for op in ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu")
+    )
+
+
+def int4_quantize(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes `q` (uint8 in 0…15, `[N, K]`) and a scale and zero per group of inputs (`[N, K/group]`, fp32 holding
+    bf16 values: what the kernel stores) with `w ≈ (q − 8)·scale + zero`; each group's min/max span 0…15."""
+    n, k = w.shape
+    groups = w.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    # Rounded to bf16 before the codes are chosen, so the codes fit the scale and zero the kernel will read.
+    scale = ((hi - lo) / 15).clamp(min=1e-10).bfloat16().float()
+    zero = (lo + 8 * scale).bfloat16().float()
+    q = ((groups - zero[..., None]) / scale[..., None]).round() + 8
+    return q.clamp(0, 15).to(torch.uint8).reshape(n, k), scale, zero
+
+
+def int4_packable(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:
+    """Whether the CPU int4 kernel takes this linear: outputs a multiple of 16, inputs a multiple of the group."""
+    return linear.out_features % 16 == 0 and linear.in_features % group_size == 0
+
+
+class Int4Linear(nn.Module):
+    """`y = x·Wᵀ + b` with W as group-wise int4 codes (see `int4_quantize`), multiplied by ATen's CPU int4 kernel.
+
+    `activations` is the dtype the kernel computes in: bf16 (its vectorised path; the default) or fp32 (a scalar
+    loop, exact to fp32 rounding: for checking).
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        *,
+        keep_weight: bool = False,
+        group_size: int = INT4_GROUP_SIZE,
+        activations: torch.dtype = torch.bfloat16,
+    ) -> None:
+        super().__init__()
+        if not int4_packable(linear, group_size):
+            raise ValueError(
+                f"int4 needs out_features % 16 == 0 and in_features % {group_size} == 0, "
+                f"got {linear.out_features} x {linear.in_features}"
+            )
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.group_size = group_size
+        self.activations = activations
+        q, scale, zero = int4_quantize(linear.weight, group_size)
+        self._packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        # The kernel's layout: [K/group, N, (scale, zero)].
+        self._scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(activations)
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        if keep_weight:  # the tied LM head: the embedding lookup keeps the exact matrix
+            self.weight = linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(self.activations)
+        y = torch._weight_int4pack_mm_for_cpu(rows, self._packed, self.group_size, self._scale_zero).float()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {self.group_size}"
+
+
 def _has_vnni() -> bool:
     try:
         return bool(torch.cpu._is_vnni_supported())
@@ -83,13 +164,17 @@ def _has_vnni() -> bool:
 
 
 class PackedLinear(nn.Module):
-    """An fp32 / bf16 linear whose weight oneDNN reordered once into its blocked layout (fast single-row products)."""
+    """An fp32 / bf16 linear whose weight oneDNN reordered once into its blocked layout (fast few-row products).
 
-    def __init__(self, linear: nn.Linear, *, keep_weight: bool = False) -> None:
+    `batch_size` is the number of rows the layout is chosen for. 16 suits 1 to 16 rows: on GPT-2 small (2 AVX-512
+    cores) its blocked layout makes 8 rows 1.6× faster than the 1-row layout and costs a lone row nothing.
+    """
+
+    def __init__(self, linear: nn.Linear, *, keep_weight: bool = False, batch_size: int = 16) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self._packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_size)
         self.bias = linear.bias
         if keep_weight:
             self.weight = linear.weight
@@ -107,7 +192,7 @@ def packing_supported(dtype: torch.dtype) -> bool:
         return False
 
 
-def _swap_linears(model: nn.Module, make: type[nn.Module]) -> nn.Module:
+def _swap_linears(model: nn.Module, make: Callable[..., nn.Module]) -> nn.Module:
     head = model.lm_head
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -128,6 +213,20 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+def quantize_int4(model: nn.Module, *, group_size: int = INT4_GROUP_SIZE) -> nn.Module:
+    """Swap every linear (LM head included) for an `Int4Linear`, in place; one the kernel cannot take (see
+    `int4_packable`) becomes an `Int8Linear`. The KV cache is bf16, as for int8."""
+    model.kv_cache_dtype = torch.bfloat16
+
+    def make(linear: nn.Linear, *, keep_weight: bool = False) -> nn.Module:
+        if int4_packable(linear, group_size):
+            return Int4Linear(linear, keep_weight=keep_weight, group_size=group_size)
+        return Int8Linear(linear, keep_weight=keep_weight)
+
+    return _swap_linears(model, make)
+
+
+@torch.no_grad()
 def pack_linears(model: nn.Module) -> nn.Module:
     """Swap the fp32 / bf16 linears of a CPU model for oneDNN-prepacked ones, in place (a no-op elsewhere)."""
     weight = model.transformer.wte.weight
@@ -139,11 +238,13 @@ def pack_linears(model: nn.Module) -> nn.Module:
 def prepare_for_decoding(
     model: nn.Module, *, quantize: str | None = None, compile: bool = False
 ) -> nn.Module:
-    """The fastest inference form of a loaded model on its device: int8 if asked, else packed linears on CPU.
+    """The fastest inference form of a loaded model on its device: int8 / int4 if asked, else packed linears on CPU.
 
     With `compile`, weights stay plain: inductor's freezing packs them itself and cannot trace opaque ones.
     """
     model.eval()
     if quantize == "int8":
         return quantize_int8(model)
+    if quantize == "int4":
+        return quantize_int4(model)
     return model if compile else pack_linears(model)
