@@ -280,6 +280,13 @@ def train(
     n_embd: Annotated[int | None, typer.Option(help="Width.")] = None,
     block_size: Annotated[int | None, typer.Option(help="Context length in tokens.")] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout probability.")] = None,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            help="gpt2 (default: GPT-2's layout, exports to Hugging Face) or modern (rotary positions, QK-norm, "
+            "ReLU², no biases)."
+        ),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
     lr: Annotated[
@@ -299,6 +306,12 @@ def train(
         float | None, typer.Option(help="Decoupled weight decay (matrices only).")
     ] = None,
     grad_clip: Annotated[float | None, typer.Option(help="Clip the gradient norm (0 = off).")] = None,
+    ema: Annotated[
+        float | None,
+        typer.Option(
+            help="Evaluate and save best/ with a moving average of the weights of this decay (0 = off)."
+        ),
+    ] = None,
     eval_interval: Annotated[int | None, typer.Option(help="Steps between evals + checkpoints.")] = None,
     eval_iters: Annotated[int | None, typer.Option(help="Val batches per eval.")] = None,
     log_interval: Annotated[int | None, typer.Option(help="Steps between log lines.")] = None,
@@ -351,6 +364,7 @@ def train(
         time_budget_s=budget,
         weight_decay=weight_decay,
         grad_clip=grad_clip,
+        ema=ema,
         eval_interval=eval_interval,
         eval_iters=eval_iters,
         log_interval=log_interval,
@@ -364,7 +378,9 @@ def train(
         vocab=vocab,
         save_dtype=save_dtype,
     )
-    shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout)
+    shape = dict(
+        n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout, arch=arch
+    )
     from gptmini.train import train as run_training
 
     view = _TrainView()

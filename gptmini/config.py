@@ -12,7 +12,10 @@ from typing import Any
 from gptmini.errors import UserError
 
 GPT2_VOCAB_SIZE = 50257  # 50,000 merges + 256 bytes + <|endoftext|>
-POS_EMBEDDINGS = ("learned", "sinusoidal")
+POS_EMBEDDINGS = ("learned", "sinusoidal", "rotary")
+# gpt2: GPT-2's layout (import/export). modern: rotary positions, QK-norm, ReLU² MLP, zero-initialised output
+# projections and no biases (see gptmini.model); it cannot be exported to GPT-2.
+ARCHS = ("gpt2", "modern")
 
 
 @dataclass
@@ -38,8 +41,11 @@ class GPTConfig:
     layer_norm_eps: float = 1e-5
     pad_vocab_multiple: int = 64
     vocabulary: list[int] | None = None
+    arch: str = "gpt2"  # configs saved before it existed are GPT-2's layout
 
     def __post_init__(self) -> None:
+        if self.arch == "modern":  # its positions are rotary and it has no biases, whatever the preset says
+            self.pos_embedding, self.bias = "rotary", False
         self.validate()
 
     def validate(self) -> None:
@@ -65,6 +71,12 @@ class GPTConfig:
                 f"the vocabulary lists {len(self.vocabulary or [])} tokens but vocab_size is {self.vocab_size}; "
                 "the checkpoint's config is damaged"
             )
+        if self.arch not in ARCHS:
+            raise UserError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if (self.pos_embedding == "rotary") != (self.arch == "modern"):
+            raise UserError("pos_embedding rotary comes with arch modern, and only with it")
+        if self.arch == "modern" and self.head_dim % 2:
+            raise UserError(f"rotary positions need an even head size, got {self.head_dim}")
         if self.pos_embedding == "sinusoidal" and self.n_embd % 2:
             raise UserError(f"sinusoidal position embeddings need an even n_embd, got {self.n_embd}")
 
@@ -192,6 +204,7 @@ class TrainConfig:
     save_dtype: str = "float32"  # weights of best/, the copy for inference (the resumable one stays fp32)
     encoding_errors: str = "strict"
     vocab: str = "4096"  # the train split's 4,096 most frequent tokens: best for 4×128 in 10-minute runs
+    ema: float = 0.0  # decay of the weights' moving average that evaluation and best/ use (0 = off)
 
     def __post_init__(self) -> None:
         if isinstance(self.vocab, int) and not isinstance(self.vocab, bool):
@@ -238,6 +251,8 @@ class TrainConfig:
             )
         if self.encoding_errors not in ENCODING_ERRORS:
             raise UserError(f"encoding-errors must be strict or replace, got {self.encoding_errors!r}")
+        if not (isinstance(self.ema, (int, float)) and 0.0 <= self.ema < 1.0):
+            raise UserError(f"ema must be in [0, 1) (0 = off; e.g. 0.999), got {self.ema!r}")
 
     @property
     def vocab_limit(self) -> int | None:

@@ -131,6 +131,11 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, *, dtype: torch.dtype
     """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained(out_dir)` loads."""
     gpt = unwrap(model)
     config = gpt.config
+    if config.arch != "gpt2":
+        raise UserError(
+            f"this model is --arch {config.arch} (rotary positions, QK-norm, ReLU²), which GPT-2's layout cannot "
+            "hold; only --arch gpt2 models export to Hugging Face"
+        )
     if config.vocabulary is not None:
         raise UserError(
             "this model uses a compact vocabulary (the tokens of its training text), which GPT-2's numbering "

@@ -4,6 +4,11 @@ Read top to bottom:
   token ids ─▶ token embedding + position embedding ─▶ n_layer × Block ─▶ LayerNorm ─▶ LM head (tied) ─▶ logits
   Block(x) = x + Attention(LN(x)), then x + MLP(LN(x))           (pre-LayerNorm residual blocks)
   Attention = softmax(Q·Kᵀ/√d_k + causal mask)·V over n_head heads, projected back to n_embd
+
+`arch="modern"` (opt-in, `gptmini train --arch modern`) changes four things and keeps the rest: rotary position
+embeddings on Q and K instead of a learned table, QK-norm (RMSNorm of each head's queries and keys), ReLU² in the
+MLP, the projections that write into the residual stream initialised to zero, and no biases anywhere. The KV cache
+then holds keys rotated at their absolute positions; a window slide re-prefills at positions 0.., as for GPT-2.
 """
 
 from __future__ import annotations
@@ -57,16 +62,24 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # Q, K, V in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.arch == "modern"
+        if self.qk_norm:
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=config.layer_norm_eps)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=config.layer_norm_eps)
         # When set, forward and decode also compute the attention probabilities explicitly and keep them here.
         self.keep_attention = False
         self.attention: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0, rope: Rope | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if rope is not None:
+            q, k = self.position(q, k, rope)
 
         mask = None
         is_causal = True
@@ -86,7 +99,9 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
-    def decode(self, x: torch.Tensor, cache: KVCache, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, x: torch.Tensor, cache: KVCache, pos: torch.Tensor, mask: torch.Tensor, rope: Rope | None = None
+    ) -> torch.Tensor:
         """One new token per row (`[B, 1, C]`) at position `pos`, attending over the whole cache through `mask`.
 
         Every shape is the same at every position, so one compiled graph (or CUDA graph) serves them all.
@@ -96,11 +111,40 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if rope is not None:
+            q, k = self.position(q, k, rope)
         keys, values = cache.write_at(self.layer_idx, pos, k, v)
         if self.keep_attention:  # a Python check: no cost, and no other graph, when off
             self.attention = attention_probs(q, keys, allowed=mask)
         y = attend(q, keys, values, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def position(self, q: torch.Tensor, k: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """The modern block's queries and keys: normalised per head (QK-norm), then rotated to their positions.
+
+        Both in fp32 (RMSNorm's fused kernel needs its input in the weight's dtype), back in the input's dtype.
+        """
+        dtype = q.dtype
+        q = rotate(self.q_norm(q.float()), rope).to(dtype)
+        return q, rotate(self.k_norm(k.float()), rope).to(dtype)
+
+
+# (cos, sin) of each position's rotation angles, `[..., T, head_dim/2]`, broadcast over batch and heads.
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def rotary_table(n_positions: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """`[n_positions, 2, head_dim/2]`: cos and sin of p·base^(−2i/head_dim) (RoFormer), computed in float64."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(n_positions, dtype=torch.float64)[:, None] * inv_freq
+    return torch.stack((angles.cos(), angles.sin()), dim=1).float()
+
+
+def rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i+D/2}) of the last dimension by its position's angle."""
+    cos, sin = (t.to(x.dtype) for t in rope)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 def causal_mask(n_query: int, start_pos: int, device: torch.device) -> torch.Tensor:
@@ -129,9 +173,12 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.relu2 = config.arch == "modern"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate="tanh")
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -142,19 +189,23 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, start_pos)
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, start_pos: int = 0, rope: Rope | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start_pos, rope)
         return x + self.mlp(self.ln_2(x))
 
-    def decode(self, x: torch.Tensor, cache: KVCache, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn.decode(self.ln_1(x), cache, pos, mask)
+    def decode(
+        self, x: torch.Tensor, cache: KVCache, pos: torch.Tensor, mask: torch.Tensor, rope: Rope | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn.decode(self.ln_1(x), cache, pos, mask, rope)
         return x + self.mlp(self.ln_2(x))
 
 
 @contextlib.contextmanager
 def _skip_reset_parameters() -> Iterator[None]:
     """Within: nn.Linear / nn.Embedding / nn.LayerNorm constructors leave their weights uninitialised."""
-    classes = (nn.Linear, nn.Embedding, nn.LayerNorm)
+    classes = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.RMSNorm)
     saved = {c: c.reset_parameters for c in classes}
     for c in classes:
         c.reset_parameters = lambda self: None
@@ -192,9 +243,7 @@ class GPT(nn.Module):
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         else:
             # A fixed table, not a parameter: rebuilt from the config, never saved.
-            self.register_buffer(
-                "pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False
-            )
+            self.register_buffer("pos_table", self._position_table(), persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix embeds and un-embeds
 
@@ -208,6 +257,24 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+                if self.config.arch == "modern":  # each block starts as the identity
+                    nn.init.zeros_(p)
+
+    def _position_table(self) -> torch.Tensor:
+        c = self.config
+        if c.pos_embedding == "rotary":
+            return rotary_table(c.block_size, c.head_dim)
+        return sinusoidal_table(c.block_size, c.n_embd)
+
+    def _rope(self, at: slice | torch.Tensor) -> Rope | None:
+        """The rotations of positions `at` (a slice: `[T, D/2]`; a `[B]` tensor: `[B, 1, 1, D/2]`), None for GPT-2."""
+        if self.config.pos_embedding != "rotary":
+            return None
+        if isinstance(at, slice):
+            table = self.pos_table[at]
+            return table[:, 0], table[:, 1]
+        table = self.pos_table.index_select(0, at)[:, None, None]
+        return table[..., 0, :], table[..., 1, :]
 
     @classmethod
     def skeleton(
@@ -219,8 +286,8 @@ class GPT(nn.Module):
         with _skip_reset_parameters(), torch.device(device):
             model = cls(config, init_weights=False)
         model = model.to(dtype)
-        if config.pos_embedding == "sinusoidal":
-            model.pos_table = sinusoidal_table(config.block_size, config.n_embd).to(device)
+        if config.pos_embedding != "learned":  # kept in fp32 whatever the weights' dtype
+            model.pos_table = model._position_table().to(device)
         return model
 
     @staticmethod
@@ -244,13 +311,16 @@ class GPT(nn.Module):
                 f"positions {start_pos}..{start_pos + T - 1} exceed the context length {self.config.block_size}"
             )
         tok = self.transformer.wte(idx)
+        rope = self._rope(slice(start_pos, start_pos + T))
         if self.config.pos_embedding == "learned":
-            pos = self.transformer.wpe.weight[start_pos : start_pos + T]
-        else:
-            pos = self.pos_table[start_pos : start_pos + T].to(tok.dtype)
-        x = self.transformer.drop(tok + pos)
+            x = tok + self.transformer.wpe.weight[start_pos : start_pos + T]
+        elif rope is None:
+            x = tok + self.pos_table[start_pos : start_pos + T].to(tok.dtype)
+        else:  # rotary: positions enter through the queries and keys
+            x = tok
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, cache, start_pos)
+            x = block(x, cache, start_pos, rope)
         return self.transformer.ln_f(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -293,14 +363,17 @@ class GPT(nn.Module):
         """
         tok = self.transformer.wte(idx)
         at = pos.reshape(-1)  # [1] or [B]
+        rope = self._rope(at)
         if self.config.pos_embedding == "learned":
             x = tok + self.transformer.wpe(at)[:, None]
-        else:
+        elif rope is None:
             x = tok + self.pos_table.index_select(0, at)[:, None].to(tok.dtype)
+        else:
+            x = tok
         # [1 or B, 1, 1, max_len] bool: row b sees keys 0..pos[b] (broadcast over heads and the one query)
         mask = (cache.positions <= at[:, None])[:, None, None, :]
         for block in self.transformer.h:
-            x = block.decode(x, cache, at, mask)
+            x = block.decode(x, cache, at, mask, rope)
         return self.logits(self.transformer.ln_f(x))[:, 0]
 
     @contextlib.contextmanager
@@ -330,9 +403,16 @@ class GPT(nn.Module):
         c = self.config
         token = c.vocab_size * c.n_embd
         position = c.block_size * c.n_embd if c.pos_embedding == "learned" else 0
-        attention = sum(p.numel() for b in self.transformer.h for p in b.attn.parameters())
+        is_norm = lambda m: isinstance(m, (nn.LayerNorm, nn.RMSNorm))  # noqa: E731
+        attention = sum(
+            p.numel()
+            for b in self.transformer.h
+            for m in b.attn.modules()
+            if not is_norm(m)
+            for p in m.parameters(False)
+        )
         mlp = sum(p.numel() for b in self.transformer.h for p in b.mlp.parameters())
-        norms = sum(p.numel() for m in self.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters())
+        norms = sum(p.numel() for m in self.modules() if is_norm(m) for p in m.parameters())
         total = token + position + attention + mlp + norms
         return dict(
             token_embedding=token,

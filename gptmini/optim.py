@@ -13,7 +13,9 @@ computes in fp32: an fp32 run is fp32 throughout, so data-parallel ranks agree w
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -143,3 +145,53 @@ class MuonAdamW(torch.optim.Optimizer):
         state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1.0 - beta2**t)).add_(group["eps"])
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1.0 - beta1**t))
+
+
+class WeightEMA:
+    """An fp32 exponential moving average of a model's parameters, updated after each optimizer step.
+
+    Update n (0-based) moves the average towards the new weights by 1 − d_n, with d_n = min(decay, n / (n + 10)):
+    the first update copies the weights (the random init never counts) and the average's horizon grows with the
+    run (≈ n/10 steps) until it reaches 1 / (1 − decay), so a short run is not dominated by its first steps.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.decay = decay
+        self.updates = 0
+        self.shadow = [p.detach().float().clone() for p in self.params]
+
+    def rate(self) -> float:
+        """The weight the next update keeps on the average so far (d_n above)."""
+        return min(self.decay, self.updates / (self.updates + 10))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.float() for p in self.params], 1.0 - self.rate())
+        self.updates += 1
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """Within: the model holds the average (evaluation, best/); its own weights come back after."""
+        with torch.no_grad():
+            live = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_(self.params, self.shadow)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, live)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "decay": self.decay,
+            "updates": self.updates,
+            "shadow": dict(zip(self.names, self.shadow, strict=True)),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.updates = int(state["updates"])
+        for i, name in enumerate(self.names):
+            self.shadow[i].copy_(state["shadow"][name])

@@ -70,7 +70,7 @@ from gptmini.errors import UserError
 from gptmini.evaluate import EvalResult, evaluate_tokens
 from gptmini.loss import IGNORE_INDEX, linear_cross_entropy
 from gptmini.model import GPT
-from gptmini.optim import make_optimizer
+from gptmini.optim import WeightEMA, make_optimizer
 from gptmini.rundir import (
     BEST_DIR,
     append_metrics,
@@ -106,7 +106,7 @@ __all__ = [
 
 DEFAULT_PRESET = "small"
 # Model fields that --init-from / --resume may not change (they fix the weights' shapes).
-SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_embedding")
+SHAPE_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "pos_embedding", "arch")
 
 
 @dataclass
@@ -415,6 +415,8 @@ def _check_settings(
         )
     if tcfg.fsdp and tcfg.optimizer == "muon":
         raise UserError("Muon orthogonalises whole matrices, which --fsdp shards; add --optimizer adamw")
+    if tcfg.fsdp and tcfg.ema:
+        raise UserError("--ema keeps a whole copy of the weights, which --fsdp shards; drop one of the two")
     if tcfg.fsdp and (train_data is not None or evaluator is not None):
         raise UserError("--fsdp is for `gptmini train` only; fine-tuning runs data parallel without it")
     return run, tcfg, mcfg, paths
@@ -505,9 +507,13 @@ class _Loop:
         self.optimizer = make_optimizer(self.gpt, tcfg, device, dtype=plan.dtype)
         self.step, self.elapsed_before, self.tokens_seen = 0, 0.0, 0
         self.best_val: float | None = None
+        # The weights' moving average: evaluation and best/ use it; the resumable checkpoint keeps the live weights.
+        self.ema = WeightEMA(self.gpt, tcfg.ema) if tcfg.ema else None
         if plan.state is not None:
             state = plan.state
             load_optimizer_state(self.gpt, self.optimizer, state["optimizer"], fsdp=tcfg.fsdp)
+            if self.ema is not None and "ema" in state:  # else (--ema added on resume) it starts from here
+                self.ema.load_state_dict(state["ema"])
             self.step = int(state["step"])
             self.elapsed_before = float(state["elapsed_s"])
             self.tokens_seen = int(state["tokens_seen"])
@@ -607,6 +613,8 @@ class _Loop:
                         f"the loss became {loss_value} at step {self.step + 1}; stopped and kept the last good "
                         f"checkpoint in {self.out}. Lower --lr (now {tcfg.lr:g}) or raise --warmup-iters"
                     )
+                if self.ema is not None:
+                    self.ema.update()
                 synchronize(self.device)
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
@@ -668,13 +676,15 @@ class _Loop:
     def _evaluate_and_save(self, lr: float, loss_value: float) -> bool:
         """The periodic eval: save the resumable checkpoint, and best/ if the val loss improved; True if the
         callback asks to stop."""
-        result = self.evaluate(final=False)
+        with self.averaged():
+            result = self.evaluate(final=False)
         improved = self.best_val is None or result.loss < self.best_val
         if improved:
             self.best_val = result.loss
         self.save(self.out, result.loss)
         if improved:
-            self.save(self.out / BEST_DIR, result.loss, with_state=False)
+            with self.averaged():
+                self.save(self.out / BEST_DIR, result.loss, with_state=False)
         record = eval_record(self.step, self.elapsed(), self.tokens_seen, loss_value, lr, result)
         self._write_metrics(record)
         event = TrainEvent("eval", self.step, {**record, "best": improved, "progress": self.progress()})
@@ -685,13 +695,14 @@ class _Loop:
         out, final = self.out, None
         if reason != "diverged":
             if reason in ("done", "time"):
-                final = self.evaluate(final=True)
-                # The evals before scored a fixed subset of the val windows: "best" compares on that same subset.
-                comparable = final if self.best_val is None else self.evaluate(final=False)
-                improved = self.best_val is None or comparable.loss < self.best_val
-                if improved:
-                    self.best_val = comparable.loss
-                    self.save(out / BEST_DIR, final.loss, with_state=False)
+                with self.averaged():
+                    final = self.evaluate(final=True)
+                    # The evals before scored a fixed subset of the val windows: "best" compares on that subset.
+                    comparable = final if self.best_val is None else self.evaluate(final=False)
+                    improved = self.best_val is None or comparable.loss < self.best_val
+                    if improved:
+                        self.best_val = comparable.loss
+                        self.save(out / BEST_DIR, final.loss, with_state=False)
                 record = eval_record(self.step, self.elapsed(), self.tokens_seen, self.last_loss, None, final)
                 self._write_metrics({**record, "final": True})
                 self.report(TrainEvent("eval", self.step, {**record, "best": improved, "final": True}))
@@ -715,6 +726,10 @@ class _Loop:
         return result
 
     # ---- evaluation, checkpoints, metrics
+
+    def averaged(self) -> contextlib.AbstractContextManager[None]:
+        """Within: the model holds the weights' moving average (with --ema), as evaluation and best/ use it."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
     def evaluate(self, final: bool) -> EvalResult:
         dist, tcfg, plan = self.dist, self.tcfg, self.plan
@@ -771,6 +786,8 @@ class _Loop:
                 "optimizer": optimizer_state,
                 "rng": _rng_state(self.device),
             }
+            if self.ema is not None:
+                train_state["ema"] = self.ema.state_dict()
         # best/ is for inference: it may be stored in bf16/fp16; the resumable checkpoint keeps fp32 weights.
         save_dtype = None if with_state else getattr(torch, tcfg.save_dtype)
         commit_checkpoint(saved, directory, train_state=train_state, meta=meta, save_dtype=save_dtype)

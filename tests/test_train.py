@@ -133,9 +133,12 @@ def test_save_dtype_halves_best_and_keeps_the_resumable_checkpoint_fp32(corpus, 
         torch.testing.assert_close(a[name], b[name].to(torch.bfloat16).float(), atol=0, rtol=0)
 
 
-def interrupted_and_resumed_equals_uninterrupted(corpus, tmp_path, *, device: str, dtype: str, atol: float):
+def interrupted_and_resumed_equals_uninterrupted(
+    corpus, tmp_path, *, device: str, dtype: str, atol: float, model_fields=None
+):
     cfg = settings(max_iters=16, grad_accum=2, eval_interval=6, dtype=dtype, device=device)
-    model = {**TINY, "dropout": 0.1}  # dropout draws from the RNG: it must be restored too
+    # dropout draws from the RNG: it must be restored too
+    model = {**TINY, "dropout": 0.1, **(model_fields or {})}
     train([corpus], config=cfg, model=model, out=tmp_path / "straight")
 
     stop_at_7 = lambda event: event.kind == "log" and event.step >= 7  # noqa: E731 - like Ctrl-C at step 7
