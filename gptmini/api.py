@@ -15,6 +15,7 @@ from gptmini.config import GPTConfig, SamplingConfig
 from gptmini.devices import resolve_device, resolve_dtype
 from gptmini.errors import UserError
 from gptmini.generation import AttentionStep, GenerationStats, generate_texts, stream_text
+from gptmini.lookup import check_lookup
 from gptmini.model import GPT
 from gptmini.quantize import check_quantize, prepare_for_decoding
 from gptmini.tokenizer import Tokenizer
@@ -74,16 +75,20 @@ class LM:
         use_cache: bool = True,
         stats: GenerationStats | None = None,
         on_attention: Callable[[AttentionStep], None] | None = None,
+        lookup: int = 0,
         **sampling_fields: Any,
     ) -> Iterator[str]:
         """Yield the completion (not the prompt) piece by piece as it is generated.
 
         Sampling is one `SamplingConfig`; its fields may also be given by name (`temperature=0`, `top_k=50`,
         `seed=1`, `stop=["."]`, …), which override the config's. `on_attention` receives what each step attended
-        to (e.g. a `gptmini.inspect.GenerationAttention`).
+        to (e.g. a `gptmini.inspect.GenerationAttention`). `lookup=N` turns on prompt-lookup decoding: up to N
+        tokens copied from earlier in the text checked per forward pass (the same greedy text, the same sampling
+        distribution; faster where the text repeats itself). A bad value raises `ValueError`.
         """
         sampling = sampling_config(sampling, **sampling_fields)
         _check_max_new_tokens(max_new_tokens)
+        check_lookup(lookup)
         stats = stats if stats is not None else GenerationStats()
         ids = self.encode_prompt(prompt)
         yield from stream_text(
@@ -97,6 +102,7 @@ class LM:
             compile=self.compile,
             stats=stats,
             on_attention=on_attention,
+            lookup=lookup,
         )
 
     def generate(
@@ -110,9 +116,11 @@ class LM:
         num_samples: int | None = None,
         stats: GenerationStats | None = None,
         on_attention: Callable[[AttentionStep], None] | None = None,
+        lookup: int = 0,
         **sampling_fields: Any,
     ) -> str | list[str]:
-        """The completion as one string, or a list of `num_samples` completions drawn from one prefill."""
+        """The completion as one string, or a list of `num_samples` completions drawn from one prefill
+        (`lookup`: as for `stream`, one sample only)."""
         sampling = sampling_config(sampling, **sampling_fields)
         options = dict(
             max_new_tokens=max_new_tokens,
@@ -120,6 +128,7 @@ class LM:
             use_cache=use_cache,
             stats=stats,
             on_attention=on_attention,
+            lookup=lookup,
         )
         if num_samples is None:
             return "".join(self.stream(prompt, sampling, **options))

@@ -112,17 +112,28 @@ def generate(
             help="Also write a page of what each new token attended to when it was generated.",
         ),
     ] = None,
+    lookup: Annotated[
+        int,
+        typer.Option(
+            "--lookup",
+            metavar="N",
+            help="Prompt-lookup decoding: check up to N tokens copied from earlier in the text per forward pass "
+            "(same greedy text, same sampling distribution; faster on text that repeats). 0 = off.",
+        ),
+    ] = 0,
 ) -> None:
     """Continue a prompt (greedy, temperature, top-k/top-p/min-p sampling, KV cache, stop strings)."""
     import warnings
 
     from gptmini.config import SamplingConfig
+    from gptmini.lookup import check_lookup
 
     # Sampling flag mistakes are reported before torch is imported or weights are read.
     sampling = SamplingConfig(
         0.0 if greedy else temperature, top_k, top_p, min_p, repetition_penalty, seed, stop or []
     )
     sampling.validate()
+    check_lookup(lookup, num_samples)
     if show_attention is not None:
         if num_samples != 1:
             raise UserError("--show-attention shows one sample; drop --num-samples")
@@ -142,6 +153,7 @@ def generate(
             ignore_eos=ignore_eos,
             use_cache=kv_cache,
             stats=run_stats,
+            lookup=lookup,
         )
         if show_attention is not None:
             from gptmini.inspect import GenerationAttention, check_generation_capture
@@ -193,7 +205,19 @@ def _print_generation_stats(lm, run_stats) -> None:
     _stderr().print(
         f"[dim]prompt tokens {run_stats.prompt_tokens} · new tokens {run_stats.new_tokens} · "
         f"prefill {run_stats.prefill_s * 1000:.1f} ms · decode {run_stats.decode_tokens_per_s:.1f} tokens/s · "
-        f"peak memory {peak / 2**20:.0f} MiB · window slides {run_stats.window_slides}[/]"
+        f"peak memory {peak / 2**20:.0f} MiB · window slides {run_stats.window_slides}"
+        + _lookup_stats(run_stats)
+        + "[/]"
+    )
+
+
+def _lookup_stats(run_stats) -> str:
+    if not run_stats.lookup_passes:
+        return ""
+    accepted, drafted = run_stats.lookup_accepted, run_stats.lookup_drafted
+    return (
+        f" · lookup {accepted}/{drafted} draft tokens accepted ({100 * accepted / drafted:.0f}%) in "
+        f"{run_stats.lookup_passes} verify passes"
     )
 
 

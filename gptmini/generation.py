@@ -25,8 +25,9 @@ import torch
 from gptmini.config import SamplingConfig
 from gptmini.devices import synchronize
 from gptmini.kv_cache import KVCache
+from gptmini.lookup import NgramIndex, check_lookup
 from gptmini.model import GPT
-from gptmini.sampling import make_generator, sample_next
+from gptmini.sampling import make_generator, next_token_probs, sample_next
 from gptmini.tokenizer import Tokenizer
 
 FINISHED = -1  # placeholder id yielded for a sample that already hit <|endoftext|>
@@ -47,10 +48,13 @@ class AttentionStep:
     tokens: torch.Tensor  # `[num_samples]`: the tokens sampled from this step's logits
 
 
-def _attention_step(model: GPT, window: torch.Tensor, length: int, key_start: int, tokens: torch.Tensor):
+def _attention_step(
+    model: GPT, window: torch.Tensor, length: int, key_start: int, tokens: torch.Tensor, query: int = -1
+):
     # Each layer kept `[1 or B, H, queries, keys]` (the decode step's keys span the whole cache): the newest query
-    # over the window's `length` keys; a prefill shared by several samples is repeated for each.
-    rows = [b.attn.attention[:, :, -1, :length].expand(len(tokens), -1, -1) for b in model.transformer.h]
+    # (or a lookup verify pass's query `query`) over the window's `length` keys; a prefill shared by several
+    # samples is repeated for each.
+    rows = [b.attn.attention[:, :, query, :length].expand(len(tokens), -1, -1) for b in model.transformer.h]
     return AttentionStep(rows, window[:, :length].clone(), key_start, tokens)
 
 
@@ -64,6 +68,10 @@ class GenerationStats:
     window_slides: int = 0
     stop_reason: str = ""
     step_times: list[float] = field(default_factory=list)
+    # prompt-lookup decoding (`lookup=N`): verify passes run, draft tokens proposed, draft tokens accepted
+    lookup_passes: int = 0
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -86,6 +94,7 @@ def generate_tokens(
     stats: GenerationStats | None = None,
     record_step_times: bool = False,
     on_attention: Callable[[AttentionStep], None] | None = None,
+    lookup: int = 0,
 ) -> Iterator[list[int]]:
     """Yield, per step, one new token id per sample (`FINISHED` for samples that already emitted `eos_id`).
 
@@ -93,6 +102,11 @@ def generate_tokens(
     `compile` runs each cached step through `compiled_decode_step` (ignored without the cache: that path is the
     plain reference). `on_attention`, if given, is called with an `AttentionStep` for every yielded step, before it
     is yielded: the attention of the forward pass that produced it (prefill, decode step or window re-prefill).
+
+    `lookup=N` (one sample, with the cache) is prompt-lookup decoding: up to N draft tokens copied from where the
+    latest n-gram last occurred (`gptmini.lookup.NgramIndex`) are checked in one forward pass with the token being
+    fed (`_accept_draft`). The tokens yielded are the same as without it when greedy, and drawn from the same
+    distribution when sampling (not the same draws for a seed); windows slide at the same tokens.
     """
     config = model.config
     device = model.transformer.wte.weight.device
@@ -100,6 +114,7 @@ def generate_tokens(
     block = config.block_size
     if len(prompt_ids) == 0:
         raise ValueError("the prompt must hold at least one token (use <|endoftext|> for unconditional text)")
+    check_lookup(lookup, num_samples)
     stats.prompt_tokens = len(prompt_ids)
     stats.prompt_truncated = max(0, len(prompt_ids) - block)
     kept = list(prompt_ids[-block:])
@@ -117,6 +132,9 @@ def generate_tokens(
         seen[:, torch.tensor(sorted(set(prompt_ids)), device=device)] = True
 
     cache = KVCache.for_model(model, batch_size=1) if use_cache else None
+    ngrams = NgramIndex(prompt_ids) if lookup and cache is not None else None
+    queued: list[int] = []  # tokens a verify pass already decided, yielded one per step
+    verify_start = 0  # window position of the token the last verify pass fed
     step_fn = None
     if compile and use_cache:
         # A compiled graph cannot hand out its attention: capturing runs the same static decode step eagerly.
@@ -158,6 +176,37 @@ def generate_tokens(
             t_step = time.perf_counter()
             if seen is not None:
                 seen.scatter_(1, next_tok[:, None], True)
+            draft: list[int] = []
+            if ngrams is not None:
+                ngrams.append(ids[0])
+                # A pass writes the fed token and the draft at length.., all inside the window (so windows slide
+                # where plain decoding slides them), and decides no more tokens than are still to come.
+                room = min(lookup, block - 1 - length, max_new_tokens - step - 2)
+                draft = ngrams.draft(room) if not queued else []
+            if queued or draft:
+                if queued:
+                    # Decided by the last verify pass: already in the cache and the window, and in `seen` now.
+                    query = length - verify_start
+                    decided, queued = queued[:1], queued[1:]
+                else:
+                    window[0, length] = next_tok[0]
+                    window[0, length + 1 : length + 1 + len(draft)] = torch.tensor(draft, device=device)
+                    fed = window[:, length : length + 1 + len(draft)]
+                    rows = model(fed, cache=cache, start_pos=length)[0][0]
+                    decided = _accept_draft(rows, draft, sampling, generator, seen)
+                    stats.lookup_passes += 1
+                    stats.lookup_drafted += len(draft)
+                    stats.lookup_accepted += len(decided) - 1
+                    verify_start, query = length, 0
+                    decided, queued = decided[:1], decided[1:]
+                length += 1
+                ids = decided
+                next_tok = torch.tensor(ids, device=device)
+                if on_attention is not None:
+                    on_attention(_attention_step(model, window, length, key_start, next_tok, query))
+                if record_step_times:
+                    stats.step_times.append(time.perf_counter() - t_step)
+                continue
             if length == block:
                 # Window full: drop the oldest quarter, re-prefill the rest (+ the new token) at positions 0..
                 keep = block - window_shift(block)
@@ -188,6 +237,46 @@ def generate_tokens(
         capture.close()
         if t_decode is not None:
             stats.decode_s = time.perf_counter() - t_decode
+
+
+def _accept_draft(
+    logits: torch.Tensor,
+    draft: list[int],
+    sampling: SamplingConfig,
+    generator: torch.Generator,
+    seen: torch.Tensor | None,
+) -> list[int]:
+    """The tokens a verify pass decides: the accepted prefix of `draft`, then one token drawn by the model.
+
+    `logits` `[k+1, V]`: row j scores the token after the fed token and draft[:j]. Speculative sampling with a
+    draft that puts all its mass on one token: draft[j] is kept with probability p_j(draft[j]), p_j being exactly
+    the distribution plain decoding would sample from there (`next_token_probs`: penalty, temperature, top-k/p,
+    min-p); at the first refusal the token is drawn from p_j without draft[j], renormalised; if all are kept, a
+    bonus token is drawn from the last row. Each token is then distributed as plain sampling's; greedy keeps
+    draft tokens while they are the argmax.
+    """
+    k = len(draft)
+    if seen is not None:
+        # Row j's penalty also counts draft[:j], the tokens before it.
+        seen = seen.expand(k + 1, -1).clone()
+        for j, tok in enumerate(draft[:-1], start=1):
+            seen[j:, tok] = True
+    if sampling.temperature == 0:
+        best = sample_next(logits, sampling, None, seen).tolist()
+        kept = next((j for j in range(k) if best[j] != draft[j]), k)
+        return best[: kept + 1]
+    probs = next_token_probs(logits, sampling, seen)
+    rows = torch.arange(k, device=probs.device)
+    proposed = torch.tensor(draft, device=probs.device)
+    keep = torch.rand(k, generator=generator, device=probs.device) < probs[rows, proposed]
+    residual = probs.clone()
+    residual[rows, proposed] = 0.0
+    # A row that put all its mass on its draft token keeps it surely; give it something drawable all the same.
+    empty = residual.sum(dim=-1) <= 0
+    residual[empty] = probs[empty]
+    drawn = torch.multinomial(residual, 1, generator=generator).squeeze(-1).tolist()
+    kept = next((j for j, ok in enumerate(keep.tolist()) if not ok), k)
+    return draft[:kept] + [drawn[kept]]
 
 
 def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor]:
@@ -275,9 +364,10 @@ def stream_text(
     compile: bool = False,
     stats: GenerationStats | None = None,
     on_attention: Callable[[AttentionStep], None] | None = None,
+    lookup: int = 0,
 ) -> Iterator[str]:
-    """Yield the completion of one sample as text pieces, as soon as each is certain (`on_attention`: as for
-    `generate_tokens`)."""
+    """Yield the completion of one sample as text pieces, as soon as each is certain (`on_attention`, `lookup`:
+    as for `generate_tokens`)."""
     stats = stats if stats is not None else GenerationStats()
     decoder = tokenizer.stream_decoder()
     matcher = StopMatcher(sampling.stop)
@@ -292,6 +382,7 @@ def stream_text(
         compile=compile,
         stats=stats,
         on_attention=on_attention,
+        lookup=lookup,
     )
     try:
         for (tok,) in tokens:
@@ -324,6 +415,7 @@ def generate_texts(
     compile: bool = False,
     stats: GenerationStats | None = None,
     on_attention: Callable[[AttentionStep], None] | None = None,
+    lookup: int = 0,
 ) -> list[str]:
     """`num_samples` completions of one prompt, drawn in one batch from a single prefill."""
     eos_id = None if ignore_eos else tokenizer.eot_id
@@ -342,6 +434,7 @@ def generate_texts(
         compile=compile,
         stats=stats,
         on_attention=on_attention,
+        lookup=lookup,
     )
     try:
         for step_ids in tokens:

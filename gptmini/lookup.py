@@ -1,0 +1,66 @@
+"""Prompt-lookup decoding's draft: guess the next tokens by finding the latest n-gram earlier in the text.
+
+Text that quotes, copies or repeats itself (code, a passage being continued, a chorus) continues the way it went
+the last time its latest few tokens appeared. `NgramIndex` keeps, for n = 3, 2, 1, where each n-gram last ended,
+so a draft costs a few dictionary look-ups per token rather than a scan of the context. The generation loop
+(`gptmini.generation.generate_tokens`) verifies the draft in one forward pass; this module only guesses and imports
+no torch (the CLI checks `--lookup` before loading anything).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from gptmini.errors import UserError
+
+MAX_LOOKUP = 64  # past this a verify pass costs more than the tokens it could save
+NGRAM_SIZES = (3, 2, 1)  # longest first: a longer match predicts better; shorter ones keep drafts coming
+
+
+class LookupValueError(UserError, ValueError):
+    """A bad `lookup` value: a `ValueError` to Python callers, a one-line message and exit code 2 in the CLI."""
+
+
+def check_lookup(n: int, num_samples: int = 1) -> None:
+    """`n` draft tokens per verify pass: 0 (off) .. MAX_LOOKUP, for one sample (drafts differ per sample)."""
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_LOOKUP:
+        raise LookupValueError(f"lookup must be an integer in 0..{MAX_LOOKUP} (0 = off), got {n!r}")
+    if n and num_samples != 1:
+        raise LookupValueError("lookup drafts for one sample at a time; drop num-samples or lookup")
+
+
+class NgramIndex:
+    """The text so far, and for each n-gram size where the latest n-gram occurred before (its end index)."""
+
+    def __init__(self, tokens: Iterable[int] = ()) -> None:
+        self.tokens: list[int] = []
+        self._last_end: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in NGRAM_SIZES}
+        self._previous: dict[int, int | None] = dict.fromkeys(NGRAM_SIZES)
+        for t in tokens:
+            self.append(t)
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        end = len(self.tokens) - 1
+        for n, last_end in self._last_end.items():
+            if end + 1 < n:
+                continue
+            key = tuple(self.tokens[end + 1 - n :])
+            self._previous[n] = last_end.get(key)
+            last_end[key] = end
+
+    def draft(self, k: int) -> list[int]:
+        """Up to `k` tokens that followed the most recent earlier occurrence of the latest n-gram (longest n first).
+
+        A match that ends just before the end of the text overlaps its own continuation (a text repeating with
+        period p = distance between the two occurrences), so the draft goes on repeating that period.
+        """
+        if k <= 0:
+            return []
+        end = len(self.tokens) - 1
+        for n in NGRAM_SIZES:
+            prev = self._previous[n]
+            if prev is not None:
+                period = end - prev
+                return [self.tokens[prev + 1 + m % period] for m in range(k)]
+        return []
