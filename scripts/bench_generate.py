@@ -4,7 +4,11 @@ Greedy, batch 1, a fixed thread count. One process measures every row, rows inte
 a noisy neighbour slows all rows alike), and reports medians:
   * decode tokens/s: new tokens after the first, over the time after the prefill (prefill excluded);
   * per-token latency at positions 100–200 and 800–900: a prompt of 100 (800) tokens, then 100 timed steps.
-transformers' steps are timed by a logits processor that stamps the clock at every step.
+transformers' steps are timed by a logits processor that stamps the clock at every step. CTranslate2 (fp32 and
+int8, converted from the same Hugging Face directory; `pip install ctranslate2`, bench-only) is timed per streamed
+token. The ceiling column is read bandwidth, measured in the same run (the better of a reduction and an fp32
+matrix-vector product over 1 GiB, far past the last-level cache), over the bytes of weights each row's format reads
+per token (LM head included): batch-1 decoding cannot beat it.
 
     flock /tmp/gptmini-heavy.lock python scripts/bench_generate.py            # both shapes, all rows
     python scripts/bench_generate.py --shapes narrow --repeats 1 --tokens 64  # quick look
@@ -15,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import math
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,6 +54,7 @@ def gptmini_rows(base: GPT) -> dict[str, tuple[GPT, dict]]:
         "gptmini fp32": (fp32, {}),
         "gptmini bf16": (bf16(), {}),
         "gptmini int8": (prepare_for_decoding(copy.deepcopy(base), quantize="int8"), {}),
+        "gptmini int4": (prepare_for_decoding(copy.deepcopy(base), quantize="int4"), {}),
         "gptmini fp32 --compile": (copy.deepcopy(base), dict(compile=True)),
         "gptmini bf16 --compile": (bf16(compile=True), dict(compile=True)),
         "gptmini fp32 --no-kv-cache": (fp32, dict(use_cache=False)),
@@ -91,8 +98,89 @@ def hf_decode(hf, prompt: list[int], n: int) -> tuple[float, list[float]]:
             pad_token_id=50256,
             logits_processor=LogitsProcessorList([clock]),
         )
-    steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:], strict=False)]
+    return rate(clock.stamps)
+
+
+def rate(stamps: list[float]) -> tuple[float, list[float]]:
+    """(tokens/s, per-step seconds) from the clock times at which successive tokens arrived."""
+    steps = [b - a for a, b in itertools.pairwise(stamps)]
     return (len(steps) / sum(steps) if steps else float("nan")), steps
+
+
+def ct2_runners(hf_dir: Path, threads: int) -> dict[str, Callable]:
+    """CTranslate2 generators (fp32, int8) converted from the same Hugging Face directory; {} without ctranslate2."""
+    try:
+        import ctranslate2
+        from ctranslate2.converters import TransformersConverter
+    except ImportError:
+        print("ctranslate2 is not installed (pip install ctranslate2): its rows are skipped", file=sys.stderr)
+        return {}
+    from bench_serve import write_gpt2_tokenizer  # the tokenizer files CTranslate2's converter reads
+
+    spelled = write_gpt2_tokenizer(hf_dir)
+    runners = {}
+    for compute in ("float32", "int8"):
+        out = hf_dir / f"ct2-{compute}"
+        TransformersConverter(str(hf_dir)).convert(str(out), quantization=compute, force=True)
+        gen = ctranslate2.Generator(str(out), device="cpu", compute_type=compute, intra_threads=threads)
+        name = f"CTranslate2 {'fp32' if compute == 'float32' else compute}"
+        runners[name] = lambda p, n, g=gen: ct2_decode(g, [spelled[i] for i in p], n)
+    return runners
+
+
+def ct2_decode(generator, prompt: list[str], n: int) -> tuple[float, list[float]]:
+    """(decode tokens/s, per-step seconds) of one greedy CTranslate2 run of exactly n new tokens."""
+    stamps = []
+    for _ in generator.generate_tokens(prompt, max_length=n, min_length=n, sampling_topk=1):
+        stamps.append(time.perf_counter())
+    return rate(stamps)
+
+
+def read_bandwidth(threads: int, mib: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """GB/s of two reads of a tensor far larger than the last-level cache, best of `repeats` each.
+
+    A plain reduction and an fp32 matrix-vector product (the read a batch-1 decode step does): on some CPUs the
+    second streams faster (Sapphire Rapids: 32 vs 24 GB/s), so the ceiling takes the better of the two.
+    """
+    torch.set_num_threads(threads)
+    x = torch.ones(mib * 2**20 // 4)
+    m = x.view(-1, 8192)  # [32768, 8192] at 1 GiB
+    v = torch.ones(8192)
+    best = {"reduction": math.inf, "matrix-vector": math.inf}
+    for _ in range(repeats):
+        for kind, read in (("reduction", x.sum), ("matrix-vector", lambda: torch.mv(m, v))):
+            t = time.perf_counter()
+            read()
+            best[kind] = min(best[kind], time.perf_counter() - t)
+    return {kind: x.nbytes / seconds / 1e9 for kind, seconds in best.items()}
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one batch-1 decode step reads: every linear as stored (LM head included), one embedding row.
+
+    Packed fp32/bf16 and int4 weights are tensors; fbgemm's int8 weights are opaque, one byte each plus a per-row
+    scale. Biases and LayerNorms are counted; the KV cache is not (it is per position, and small at 256 tokens).
+    """
+    total = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            total += module.weight[0].nbytes  # one row per token
+            continue
+        if not hasattr(module, "in_features") or not hasattr(module, "out_features"):
+            total += sum(p.nbytes for p in module.parameters(recurse=False))  # LayerNorms
+            continue
+        packed = getattr(module, "_packed", None)
+        if isinstance(packed, torch.Tensor):
+            total += packed.numel() * packed.element_size()
+        elif packed is not None:  # fbgemm's packed int8 matrix
+            total += module.in_features * module.out_features
+        else:
+            total += module.weight.nbytes
+        for name in ("_scale_zero", "scale", "bias"):
+            t = getattr(module, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.nbytes
+    return total
 
 
 def median(xs: list[float]) -> float:
@@ -100,11 +188,26 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def bench_shape(name: str, base: GPT, hf, args: argparse.Namespace) -> list[dict]:
+def bench_shape(
+    name: str, base: GPT, hf, hf_dir: Path, bandwidth: float, args: argparse.Namespace
+) -> list[dict]:
     rows = gptmini_rows(base)
     runners = {"transformers fp32": lambda p, n: hf_decode(hf, p, n)}
+    if not args.no_ct2:
+        runners.update(ct2_runners(hf_dir, args.threads))
     for row, (model, kwargs) in rows.items():
         runners[row] = lambda p, n, m=model, k=kwargs: gptmini_decode(m, p, n, k)
+    # The ceiling of each row: read bandwidth over the bytes of weights a token reads in that row's format.
+    fp32_bytes = weight_bytes_per_token(base)
+    int8_bytes = weight_bytes_per_token(rows["gptmini int8"][0])
+    weight_bytes = {row: weight_bytes_per_token(model) for row, (model, _) in rows.items()}
+    weight_bytes |= {
+        "transformers fp32": fp32_bytes,
+        "CTranslate2 fp32": fp32_bytes,
+        "CTranslate2 int8": int8_bytes,
+    }
+    for row in ("gptmini fp32 --compile", "gptmini bf16 --compile"):  # plain weights, packed by inductor
+        weight_bytes[row] = weight_bytes_per_token(base) // (2 if "bf16" in row else 1)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 50257, (args.prompt_tokens,), generator=gen).tolist()
     long_prompt = torch.randint(0, 50257, (800,), generator=gen).tolist()
@@ -135,6 +238,8 @@ def bench_shape(name: str, base: GPT, hf, args: argparse.Namespace) -> list[dict
             row=row,
             tokens_per_s=median(speed[row]),
             ratio=median(speed[row]) / hf_speed,
+            weight_mb=weight_bytes[row] / 1e6,
+            ceiling=bandwidth / weight_bytes[row],
             ms_100_200=1000 * median(early[row]),
             ms_800_900=1000 * median(late[row]),
         )
@@ -231,6 +336,7 @@ def main() -> None:
         "--ttft", action="store_true", help="only time a cold `gptmini generate` to first token"
     )
     parser.add_argument("--quality-only", action="store_true", help="with --checkpoint: skip the speed rows")
+    parser.add_argument("--no-ct2", action="store_true", help="skip the CTranslate2 rows")
     args = parser.parse_args()
     if args.ttft:
         ttft = time_to_first_token(max(args.repeats, 5), args.checkpoint)
@@ -245,6 +351,8 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     results, qual = [], []
+    bandwidth = read_bandwidth(args.threads)
+    ceiling_bw = max(bandwidth.values()) * 1e9
     shapes = ["checkpoint"] if args.checkpoint else args.shapes.split(",")
     for name in shapes:
         if args.checkpoint:
@@ -263,7 +371,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 export_hf(base, tmp)
                 hf = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
-            results += bench_shape(name, base, hf, args)
+                results += bench_shape(name, base, hf, Path(tmp), ceiling_bw, args)
         if args.checkpoint and args.quality_text.exists():
             qual = quality(base, args.quality_text.read_text(encoding="utf-8"))
 
@@ -272,13 +380,16 @@ def main() -> None:
             f"\ntorch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, greedy, "
             f"batch 1, medians of {args.repeats}; decode tokens/s over {args.tokens} new tokens "
             f"({max(8, args.tokens // 8)} for --no-kv-cache), prefill excluded\n"
+            f"read bandwidth ({args.threads} threads, 1 GiB, best of 5): reduction {bandwidth['reduction']:.1f} GB/s, "
+            f"fp32 matrix-vector {bandwidth['matrix-vector']:.1f} GB/s; ceiling = the better / weight bytes per token\n"
         )
-        header = f"| {'shape':<10} | {'row':<28} | {'tokens/s':>9} | {'vs transformers':>15} | {'ms/token @100–200':>17} | {'ms/token @800–900':>17} | {'late/early':>10} |"
+        header = f"| {'shape':<10} | {'row':<28} | {'tokens/s':>9} | {'vs transformers':>15} | {'MB/token':>8} | {'ceiling tok/s':>13} | {'of ceiling':>10} | {'ms/token @100–200':>17} | {'ms/token @800–900':>17} | {'late/early':>10} |"
         print(header)
         print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
         for r in results:
             print(
                 f"| {r['shape']:<10} | {r['row']:<28} | {r['tokens_per_s']:>9.1f} | {r['ratio']:>14.2f}× | "
+                f"{r['weight_mb']:>8.1f} | {r['ceiling']:>13.1f} | {r['tokens_per_s'] / r['ceiling']:>9.0%} | "
                 f"{r['ms_100_200']:>17.2f} | {r['ms_800_900']:>17.2f} | {r['ms_800_900'] / r['ms_100_200']:>10.2f} |"
             )
     if qual:

@@ -42,19 +42,25 @@ def free_port() -> int:
 
 
 def write_gpt2_dir(path: Path) -> Path:
-    """A GPT-2 small with random weights, saved as a Hugging Face directory with tokenizer files.
-
-    vocab.json / merges.txt are written from the GPT-2 ranks gptmini ships (no download): every multi-byte token
-    is a merge of the two tokens it was merged from, in rank order, spelled in GPT-2's byte-to-unicode alphabet.
-    """
+    """A GPT-2 small with random weights, saved as a Hugging Face directory with tokenizer files."""
     import torch
     import transformers
-
-    from gptmini.tokenizer import EOT, EOT_ID, _gpt2_ranks, merged_from
 
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257)
     transformers.GPT2LMHeadModel(config).eval().save_pretrained(path)
+    write_gpt2_tokenizer(path)
+    return path
+
+
+def write_gpt2_tokenizer(path: Path) -> list[str]:
+    """Write vocab.json / merges.txt / tokenizer_config.json for GPT-2's BPE into `path`; return id → token string.
+
+    They are written from the GPT-2 ranks gptmini ships (no download): every multi-byte token is a merge of the two
+    tokens it was merged from, in rank order, spelled in GPT-2's byte-to-unicode alphabet.
+    """
+    from gptmini.tokenizer import EOT, EOT_ID, _gpt2_ranks, merged_from
+
     byte_chars = _bytes_to_unicode()
     spell = lambda b: "".join(byte_chars[x] for x in b)  # noqa: E731
     ranks = _gpt2_ranks()
@@ -73,7 +79,10 @@ def write_gpt2_dir(path: Path) -> Path:
         ),
         encoding="utf-8",
     )
-    return path
+    by_id = [""] * (EOT_ID + 1)
+    for token, i in vocab.items():
+        by_id[i] = token
+    return by_id
 
 
 def _bytes_to_unicode() -> dict[int, str]:
