@@ -99,7 +99,10 @@ def generate(
         str, typer.Option(help="auto (bf16 on CUDA, else fp32), float32, bfloat16, float16")
     ] = "auto",
     quantize: Annotated[
-        str, typer.Option(help="none, or int8: int8 weights for faster CPU decoding (small quality cost).")
+        str,
+        typer.Option(
+            help="none; int8 or int4 (CPU): 8- or 4-bit weights, faster decoding (int4: a larger quality cost)."
+        ),
     ] = "none",
     compile: Annotated[
         bool, typer.Option("--compile", help="Compile the decode step (slow start; for long runs).")
@@ -923,7 +926,7 @@ def serve(
         str, typer.Option(help="auto (bf16 on CUDA, else fp32), float32, bfloat16, float16")
     ] = "auto",
     quantize: Annotated[
-        str, typer.Option(help="none, or int8 (CPU): int8 weights, faster decoding.")
+        str, typer.Option(help="none; int8 or int4 (CPU): 8- or 4-bit weights, faster decoding.")
     ] = "none",
     threads: Annotated[int | None, typer.Option(help="CPU threads for the model (default: torch's).")] = None,
     drain_timeout: Annotated[
@@ -950,8 +953,8 @@ def serve(
         raise UserError("--drain-timeout must be >= 0 and --max-body >= 1")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
-    if quantize not in ("none", "int8"):
-        raise UserError(f"unknown quantization {quantize!r}; choose none or int8")
+    if quantize not in ("none", "int8", "int4"):  # gptmini.quantize.QUANTIZE_CHOICES, without importing torch
+        raise UserError(f"unknown quantization {quantize!r}; choose none, int8 or int4")
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401

@@ -186,7 +186,7 @@ def test_speed_flags_run(capsys, monkeypatch, ckpt, model, extra):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--quantize", "int4"], "unknown quantization 'int4'"),
+        (["--quantize", "int3"], "unknown quantization 'int3'"),
         (["--num-samples", "0"], "num-samples must be >= 1"),
         (["--max-new-tokens", "-1"], "max-new-tokens must be >= 0"),
         (["--dtype", "float64"], "unknown dtype 'float64'"),
