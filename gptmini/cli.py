@@ -336,7 +336,8 @@ def train(
     ema: Annotated[
         float | None,
         typer.Option(
-            help="Evaluate and save best/ with a moving average of the weights of this decay (0 = off)."
+            help="Evaluate and save (best/ and the run's model) a moving average of the weights with this decay "
+            "[default: 0.999; 0 = off: the live weights]."
         ),
     ] = None,
     eval_interval: Annotated[int | None, typer.Option(help="Steps between evals + checkpoints.")] = None,

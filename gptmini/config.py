@@ -204,7 +204,9 @@ class TrainConfig:
     save_dtype: str = "float32"  # weights of best/, the copy for inference (the resumable one stays fp32)
     encoding_errors: str = "strict"
     vocab: str = "4096"  # the train split's 4,096 most frequent tokens: best for 4×128 in 10-minute runs
-    ema: float = 0.0  # decay of the weights' moving average that evaluation and best/ use (0 = off)
+    # Decay of the weights' moving average that evaluation and best/ use (0 = off). Ten-minute runs: the average
+    # scored 0.030 bits/byte better than the same run's live weights on Shakespeare val and on Paradise Lost.
+    ema: float = 0.999
 
     def __post_init__(self) -> None:
         if isinstance(self.vocab, int) and not isinstance(self.vocab, bool):

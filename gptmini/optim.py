@@ -185,13 +185,18 @@ class WeightEMA:
                 torch._foreach_copy_(self.params, live)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "decay": self.decay,
-            "updates": self.updates,
-            "shadow": dict(zip(self.names, self.shadow, strict=True)),
-        }
+        """The count, and the live weights: a run saves the average as its model (see `restore_live_weights`)."""
+        live = {name: p.detach().float().clone() for name, p in zip(self.names, self.params, strict=True)}
+        return {"decay": self.decay, "updates": self.updates, "live": live}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved run: the model holds the saved average (this EMA's start); the live weights return."""
         self.updates = int(state["updates"])
-        for i, name in enumerate(self.names):
-            self.shadow[i].copy_(state["shadow"][name])
+        restore_live_weights(dict(zip(self.names, self.params, strict=True)), state)
+
+
+def restore_live_weights(params: dict[str, torch.Tensor], ema_state: dict[str, Any]) -> None:
+    """Copy the live weights of a saved EMA state into `params` (name → parameter)."""
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(ema_state["live"][name])

@@ -70,7 +70,7 @@ from gptmini.errors import UserError
 from gptmini.evaluate import EvalResult, evaluate_tokens
 from gptmini.loss import IGNORE_INDEX, linear_cross_entropy
 from gptmini.model import GPT
-from gptmini.optim import WeightEMA, make_optimizer
+from gptmini.optim import WeightEMA, make_optimizer, restore_live_weights
 from gptmini.rundir import (
     BEST_DIR,
     append_metrics,
@@ -507,13 +507,16 @@ class _Loop:
         self.optimizer = make_optimizer(self.gpt, tcfg, device, dtype=plan.dtype)
         self.step, self.elapsed_before, self.tokens_seen = 0, 0.0, 0
         self.best_val: float | None = None
-        # The weights' moving average: evaluation and best/ use it; the resumable checkpoint keeps the live weights.
+        # The weights' moving average: evaluation, best/ and the run's saved model are it; the live weights that
+        # training continues from are saved in train_state. Built from the loaded weights: a resumed run's average.
         self.ema = WeightEMA(self.gpt, tcfg.ema) if tcfg.ema else None
         if plan.state is not None:
             state = plan.state
-            load_optimizer_state(self.gpt, self.optimizer, state["optimizer"], fsdp=tcfg.fsdp)
-            if self.ema is not None and "ema" in state:  # else (--ema added on resume) it starts from here
+            if self.ema is not None and "ema" in state:
                 self.ema.load_state_dict(state["ema"])
+            elif "ema" in state:  # saved with --ema, resumed without: continue from the live weights
+                restore_live_weights(dict(self.gpt.named_parameters()), state["ema"])
+            load_optimizer_state(self.gpt, self.optimizer, state["optimizer"], fsdp=tcfg.fsdp)
             self.step = int(state["step"])
             self.elapsed_before = float(state["elapsed_s"])
             self.tokens_seen = int(state["tokens_seen"])
@@ -683,8 +686,7 @@ class _Loop:
             self.best_val = result.loss
         self.save(self.out, result.loss)
         if improved:
-            with self.averaged():
-                self.save(self.out / BEST_DIR, result.loss, with_state=False)
+            self.save(self.out / BEST_DIR, result.loss, with_state=False)
         record = eval_record(self.step, self.elapsed(), self.tokens_seen, loss_value, lr, result)
         self._write_metrics(record)
         event = TrainEvent("eval", self.step, {**record, "best": improved, "progress": self.progress()})
@@ -699,10 +701,10 @@ class _Loop:
                     final = self.evaluate(final=True)
                     # The evals before scored a fixed subset of the val windows: "best" compares on that subset.
                     comparable = final if self.best_val is None else self.evaluate(final=False)
-                    improved = self.best_val is None or comparable.loss < self.best_val
-                    if improved:
-                        self.best_val = comparable.loss
-                        self.save(out / BEST_DIR, final.loss, with_state=False)
+                improved = self.best_val is None or comparable.loss < self.best_val
+                if improved:
+                    self.best_val = comparable.loss
+                    self.save(out / BEST_DIR, final.loss, with_state=False)
                 record = eval_record(self.step, self.elapsed(), self.tokens_seen, self.last_loss, None, final)
                 self._write_metrics({**record, "final": True})
                 self.report(TrainEvent("eval", self.step, {**record, "best": improved, "final": True}))
@@ -790,7 +792,9 @@ class _Loop:
                 train_state["ema"] = self.ema.state_dict()
         # best/ is for inference: it may be stored in bf16/fp16; the resumable checkpoint keeps fp32 weights.
         save_dtype = None if with_state else getattr(torch, tcfg.save_dtype)
-        commit_checkpoint(saved, directory, train_state=train_state, meta=meta, save_dtype=save_dtype)
+        # With --ema the saved model is the average; the live weights are in train_state.
+        with self.averaged():
+            commit_checkpoint(saved, directory, train_state=train_state, meta=meta, save_dtype=save_dtype)
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if self.dist.is_main:

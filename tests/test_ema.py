@@ -33,8 +33,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def live_weights(run):
-    """The resumable checkpoint's weights: the model's own, not the average."""
+def saved_weights(run):
     return read_safetensors(run / "model.safetensors")
 
 
@@ -42,22 +41,25 @@ def test_the_average_is_the_hand_computed_one_over_three_steps(corpus, tmp_path)
     decay = 0.1  # below the warm-up's 2/12 at the third step: both sides of min(decay, n/(n+10)) are used
     after = []  # the live weights after steps 1, 2, 3 (runs of 1, 2 and 3 steps follow one trajectory)
     for steps in (1, 2, 3):
-        train([corpus], config={**FLAT, "max_iters": steps}, model=TINY, out=tmp_path / f"s{steps}")
-        after.append(live_weights(tmp_path / f"s{steps}"))
+        train(
+            [corpus], config={**FLAT, "max_iters": steps, "ema": 0.0}, model=TINY, out=tmp_path / f"s{steps}"
+        )
+        after.append(saved_weights(tmp_path / f"s{steps}"))  # without --ema: the live weights
     train([corpus], config={**FLAT, "max_iters": 3, "ema": decay}, model=TINY, out=tmp_path / "ema")
     ema_state = load_train_state(tmp_path / "ema")["ema"]
     assert ema_state["updates"] == 3
-    # The average leaves training alone: the live weights are the run without it.
-    for name, value in live_weights(tmp_path / "ema").items():
+    # The average leaves training alone: the live weights (kept in train_state) are the run without it.
+    for name, value in ema_state["live"].items():
         torch.testing.assert_close(value, after[2][name], atol=0, rtol=0)
     # e1 = w1 (the random init never counts); e_{n+1} = d_n·e_n + (1 − d_n)·w_{n+1}, d_n = min(decay, n/(n+10)).
     d1, d2 = min(decay, 1 / 11), min(decay, 2 / 12)
     assert d1 == 1 / 11 and d2 == decay
     best = load_checkpoint(tmp_path / "ema" / "best")[0].state_dict()
+    run = load_checkpoint(tmp_path / "ema")[0].state_dict()
     for name, w1 in after[0].items():
         expected = d2 * (d1 * w1 + (1 - d1) * after[1][name]) + (1 - d2) * after[2][name]
-        torch.testing.assert_close(ema_state["shadow"][name], expected, atol=1e-6, rtol=0)
         torch.testing.assert_close(best[name], expected, atol=1e-6, rtol=0)  # best/ holds the average
+        torch.testing.assert_close(run[name], expected, atol=1e-6, rtol=0)  # ... and so does the run's model
     # ... which is not the live weights
     assert max((best[name] - after[2][name]).abs().max().item() for name in after[2]) > 1e-4
 
@@ -72,13 +74,24 @@ def test_interrupted_and_resumed_equals_uninterrupted_with_ema(corpus, tmp_path)
     assert resumed.reason == "done" and resumed.step == 16
     a, b = load_train_state(tmp_path / "straight")["ema"], load_train_state(tmp_path / "split")["ema"]
     assert a["updates"] == b["updates"] == 16
-    for name in a["shadow"]:
-        torch.testing.assert_close(a["shadow"][name], b["shadow"][name], atol=1e-6, rtol=0)
-    for run in ("", "best"):  # the live weights, and best/ (the average)
-        wa, wb = live_weights(tmp_path / "straight" / run), live_weights(tmp_path / "split" / run)
+    for name in a["live"]:
+        torch.testing.assert_close(a["live"][name], b["live"][name], atol=1e-6, rtol=0)
+    for run in ("", "best"):  # the averages: the run's model and best/
+        wa, wb = saved_weights(tmp_path / "straight" / run), saved_weights(tmp_path / "split" / run)
         for name in wa:
             torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0)
     assert resumed.final.loss == pytest.approx(train_final_loss(tmp_path / "straight"), abs=1e-6)
+
+
+def test_a_run_saved_with_ema_resumed_without_it_continues_from_the_live_weights(corpus, tmp_path):
+    cfg = dict(FLAT, max_iters=10, ema=0.0)
+    train([corpus], config=cfg, model=TINY, out=tmp_path / "straight")
+    stop_at_5 = lambda event: event.kind == "log" and event.step >= 5  # noqa: E731
+    train([corpus], config={**cfg, "ema": 0.9}, model=TINY, out=tmp_path / "split", callback=stop_at_5)
+    assert train([corpus], config={"ema": 0.0}, out=tmp_path / "split", resume=True).step == 10
+    wa, wb = saved_weights(tmp_path / "straight"), saved_weights(tmp_path / "split")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-6, rtol=0)
 
 
 def train_final_loss(run):

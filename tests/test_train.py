@@ -122,7 +122,8 @@ def test_compact_vocabulary_by_default_and_full_gpt2_on_request(corpus, tmp_path
 
 
 def test_save_dtype_halves_best_and_keeps_the_resumable_checkpoint_fp32(corpus, tmp_path):
-    train([corpus], config=settings(max_iters=3, save_dtype="bfloat16"), model=TINY, out=tmp_path)
+    # Without --ema, best/ holds the live weights (rounded): compared with the resumable checkpoint's below.
+    train([corpus], config=settings(max_iters=3, save_dtype="bfloat16", ema=0.0), model=TINY, out=tmp_path)
     best = json.loads((tmp_path / "best" / CONFIG_FILE).read_text())
     latest = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert best["weights_dtype"] == "bfloat16" and latest["weights_dtype"] == "float32"
@@ -600,7 +601,8 @@ def test_best_compares_the_final_model_on_the_same_windows_as_the_evals_before(c
         return EvalResult(loss=loss, ppl=math.exp(loss), bpb=loss, tokens=1, bytes=1)
 
     out = tmp_path / "run"
-    train([corpus], config=settings(max_iters=6, eval_interval=2), model=TINY, out=out, evaluator=evaluator)
+    config = settings(max_iters=6, eval_interval=2, ema=0.0)  # best/ = the live weights of the step it chose
+    train([corpus], config=config, model=TINY, out=out, evaluator=evaluator)
     best, last = weights(out / "best"), weights(out)
     assert all(torch.equal(best[k], last[k]) for k in last)  # the final weights, not step 4's
 
