@@ -14,6 +14,7 @@ per iteration) and finish (`_Loop.finish`). Ranks under torchrun are `gptmini.di
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import sys
@@ -416,7 +417,11 @@ def _check_settings(
     if tcfg.fsdp and tcfg.optimizer == "muon":
         raise UserError("Muon orthogonalises whole matrices, which --fsdp shards; add --optimizer adamw")
     if tcfg.fsdp and tcfg.ema:
-        raise UserError("--ema keeps a whole copy of the weights, which --fsdp shards; drop one of the two")
+        if overrides.get("ema"):
+            raise UserError(
+                "--ema keeps a whole copy of the weights, which --fsdp shards; drop one of the two"
+            )
+        tcfg = dataclasses.replace(tcfg, ema=0.0)  # the default average is off where the weights are sharded
     if tcfg.fsdp and (train_data is not None or evaluator is not None):
         raise UserError("--fsdp is for `gptmini train` only; fine-tuning runs data parallel without it")
     return run, tcfg, mcfg, paths

@@ -30,8 +30,10 @@ STEPS = 8
 # The CPU and gloo on any machine: with a GPU, "auto" would put the ranks on CUDA (NCCL, bf16).
 FLAGS = ["--preset", "tiny", "--block-size", "32", "--max-iters", str(STEPS), "--batch-size", "4"]
 FLAGS += ["--dtype", "float32", "--log-interval", "1", "--eval-interval", "4", "--eval-iters", "2"]
-FLAGS += ["--device", "cpu"]
+# The live weights, no moving average: FSDP runs keep none (tests/test_ema.py checks DDP's).
+FLAGS += ["--device", "cpu", "--ema", "0"]
 SETTINGS = dict(max_iters=STEPS, dtype="float32", log_interval=1, eval_interval=4, eval_iters=2, device="cpu")
+SETTINGS.update(ema=0.0)
 
 # Runs the CLI with train_step wrapped: ACTION runs before each step, with `step` and `rank` set.
 PATCHED_CLI = """
