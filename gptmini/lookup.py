@@ -58,7 +58,7 @@ class NgramIndex:
         if k <= 0:
             return []
         end = len(self.tokens) - 1
-        for n in NGRAM_SIZES:
+        for n in self._last_end:  # NGRAM_SIZES when this index was made
             prev = self._previous[n]
             if prev is not None:
                 period = end - prev
