@@ -147,9 +147,9 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.activations)
-        y = torch._weight_int4pack_mm_for_cpu(rows, self._packed, self.group_size, self._scale_zero).float()
-        if self.bias is not None:
-            y = y + self.bias
+        y = torch._weight_int4pack_mm_for_cpu(rows, self._packed, self.group_size, self._scale_zero)
+        # bf16 product + fp32 bias -> fp32 in one op (type promotion)
+        y = y.float() if self.bias is None else torch.add(self.bias, y)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
