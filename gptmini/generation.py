@@ -135,6 +135,9 @@ def generate_tokens(
     ngrams = NgramIndex(prompt_ids) if lookup and cache is not None else None
     queued: list[int] = []  # tokens a verify pass already decided, yielded one per step
     verify_start = 0  # window position of the token the last verify pass fed
+    # After a pass that kept nothing, skip drafting for 1, 2, 4 .. 16 steps (reset by a pass that keeps one): text
+    # that does not repeat then pays for few passes. Drafts may depend on the past in any way: still exact.
+    backoff = skip = 0
     step_fn = None
     if compile and use_cache:
         # A compiled graph cannot hand out its attention: capturing runs the same static decode step eagerly.
@@ -182,7 +185,10 @@ def generate_tokens(
                 # A pass writes the fed token and the draft at length.., all inside the window (so windows slide
                 # where plain decoding slides them), and decides no more tokens than are still to come.
                 room = min(lookup, block - 1 - length, max_new_tokens - step - 2)
-                draft = ngrams.draft(room) if not queued else []
+                if skip and not queued:
+                    skip -= 1
+                elif not queued:
+                    draft = ngrams.draft(room)
             if queued or draft:
                 if queued:
                     # Decided by the last verify pass: already in the cache and the window, and in `seen` now.
@@ -197,6 +203,8 @@ def generate_tokens(
                     stats.lookup_passes += 1
                     stats.lookup_drafted += len(draft)
                     stats.lookup_accepted += len(decided) - 1
+                    backoff = 0 if len(decided) > 1 else min(2 * backoff or 1, 16)
+                    skip = backoff
                     verify_start, query = length, 0
                     decided, queued = decided[:1], decided[1:]
                 length += 1

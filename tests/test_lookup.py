@@ -117,7 +117,7 @@ def test_eos_inside_a_kept_run_ends_the_generation_there(monkeypatch):
 
 
 def test_attention_steps_equal_plain_decoding():
-    model = random_gpt(std=0.1, block_size=24)
+    model = random_gpt(std=0.05, block_size=24)
     prompt = [5, 6, 7, 8, 9] * 3
     plain, with_lookup = [], []
     run(model, prompt, 30, on_attention=plain.append)
