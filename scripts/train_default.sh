@@ -16,7 +16,7 @@ case "${1:-}" in
 base)
     gptmini train data/shakespeare.txt --out runs/default --force --seed 1337 \
         --n-layer 4 --n-head 4 --n-embd 192 --block-size 256 --batch-size 8 --vocab 4096 \
-        --optimizer muon --lr 5e-3 --warmup-iters 50 --min-lr-ratio 0.1 --weight-decay 0.5 \
+        --optimizer muon --lr 5e-3 --warmup-iters 50 --min-lr-ratio 0.1 --weight-decay 0.5 --ema 0 \
         --max-iters 7000 --save-dtype bfloat16
     rm -rf checkpoints/default
     mkdir -p checkpoints

@@ -7,9 +7,11 @@ the same on a machine with a GPU. Tests marked `cuda` are the GPU variants and a
 from __future__ import annotations
 
 import inspect
+import io
 import os
 import shlex
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +23,38 @@ from gptmini.config import GPTConfig
 from gptmini.model import GPT
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tmp_token_cache(tmp_path_factory):
+    """Token caches go to a temp dir for the whole module, its module-scoped runs included (never ~/.cache)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GPTMINI_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def main_in_process(capsys, *args, stdin: str | None = None, monkeypatch=None) -> tuple[int, str, str]:
+    """`gptmini ARGS` in this process: (exit code, stdout, stderr); `stdin` needs `monkeypatch`."""
+    from gptmini.cli import main
+
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 def random_gpt(seed: int = 0, std: float | None = None, **overrides) -> GPT:

@@ -35,13 +35,7 @@ from gptmini.tokenizer import Tokenizer
 SYSTEM, USER, ASSISTANT, END = 50257, 50258, 50259, 50260
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared machine threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_main(capsys, *args) -> tuple[int, str]:

@@ -18,19 +18,7 @@ FLAT = dict(batch_size=8, eval_interval=1000, eval_iters=2, log_interval=1, dtyp
 FLAT.update(warmup_iters=0, min_lr_ratio=1.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GPTMINI_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("tmp_token_cache", "one_thread")
 
 
 def saved_weights(run):

@@ -1,18 +1,16 @@
 """`gptmini generate`, run in-process (fast) and checked against a naive greedy reference and the Python API."""
 
 import copy
-import io
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import random_gpt
+from conftest import main_in_process, random_gpt
 from test_generation import naive_greedy
 
 from gptmini.api import load
 from gptmini.checkpoint import load_checkpoint, save_checkpoint
-from gptmini.cli import main
 from gptmini.quantize import pack_linears, quantize_int8
 from gptmini.tokenizer import Tokenizer
 
@@ -35,18 +33,10 @@ def model(ckpt):
 
 def cli(capsys, monkeypatch, *args, stdin=None):
     """`gptmini generate ARGS` in this process, on the CPU unless the args name a device."""
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     args = [str(a) for a in args]
     if args[:1] == ["generate"] and "--device" not in args:
         args += ["--device", "cpu"]
-    code = 0
-    try:
-        main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return main_in_process(capsys, *args, stdin=stdin, monkeypatch=monkeypatch)
 
 
 def reference(model, prompt, n):

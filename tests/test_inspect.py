@@ -2,7 +2,6 @@
 a hand recompute of softmax(QKᵀ/√d)·V, the model's own logits, full recomputes of every generation step, and a
 model trained to copy (whose induction head must be found)."""
 
-import io
 import json
 import math
 import struct
@@ -12,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from chromium import CHROMIUM, launch
-from conftest import random_gpt
+from conftest import main_in_process, random_gpt
 
 import gptmini
 from gptmini import inspect
 from gptmini.api import LM
 from gptmini.checkpoint import save_checkpoint
-from gptmini.cli import main
 from gptmini.config import GPTConfig, SamplingConfig
 from gptmini.generation import generate_tokens
 from gptmini.model import GPT
@@ -30,15 +28,7 @@ TEXT = "The cat sat on the mat. The cat sat on the hat, 你好 🙂\nand then"
 
 def cli(capsys, monkeypatch, *args, stdin=None):
     """`gptmini ARGS` in this process (exit code, stdout, stderr)."""
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return main_in_process(capsys, *args, stdin=stdin, monkeypatch=monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,12 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import random_gpt
+from conftest import main_in_process, random_gpt
 from test_generation import naive_greedy
 
 import gptmini.generation as generation
 from gptmini.api import load
 from gptmini.checkpoint import save_checkpoint
-from gptmini.cli import main
 from gptmini.config import GPTConfig, SamplingConfig
 from gptmini.generation import AttentionStep, GenerationStats, generate_tokens
 from gptmini.lookup import MAX_LOOKUP, NgramIndex
@@ -266,14 +265,7 @@ def test_api_text_stop_strings_and_stats_equal_plain(ckpt):
     assert "".join(lm.stream(prompt, temperature=0, max_new_tokens=40, ignore_eos=True, lookup=6)) == plain
 
 
-def cli(capsys, *args):
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+cli = main_in_process
 
 
 def test_cli_flag_end_to_end(capsys, ckpt):

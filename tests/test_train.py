@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_gpt
+from conftest import main_in_process, random_gpt
 
 import gptmini.train as train_mod
 from gptmini.checkpoint import CONFIG_FILE, TRAIN_STATE_FILE, load_checkpoint, load_train_state
@@ -29,21 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_dir(tmp_path_factory):
-    """Token caches go to a temp dir, also for the module-scoped runs below (never into ~/.cache)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("GPTMINI_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        yield
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run best on one thread, and a shared 2-core machine stays responsive."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("tmp_token_cache", "one_thread")
 
 
 def settings(**changes):
@@ -410,14 +396,7 @@ def test_bits_per_byte_equals_hand_computation():
 # ---- command line ---------------------------------------------------------------------------------------------
 
 
-def cli(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+cli = main_in_process
 
 
 def snapshot(directory):
