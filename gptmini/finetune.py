@@ -48,6 +48,7 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.1,
     "eval_interval": 100,
     "val_fraction": 0.1,
+    "ema": 0.0,  # the weight average was measured on pretraining only; fine-tunes (and the shipped chat model) keep none
 }
 MAX_REPORTED = 5  # malformed lines named in the error message
 
