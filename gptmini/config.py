@@ -159,6 +159,14 @@ class SamplingConfig:
 # ---- training -------------------------------------------------------------------------------------------------
 
 ENCODING_ERRORS = ("strict", "replace")
+
+
+def check_encoding_errors(value: str) -> None:
+    """How undecodable bytes in a corpus are handled: `strict` (refuse the file) or `replace` (U+FFFD)."""
+    if value not in ENCODING_ERRORS:
+        raise UserError(f"encoding-errors must be strict or replace, got {value!r}")
+
+
 # A compact vocabulary of the tokens the corpus uses, all of GPT-2's, or (a number N) the train split's N most
 # frequent (see `TrainConfig.vocab_limit`).
 VOCABS = ("corpus", "gpt2")
@@ -251,8 +259,7 @@ class TrainConfig:
             raise UserError(
                 f"vocab must be corpus, gpt2 or a number of tokens above 257 (e.g. 8192), got {self.vocab!r}"
             )
-        if self.encoding_errors not in ENCODING_ERRORS:
-            raise UserError(f"encoding-errors must be strict or replace, got {self.encoding_errors!r}")
+        check_encoding_errors(self.encoding_errors)
         if not (isinstance(self.ema, (int, float)) and 0.0 <= self.ema < 1.0):
             raise UserError(f"ema must be in [0, 1) (0 = off; e.g. 0.999), got {self.ema!r}")
 

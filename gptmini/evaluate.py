@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gptmini.config import check_encoding_errors
 from gptmini.devices import autocast
 from gptmini.errors import UserError
 from gptmini.loss import IGNORE_INDEX, linear_cross_entropy
@@ -150,6 +151,7 @@ def evaluate_checkpoint(
 
     if split not in SPLITS:
         raise UserError(f"split must be all or val, got {split!r}")
+    check_encoding_errors(encoding_errors)
     if batch_size <= 0:
         raise UserError(f"batch-size must be a positive integer, got {batch_size}")
     config, info = read_model_config(checkpoint)

@@ -461,6 +461,7 @@ def test_plot_writes_a_png_of_both_curves(saved_run, tmp_path, capsys):
         (["--stride", "33"], "stride must be in [1, 32] (the block size)"),
         (["--dtype", "float64"], "unknown dtype 'float64'"),
         (["--dtype", "float16"], "float16"),
+        (["--encoding-errors", "bogus"], "encoding-errors must be strict or replace, got 'bogus'"),
         (["--device", "tpu"], "unknown device 'tpu'"),
         (["--bogus"], "No such option: --bogus"),
         (["NOFILES"], "no text given; pass FILES (or --split val"),
