@@ -265,9 +265,10 @@ def _accept_draft(
     """
     k = len(draft)
     if seen is not None:
-        # Row j's penalty also counts draft[:j], the tokens before it.
+        # Row j's penalty also counts draft[:j], the tokens before it (the bonus row k: the whole draft). Drafts are
+        # copied from the text, so their tokens are normally seen already; this keeps the rule exact regardless.
         seen = seen.expand(k + 1, -1).clone()
-        for j, tok in enumerate(draft[:-1], start=1):
+        for j, tok in enumerate(draft, start=1):
             seen[j:, tok] = True
     if sampling.temperature == 0:
         best = sample_next(logits, sampling, None, seen).tolist()
