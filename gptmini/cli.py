@@ -307,6 +307,13 @@ def train(
     n_embd: Annotated[int | None, typer.Option(help="Width.")] = None,
     block_size: Annotated[int | None, typer.Option(help="Context length in tokens.")] = None,
     dropout: Annotated[float | None, typer.Option(help="Dropout probability.")] = None,
+    attention_dropout: Annotated[
+        float | None,
+        typer.Option(
+            help="Dropout on the attention probabilities [default: --dropout]; 0 drops out on the residual "
+            "branches only, which costs far less time on a CPU."
+        ),
+    ] = None,
     arch: Annotated[
         str | None,
         typer.Option(
@@ -407,7 +414,13 @@ def train(
         save_dtype=save_dtype,
     )
     shape = dict(
-        n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, dropout=dropout, arch=arch
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        block_size=block_size,
+        dropout=dropout,
+        attention_dropout=attention_dropout,
+        arch=arch,
     )
     from gptmini.train import train as run_training
 

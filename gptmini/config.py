@@ -36,6 +36,9 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 256
     dropout: float = 0.0
+    # Dropout on the attention probabilities; None: `dropout`. 0 keeps dropout on the residual branches only, where
+    # it is cheap (attention-probability dropout takes SDPA off its fused kernel on a CPU).
+    attention_dropout: float | None = None
     bias: bool = True
     pos_embedding: str = "learned"
     layer_norm_eps: float = 1e-5
@@ -58,8 +61,10 @@ class GPTConfig:
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"try n_head={_nearest_divisor(self.n_embd, self.n_head)}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise UserError(f"{name} must be in [0, 1), got {value}")
         if self.pos_embedding not in POS_EMBEDDINGS:
             raise UserError(
                 f"pos_embedding must be one of {', '.join(POS_EMBEDDINGS)}, got {self.pos_embedding!r}"
@@ -83,6 +88,11 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def attention_dropout_p(self) -> float:
+        """The attention probabilities' dropout: `attention_dropout`, or `dropout` where that is unset."""
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
     @property
     def padded_vocab_size(self) -> int:

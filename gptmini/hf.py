@@ -177,7 +177,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | Path, *, dtype: torch.dtype
         "layer_norm_epsilon": config.layer_norm_eps,
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
+        "attn_pdrop": config.attention_dropout_p,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "tie_word_embeddings": True,

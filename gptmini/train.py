@@ -468,12 +468,12 @@ def _build_model(plan: _Plan, init_from: str | Path | None, out: Path, home: tor
     mcfg = plan.data.mcfg
     if init_from is not None:
         gpt, _ = load_checkpoint(init_from, device=home)
-        gpt.config.dropout = mcfg.dropout
+        gpt.config.dropout, gpt.config.attention_dropout = mcfg.dropout, mcfg.attention_dropout
         for m in gpt.modules():
             if isinstance(m, nn.Dropout):
                 m.p = mcfg.dropout
         for block in gpt.transformer.h:
-            block.attn.dropout = mcfg.dropout
+            block.attn.dropout = mcfg.attention_dropout_p
     else:
         gpt = GPT(mcfg).to(home)
     if plan.state is not None:

@@ -144,6 +144,7 @@ def test_padding_ids_are_never_scored():
         (dict(n_layer=0), "positive"),
         (dict(pos_embedding="rotary"), "pos_embedding"),
         (dict(dropout=1.5), "dropout"),
+        (dict(attention_dropout=-0.1), "attention_dropout"),
     ],
 )
 def test_config_validation(kwargs, message):
@@ -151,6 +152,16 @@ def test_config_validation(kwargs, message):
 
     with pytest.raises(UserError, match=message):
         GPTConfig(**kwargs)
+
+
+def test_attention_dropout_follows_dropout_unless_set():
+    """Residual-only dropout (attention_dropout 0): the residual branches drop, the attention weights do not."""
+    for attention_dropout, expected in [(None, 0.5), (0.0, 0.0), (0.25, 0.25)]:
+        config = GPTConfig(
+            vocab_size=300, n_layer=1, n_head=2, n_embd=16, dropout=0.5, attention_dropout=attention_dropout
+        )
+        attn = GPT(config).transformer.h[0].attn
+        assert (attn.dropout, attn.resid_dropout.p) == (expected, 0.5)
 
 
 def test_config_json_round_trip():
