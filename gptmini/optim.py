@@ -72,17 +72,29 @@ def decay_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict[s
 def orthogonalize(
     matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
-    """≈ U·Vᵀ of `matrix`'s SVD by quintic Newton–Schulz iterations in `dtype` (singular values end near 1, ±0.5)."""
+    """≈ U·Vᵀ of `matrix`'s SVD by quintic Newton–Schulz iterations in `dtype` (singular values end near 1, ±0.5).
+
+    `matrix` may be a stack (…, rows, cols) of same-shape matrices: each is orthogonalised on its own, in one
+    batched product per iteration instead of one per matrix.
+    """
     a, b, c = NS_COEFFICIENTS
     x = matrix.to(dtype)
-    wide = x.size(0) <= x.size(1)
+    wide = x.size(-2) <= x.size(-1)
     if not wide:
-        x = x.T  # iterate on the smaller Gram matrix
-    x = x / x.norm().clamp(min=eps)  # spectral norm ≤ Frobenius norm ≤ 1: inside the iteration's basin
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x if wide else x.T
+        x = x.mT  # iterate on the smaller Gram matrix
+    # spectral norm ≤ Frobenius norm ≤ 1: inside the iteration's basin
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    if x.dim() == 2:
+        for _ in range(steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    else:
+        x = x.reshape(-1, *x.shape[-2:])
+        for _ in range(steps):
+            gram = torch.bmm(x, x.mT)
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        x = x.reshape(matrix.shape if wide else matrix.mT.shape)
+    return x if wide else x.mT
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -113,24 +125,37 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:  # type: ignore[override]
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                state = self.state[p]
-                p.mul_(1.0 - lr * wd)  # decoupled weight decay, as AdamW
-                if group["muon"]:
-                    if not state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    buf = state["momentum_buffer"]
-                    buf.lerp_(grad, 1.0 - group["momentum"])
-                    update = orthogonalize(  # of the Nesterov momentum
-                        grad.lerp(buf, group["momentum"]), group["ns_steps"], dtype=self.ns_dtype
-                    )
-                    p.add_(update.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
-                else:
-                    self._adamw(p, grad, state, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])  # decoupled, as AdamW
+            if group["muon"]:
+                self._muon(params, group)
+            else:
+                for p in params:
+                    self._adamw(p, p.grad, self.state[p], group)
+
+    def _muon(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+        """Each matrix steps along its orthogonalised Nesterov momentum; same-shape matrices orthogonalise together."""
+        for p in params:
+            if not self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_lerp_(buffers, grads, 1.0 - group["momentum"])
+        nesterov = torch._foreach_lerp(grads, buffers, group["momentum"])
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, p in enumerate(params):
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+        for shape, members in by_shape.items():
+            stacked = (
+                torch.stack([nesterov[i] for i in members]) if len(members) > 1 else nesterov[members[0]]
+            )
+            updates = orthogonalize(stacked, group["ns_steps"], dtype=self.ns_dtype)
+            scale = -group["lr"] * 0.2 * math.sqrt(max(shape))
+            for j, i in enumerate(members):
+                update = updates[j] if len(members) > 1 else updates
+                params[i].add_(update.to(params[i].dtype), alpha=scale)
 
     @staticmethod
     def _adamw(p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:

@@ -132,3 +132,14 @@ def test_muon_orthogonalises_in_the_training_dtype():
     nesterov = ours.grad.double().lerp(momentum, 0.95)
     expected = w.double() * (1 - 1e-2 * 0.1) - 1e-2 * 0.2 * 24**0.5 * _newton_schulz_float64(nesterov)
     torch.testing.assert_close(ours.detach().double(), expected, rtol=0, atol=1e-6)
+
+
+def test_a_stack_of_matrices_orthogonalises_each_as_alone():
+    gen = torch.Generator().manual_seed(6)
+    for shape in [(3, 48, 16), (2, 16, 48)]:
+        stack = torch.randn(shape, generator=gen)
+        batched = orthogonalize(stack, dtype=torch.float32)
+        assert batched.shape == stack.shape
+        for one, alone in zip(batched, stack, strict=True):
+            torch.testing.assert_close(one, orthogonalize(alone, dtype=torch.float32), rtol=0, atol=1e-6)
+            assert (one.double() - _newton_schulz_float64(alone)).abs().max() < 1e-5
