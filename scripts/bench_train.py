@@ -13,6 +13,11 @@ autocast where the CPU has it, Muon for the blocks' matrices); gptmini-gpt2vocab
 gptmini-fp32 (all ids, fp32); gptmini-adamw (all ids, default dtype, AdamW like the reference: the step without
 Muon's Newton–Schulz iterations, which MFU does not count).
 MFU = tokens/s × (6·N + 12·L·T·C) / (best matmul FLOP/s measured in this run), N counting each row's own head.
+
+`--nanogpt DIR` adds nanoGPT's own `train.py` as a contestant (DIR: a checkout of github.com/karpathy/nanoGPT,
+which is not part of this project): it runs in a scratch directory on the same config and the shipped corpus's
+GPT-2 tokens, `--device=cpu --compile=False`, one micro-batch per step, and its own per-iteration times are read
+from its log. nanoGPT computes in fp32 on the CPU whatever its `--dtype` says.
 """
 
 from __future__ import annotations
@@ -261,7 +266,51 @@ def worker(kind: str, steps: int, warmup: int, threads: int, seed: int) -> dict:
     return {"dtype": dtype, "step_s": statistics.median(times), "times": times, "losses": losses}
 
 
+def nanogpt_train(checkout: Path, steps: int, warmup: int, threads: int, seed: int) -> dict:
+    """nanoGPT's own train.py on CONFIG: median seconds per iteration from its `iter N: ... time Tms` lines."""
+    import os
+    import re
+    import tempfile
+
+    import numpy as np
+
+    from gptmini.data import load_corpus
+
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        for name in (
+            "train.py",
+            "model.py",
+            "configurator.py",
+        ):  # train.py reads configurator.py from its cwd
+            (work / name).symlink_to(checkout.resolve() / name)
+        data = work / "data" / "bench"
+        data.mkdir(parents=True)
+        train_tokens, val_tokens = load_corpus([ROOT / "data" / "shakespeare.txt"]).split(0.1)
+        np.asarray(train_tokens, dtype=np.uint16).tofile(data / "train.bin")
+        np.asarray(val_tokens, dtype=np.uint16).tofile(data / "val.bin")
+        flags = dict(
+            dataset="bench", device="cpu", compile=False, dtype="float32", batch_size=BATCH,
+            block_size=CONFIG["block_size"], n_layer=CONFIG["n_layer"], n_head=CONFIG["n_head"],
+            n_embd=CONFIG["n_embd"], dropout=0.0, bias=True, gradient_accumulation_steps=1,
+            max_iters=warmup + steps, log_interval=1, eval_interval=10**9, eval_iters=1, out_dir="out",
+        )  # fmt: skip
+        cmd = [sys.executable, "train.py", *(f"--{k}={v}" for k, v in flags.items())]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        sys.exit(f"nanoGPT's train.py failed:\n{proc.stderr[-2000:]}")
+    times = {
+        int(i): float(ms) / 1e3
+        for i, ms in re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", proc.stdout)
+    }
+    timed = [t for i, t in sorted(times.items()) if i > warmup]  # iteration 0 includes its first evaluation
+    return {"dtype": "float32", "step_s": statistics.median(timed), "times": timed, "losses": []}
+
+
 def run_worker(kind: str, args) -> dict:
+    if kind == "nanogpt":
+        return nanogpt_train(Path(args.nanogpt), args.steps, args.warmup, args.threads, args.seed)
     cmd = [
         sys.executable,
         __file__,
@@ -307,7 +356,10 @@ def main() -> None:
         default="gptmini-gpt2vocab,gptmini-fp32,gptmini-adamw,reference",
         help="contestants whose loss curves to log (the first two are compared: default dtype vs fp32)",
     )
+    parser.add_argument("--nanogpt", metavar="DIR", help="a nanoGPT checkout: also time its own train.py")
     args = parser.parse_args()
+    if args.nanogpt and not (Path(args.nanogpt) / "train.py").is_file():
+        parser.error(f"--nanogpt {args.nanogpt}: no train.py there; give a checkout of karpathy/nanoGPT")
     if args.worker:
         print(json.dumps(worker(args.worker, args.steps, args.warmup, args.threads, args.seed)))
         return
@@ -325,6 +377,7 @@ def main() -> None:
     fpt_by_kind = {"gptmini-default": flops_per_token(compact_vocab)}
     tokens_per_step = BATCH * CONFIG["block_size"]
     kinds = ["reference", "gptmini-default", "gptmini-gpt2vocab", "gptmini-fp32", "gptmini-adamw"]
+    kinds += ["nanogpt"] if args.nanogpt else []
     results: dict[str, list[dict]] = {k: [] for k in kinds}
     for _ in range(args.repeats):
         for kind in kinds:
@@ -341,18 +394,22 @@ def main() -> None:
         f"`gptmini train` does: compact vocabulary ({compact_vocab:,} tokens, {fpt_by_kind['gptmini-default'] / 1e6:.1f} "
         "MFLOP per token) and bf16 autocast where the CPU has it"
     )
+    measured = "nanogpt" in rows  # nanoGPT's own train.py ran in this run: ratios against it too
     print(
         f"{'step':<18}{'dtype':<10}{'s/step':>8}{'tokens/s':>10}{'MFU(best)':>11}{'MFU(fp32)':>11}{'× ref':>8}"
+        + (f"{'× nanoGPT':>11}" if measured else "")
     )
     for kind in kinds:
         dtype, step_s, tps, mfu, mfu32 = rows[kind]
         print(
             f"{kind:<18}{dtype:<10}{step_s:>8.3f}{tps:>10.0f}{mfu:>11.3f}{mfu32:>11.3f}{tps / ref_tps:>8.2f}"
+            + (f"{tps / rows['nanogpt'][2]:>11.2f}" if measured else "")
         )
-    print(
-        f"vs nanoGPT's reported {NANOGPT_REPORTED_TOKENS_PER_S} tokens/s (another machine): "
-        + ", ".join(f"{k} {rows[k][2] / NANOGPT_REPORTED_TOKENS_PER_S:.2f}×" for k in kinds[1:])
-    )
+    if not measured:
+        print(
+            f"vs nanoGPT's reported {NANOGPT_REPORTED_TOKENS_PER_S} tokens/s (another machine): "
+            + ", ".join(f"{k} {rows[k][2] / NANOGPT_REPORTED_TOKENS_PER_S:.2f}×" for k in kinds[1:])
+        )
     if args.curves:
         args.steps, args.warmup = args.curves, 0
         curve_kinds = args.curves_of.split(",")
