@@ -196,11 +196,15 @@ class ChatSettings:
     repetition_penalty: float = 1.0
     seed: int | None = None
     max_new_tokens: int = 200
+    lookup: int = 0  # prompt-lookup decoding: draft tokens per verify pass (0: off)
 
     def validate(self) -> None:
+        from gptmini.lookup import check_lookup
+
         self.sampling().validate()
         if self.max_new_tokens < 1:
             raise UserError(f"max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        check_lookup(self.lookup)
 
     def sampling(self, *, seed: int | None = None, stop: Sequence[str] = ()) -> SamplingConfig:
         return SamplingConfig(
@@ -267,6 +271,7 @@ class ChatSession:
             max_new_tokens=s.max_new_tokens,
             sampling=sampling,
             stats=gen,
+            lookup=s.lookup,
         )
         reply = []
         t0 = time.perf_counter()

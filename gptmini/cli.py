@@ -826,6 +826,15 @@ def chat(
         int, typer.Option("--max-new-tokens", "-n", help="Maximum tokens per reply.")
     ] = 200,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible replies.")] = None,
+    lookup: Annotated[
+        int,
+        typer.Option(
+            "--lookup",
+            metavar="N",
+            help="Prompt-lookup decoding: check up to N tokens copied from earlier in the conversation per "
+            "pass (0: off). Same replies greedy, same distribution sampled; faster where text repeats.",
+        ),
+    ] = 0,
     history: Annotated[
         Path | None,
         typer.Option(
@@ -840,7 +849,9 @@ def chat(
     """
     from gptmini.chat import ChatSettings, run_chat
 
-    settings = ChatSettings(temperature, top_k, top_p, min_p, repetition_penalty, seed, max_new_tokens)
+    settings = ChatSettings(
+        temperature, top_k, top_p, min_p, repetition_penalty, seed, max_new_tokens, lookup
+    )
     code = run_chat(checkpoint, settings=settings, system=system, device=device, history_file=history)
     raise typer.Exit(code)
 
@@ -950,6 +961,13 @@ def serve(
     model_name: Annotated[
         str | None, typer.Option(help="Model id in /v1/models and responses (default: the directory name).")
     ] = None,
+    lookup: Annotated[
+        int,
+        typer.Option(
+            help="Prompt-lookup decoding for requests that do not set 'lookup': up to N draft tokens copied from "
+            "earlier in the text, checked per pass (0: off). Same output; faster on text that repeats."
+        ),
+    ] = 0,
 ) -> None:
     """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streaming), /metrics, a web chat page.
 
@@ -969,6 +987,9 @@ def serve(
         raise UserError(f"--threads must be >= 1, got {threads}")
     if quantize not in ("none", "int8", "int4"):  # gptmini.quantize.QUANTIZE_CHOICES, without importing torch
         raise UserError(f"unknown quantization {quantize!r}; choose none, int8 or int4")
+    from gptmini.lookup import check_lookup
+
+    check_lookup(lookup)
     try:
         import fastapi  # noqa: F401
         import prometheus_client  # noqa: F401
@@ -1011,6 +1032,7 @@ def serve(
         ui=ui,
         max_body_bytes=max_body,
         model_name=model_name,
+        lookup=lookup,
     )
     raise typer.Exit(run_server(settings, host=host, port=port, drain_timeout=drain_timeout))
 

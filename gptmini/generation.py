@@ -25,7 +25,7 @@ import torch
 from gptmini.config import SamplingConfig
 from gptmini.devices import synchronize
 from gptmini.kv_cache import KVCache
-from gptmini.lookup import NgramIndex, check_lookup
+from gptmini.lookup import Drafter, check_lookup
 from gptmini.model import GPT
 from gptmini.sampling import make_generator, next_token_probs, sample_next
 from gptmini.tokenizer import Tokenizer
@@ -105,7 +105,7 @@ def generate_tokens(
 
     `lookup=N` (one sample, with the cache) is prompt-lookup decoding: up to N draft tokens copied from where the
     latest n-gram last occurred (`gptmini.lookup.NgramIndex`) are checked in one forward pass with the token being
-    fed (`_accept_draft`). The tokens yielded are the same as without it when greedy, and drawn from the same
+    fed (`accept_draft`). The tokens yielded are the same as without it when greedy, and drawn from the same
     distribution when sampling (not the same draws for a seed); windows slide at the same tokens.
     """
     config = model.config
@@ -132,12 +132,9 @@ def generate_tokens(
         seen[:, torch.tensor(sorted(set(prompt_ids)), device=device)] = True
 
     cache = KVCache.for_model(model, batch_size=1) if use_cache else None
-    ngrams = NgramIndex(prompt_ids) if lookup and cache is not None else None
+    drafter = Drafter(prompt_ids, lookup) if lookup and cache is not None else None
     queued: list[int] = []  # tokens a verify pass already decided, yielded one per step
     verify_start = 0  # window position of the token the last verify pass fed
-    # After a pass that kept nothing, skip drafting for 1, 2, 4 .. 16 steps (reset by a pass that keeps one): text
-    # that does not repeat then pays for few passes. Drafts may depend on the past in any way: still exact.
-    backoff = skip = 0
     step_fn = None
     if compile and use_cache:
         # A compiled graph cannot hand out its attention: capturing runs the same static decode step eagerly.
@@ -180,15 +177,12 @@ def generate_tokens(
             if seen is not None:
                 seen.scatter_(1, next_tok[:, None], True)
             draft: list[int] = []
-            if ngrams is not None:
-                ngrams.append(ids[0])
+            if drafter is not None:
+                drafter.append(ids[0])
                 # A pass writes the fed token and the draft at length.., all inside the window (so windows slide
                 # where plain decoding slides them), and decides no more tokens than are still to come.
-                room = min(lookup, block - 1 - length, max_new_tokens - step - 2)
-                if skip and not queued:
-                    skip -= 1
-                elif not queued:
-                    draft = ngrams.draft(room)
+                if not queued:
+                    draft = drafter.draft(min(block - 1 - length, max_new_tokens - step - 2))
             if queued or draft:
                 if queued:
                     # Decided by the last verify pass: already in the cache and the window, and in `seen` now.
@@ -199,12 +193,11 @@ def generate_tokens(
                     window[0, length + 1 : length + 1 + len(draft)] = torch.tensor(draft, device=device)
                     fed = window[:, length : length + 1 + len(draft)]
                     rows = model(fed, cache=cache, start_pos=length)[0][0]
-                    decided = _accept_draft(rows, draft, sampling, generator, seen)
+                    decided = accept_draft(rows, draft, sampling, generator, seen)
                     stats.lookup_passes += 1
                     stats.lookup_drafted += len(draft)
                     stats.lookup_accepted += len(decided) - 1
-                    backoff = 0 if len(decided) > 1 else min(2 * backoff or 1, 16)
-                    skip = backoff
+                    drafter.verified(len(decided) - 1)
                     verify_start, query = length, 0
                     decided, queued = decided[:1], decided[1:]
                 length += 1
@@ -247,7 +240,7 @@ def generate_tokens(
             stats.decode_s = time.perf_counter() - t_decode
 
 
-def _accept_draft(
+def accept_draft(
     logits: torch.Tensor,
     draft: list[int],
     sampling: SamplingConfig,

@@ -64,3 +64,32 @@ class NgramIndex:
                 period = end - prev
                 return [self.tokens[prev + 1 + m % period] for m in range(k)]
         return []
+
+
+class Drafter:
+    """One sequence's drafts: up to `k` tokens from its `NgramIndex`, held back after verify passes that keep nothing.
+
+    After a pass that keeps no draft token, drafting pauses for 1, 2, 4 .. 16 steps (a pass that keeps one resets
+    it): text that does not repeat then pays for few passes. Drafts may depend on the past in any way: verifying
+    keeps the output exact.
+    """
+
+    def __init__(self, tokens: Iterable[int], k: int) -> None:
+        self.index = NgramIndex(tokens)
+        self.k = k
+        self._backoff = self._skip = 0
+
+    def append(self, token: int) -> None:
+        self.index.append(token)
+
+    def draft(self, room: int) -> list[int]:
+        """A draft of at most min(k, room) tokens, or [] while held back (each call counts as a step)."""
+        if self._skip:
+            self._skip -= 1
+            return []
+        return self.index.draft(min(self.k, room))
+
+    def verified(self, kept: int) -> None:
+        """A verify pass kept `kept` of the draft's tokens."""
+        self._backoff = 0 if kept else min(2 * self._backoff or 1, 16)
+        self._skip = self._backoff

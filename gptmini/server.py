@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from gptmini.errors import UserError
+from gptmini.lookup import MAX_LOOKUP
 
 log = logging.getLogger("gptmini.server")
 
@@ -56,6 +57,7 @@ class ServeSettings:
     ui: bool = True
     max_body_bytes: int = DEFAULT_MAX_BODY
     model_name: str | None = None
+    lookup: int = 0  # prompt-lookup draft tokens for requests that do not set `lookup` themselves
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
@@ -134,6 +136,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension
+    lookup: int | None = Field(None, ge=0, le=MAX_LOOKUP)  # extension: prompt-lookup decoding; None: --lookup
 
 
 class CompletionBody(_Common):
@@ -199,6 +202,12 @@ class Metrics:
         self.rejected = Counter(
             "gptmini_requests_rejected", "Requests refused, by reason", ["reason"], registry=r
         )
+        self.lookup_drafted = Counter(
+            "gptmini_lookup_draft_tokens", "Prompt-lookup draft tokens verified", registry=r
+        )
+        self.lookup_accepted = Counter(
+            "gptmini_lookup_accepted_tokens", "Prompt-lookup draft tokens kept", registry=r
+        )
 
     # EngineMetrics hooks (called from the engine thread)
     def admitted(self, prompt_tokens: int, waited_s: float) -> None:
@@ -216,6 +225,10 @@ class Metrics:
         self.finished_total.labels(reason).inc()
         if reason == "cancelled":
             self.cancelled.inc()
+
+    def lookup(self, drafted: int, accepted: int) -> None:
+        self.lookup_drafted.inc(drafted)
+        self.lookup_accepted.inc(accepted)
 
 
 # ---- the app --------------------------------------------------------------------------------------------------
@@ -486,6 +499,11 @@ def _sampling(body: _Common, stops: list[str], seed_offset: int) -> Any:
         raise APIError(400, str(e)) from None
 
 
+def _lookup(state: State, body: _Common) -> int:
+    """Draft tokens per verify pass: the request's `lookup`, else the server's `--lookup`."""
+    return state.settings.lookup if body.lookup is None else body.lookup
+
+
 def _stops(body: _Common) -> list[str]:
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > MAX_STOPS:
@@ -543,6 +561,7 @@ def _completion_requests(state: State, body: CompletionBody) -> list[_Choice]:
                 ignore_eos=body.ignore_eos,
                 logprobs=body.logprobs,
                 prompt_logprobs=body.echo,
+                lookup=_lookup(state, body),
             )
             choices.append(_Choice(request, p_index, text))
     return choices
@@ -592,6 +611,7 @@ def _chat_requests(state: State, body: ChatBody) -> list[_Choice]:
                 ignore_eos=body.ignore_eos,
                 logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                 strip_leading_space=template.name == "plain",
+                lookup=_lookup(state, body),
             ),
             0,
         )

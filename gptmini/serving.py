@@ -7,7 +7,8 @@ row of one preallocated KV cache (`[n_layer, parallel, n_head, block_size, head_
   2. waiting requests are admitted into free rows: their prompt is prefilled into the row in one pass and their
      first token sampled, so they join the batch at this very step;
   3. one batched decode step runs over the active rows, each at its own position (`GPT.decode_step` with a
-     position per row), reading only as many cache positions as the longest of them uses;
+     position per row), reading only as many cache positions as the longest of them uses; a request with
+     `lookup` first verifies its prompt-lookup draft in a pass over its own row, which may decide several tokens;
   4. each row samples its next token with its own settings and its own seeded `torch.Generator`, so a request's
      text does not depend on what else is running; finished rows leave at once.
 
@@ -36,8 +37,9 @@ import torch
 
 from gptmini.api import LM
 from gptmini.config import SamplingConfig
-from gptmini.generation import StopMatcher, window_shift
+from gptmini.generation import StopMatcher, accept_draft, window_shift
 from gptmini.kv_cache import KVCache
+from gptmini.lookup import Drafter
 from gptmini.sampling import make_generator, sample_next
 from gptmini.tokenizer import StreamDecoder
 
@@ -73,6 +75,7 @@ class Request:
     strip_leading_space: bool = (
         False  # drop the reply's leading whitespace (the plain chat template's "Assistant: ")
     )
+    lookup: int = 0  # prompt-lookup decoding: up to this many draft tokens verified per pass (0: off)
 
 
 @dataclass
@@ -105,6 +108,7 @@ class EngineMetrics:
     def token(self, first: bool, seconds: float) -> None: ...
     def step(self, batch_size: int, seconds: float) -> None: ...
     def finished(self, reason: str) -> None: ...
+    def lookup(self, drafted: int, accepted: int) -> None: ...
 
 
 class Handle:
@@ -135,6 +139,7 @@ class _Row:
             self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
             self.seen[0, torch.tensor(sorted(set(req.prompt_ids)), device=device)] = True
         self.decoder: StreamDecoder = tokenizer.stream_decoder()
+        self.drafter = Drafter(req.prompt_ids, req.lookup) if req.lookup else None
         self.matcher = StopMatcher(req.sampling.stop)
         self.generated = 0
         self.shown = ""  # for strip_leading_space: nothing shown yet
@@ -337,6 +342,15 @@ class Engine:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
+        # Rows with a prompt-lookup draft first verify it in a pass of their own, which may decide several tokens
+        # (and finish the row); then every row takes the batched step as usual.
+        for row in [r for r in self._rows if r.drafter is not None]:
+            room = min(self.block - 1 - len(row.window), row.req.max_new_tokens - row.generated - 1)
+            draft = row.drafter.draft(room)
+            if draft and self._verify(self._rows.index(row), row, draft):
+                self._remove_row(self._rows.index(row))
+        if not self._rows:
+            return
         # Rows whose window is full slide it first: the oldest quarter leaves and the rest is re-prefilled, so
         # the token about to be decoded lands at position block - shift - 1 (gptmini generate's policy).
         for i, row in enumerate(self._rows):
@@ -354,6 +368,25 @@ class Engine:
             row.window.append(row.next_tok)
         self._sample_rows(list(self._rows), logits)
         self.metrics.step(n, time.perf_counter() - t0)
+
+    def _verify(self, index: int, row: _Row, draft: list[int]) -> bool:
+        """Feed the row's next token and `draft` in one pass over its cache; take the tokens it decides (the kept
+        draft prefix and one token drawn by the model, as `gptmini.generation` does). True when the row is done."""
+        fed = torch.tensor([[row.next_tok, *draft]], dtype=torch.long, device=self.device)
+        logits = self.model(fed, cache=self.cache.view(index), start_pos=len(row.window))[0][0]
+        decided = accept_draft(logits, draft, row.req.sampling, row.generator, row.seen)
+        row.drafter.verified(len(decided) - 1)
+        self.metrics.lookup(len(draft), len(decided) - 1)
+        row.window.append(row.next_tok)
+        for j, tok in enumerate(decided):
+            info = None
+            if row.req.logprobs is not None:
+                info = self._logprobs(logits[j : j + 1], [tok], row.req.logprobs)[0]
+            if self._accept(row, tok, info):
+                return True
+            if j < len(decided) - 1:
+                row.window.append(tok)  # a kept draft token: its keys and values are in the cache
+        return False
 
     def _sample_rows(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Sample each row's next token from its logits row, then hand the tokens to the rows' text."""
@@ -382,6 +415,8 @@ class Engine:
         row.last_token_at = now
         row.generated += 1
         row.next_tok = tok
+        if row.drafter is not None:
+            row.drafter.append(tok)
         if row.seen is not None:
             row.seen[0, tok] = True
         if not row.req.ignore_eos and tok == self.eos_id:

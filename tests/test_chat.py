@@ -176,6 +176,24 @@ def test_long_conversation_in_process_never_fails(tok):
     assert session.conversation.system == "Be kind."
 
 
+def test_lookup_replies_equal_plain_greedy_replies(tok, monkeypatch):
+    """`lookup` in a chat: the same greedy replies turn after turn, with drafts verified along the way."""
+    from gptmini import generation
+
+    passes = []
+    real = generation.accept_draft
+    monkeypatch.setattr(generation, "accept_draft", lambda *a: passes.append(1) or real(*a))
+    lm = gptmini.LM(random_gpt(std=0.2, block_size=64), tok)
+    sessions = [
+        ChatSession(lm, settings=ChatSettings(temperature=0, max_new_tokens=20, lookup=k)) for k in (0, 8)
+    ]
+    for i in range(4):
+        turn = "say it again and again: " + "the quick brown fox " * (1 + i)
+        plain, looked = ("".join(s.respond(turn)) for s in sessions)
+        assert looked == plain, i
+    assert passes
+
+
 # ---- the REPL through a pipe ----------------------------------------------------------------------------------
 
 
@@ -352,6 +370,7 @@ def test_chat_prefers_the_default_chat_checkpoint(tmp_path):
         (["-c", "CKPT", "--temperature", "-1"], "temperature must be >= 0"),
         (["-c", "CKPT", "--max-new-tokens", "0"], "max-new-tokens must be >= 1"),
         (["-c", "CKPT", "--top-p", "2"], "top-p"),
+        (["-c", "CKPT", "--lookup", "65"], "lookup must be an integer in 0..64"),
         (["-c", "CKPT", "--bogus"], "No such option"),
     ],
 )

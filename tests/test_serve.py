@@ -349,6 +349,46 @@ def test_concurrent_requests_equal_sequential_and_batch(server):
     )
 
 
+def test_lookup_decodes_the_same_text_and_counts_its_drafts(server, lm):
+    """Prompt-lookup decoding (`lookup`, an extension) over HTTP: greedy text and logprobs equal plain decoding's,
+    alone and batched beside plain requests, past the window too; its drafts show in /metrics."""
+    verse = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. "
+    prompts = [verse * 3, "ROMEO.\nO Juliet, Juliet, Juliet, Juliet,", verse * 2 + "To be, or"]
+    lengths = [40, 30, 300]  # 300 new tokens slide the 256-token window
+
+    async def one(client, prompt, n, lookup):
+        r = await client.completions.create(
+            model="m", prompt=prompt, max_tokens=n, temperature=0, logprobs=2,
+            extra_body={"ignore_eos": True, "lookup": lookup},
+        )  # fmt: skip
+        c = r.choices[0]
+        return c.text, c.logprobs.token_logprobs, r.usage.completion_tokens
+
+    async def run():
+        client = server.async_client()
+        plain = [await one(client, p, n, 0) for p, n in zip(prompts, lengths, strict=True)]
+        before = server.metrics()
+        looked = [await one(client, p, n, 8) for p, n in zip(prompts, lengths, strict=True)]
+        middle = server.metrics()
+        mixed = await asyncio.gather(
+            *(
+                one(client, p, n, 8 * (i % 2))
+                for i, (p, n) in enumerate(zip(prompts * 2, lengths * 2, strict=True))
+            )
+        )
+        return plain, looked, list(mixed), before, middle
+
+    plain, looked, mixed, before, middle = asyncio.run(run())
+    for (text, logprobs, used), (ref_text, ref_logprobs, ref_used) in zip(looked, plain, strict=True):
+        assert text == ref_text and used == ref_used
+        assert logprobs == pytest.approx(ref_logprobs, abs=1e-4)
+    assert [m[0] for m in mixed] == [p[0] for p in plain * 2]
+    drafted = middle["gptmini_lookup_draft_tokens_total"] - before["gptmini_lookup_draft_tokens_total"]
+    kept = middle["gptmini_lookup_accepted_tokens_total"] - before["gptmini_lookup_accepted_tokens_total"]
+    assert drafted > 0 and 0 < kept <= drafted
+    assert plain[0][0] == lm.generate(prompts[0], temperature=0, max_new_tokens=40, ignore_eos=True)
+
+
 def test_async_streaming(server):
     async def run():
         client = server.async_client()
@@ -572,6 +612,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"prompt": "x", "lookup": -1}, 400, "lookup"),
+    ("/v1/completions", {"prompt": "x", "lookup": 65}, 400, "lookup"),
     ("/v1/completions", {"prompt": [99999999]}, 400, "prompt"),
     ("/v1/completions", {"prompt": []}, 400, "prompt"),
     ("/v1/completions", {"prompt": LONG_PROMPT}, 400, "prompt"),
@@ -700,6 +742,7 @@ def test_cli_mistakes_are_one_line_errors(tmp_path):
         (["-c", str(tmp_path / "missing")], "missing"),
         (["--parallel", "0"], "--parallel"),
         (["--quantize", "int3"], "int3"),
+        (["--lookup", "65"], "lookup"),
     ]
     for args, word in cases:
         r = subprocess.run(
