@@ -197,6 +197,11 @@ def bench_shape(
         runners.update(ct2_runners(hf_dir, args.threads))
     for row, (model, kwargs) in rows.items():
         runners[row] = lambda p, n, m=model, k=kwargs: gptmini_decode(m, p, n, k)
+    if args.rows:
+        wanted = args.rows.split(",")
+        runners = {
+            r: run for r, run in runners.items() if r == "transformers fp32" or any(w in r for w in wanted)
+        }
     # The ceiling of each row: read bandwidth over the bytes of weights a token reads in that row's format.
     fp32_bytes = weight_bytes_per_token(base)
     int8_bytes = weight_bytes_per_token(rows["gptmini int8"][0])
@@ -337,6 +342,9 @@ def main() -> None:
     )
     parser.add_argument("--quality-only", action="store_true", help="with --checkpoint: skip the speed rows")
     parser.add_argument("--no-ct2", action="store_true", help="skip the CTranslate2 rows")
+    parser.add_argument(
+        "--rows", help="comma list: only the rows whose name contains one of these (transformers always runs)"
+    )
     args = parser.parse_args()
     if args.ttft:
         ttft = time_to_first_token(max(args.repeats, 5), args.checkpoint)
