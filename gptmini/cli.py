@@ -583,6 +583,9 @@ def eval_cmd(
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option(help="float32 (exact) or bfloat16/auto (faster).")] = "float32",
     encoding_errors: Annotated[str, typer.Option(help="strict or replace.")] = "strict",
+    quantize: Annotated[
+        str, typer.Option(help="none; int8 or int4 (CPU): score the weights `generate --quantize` uses.")
+    ] = "none",
 ) -> None:
     """Loss, perplexity and bits per byte of a checkpoint on any text (every position scored)."""
     import json
@@ -599,6 +602,7 @@ def eval_cmd(
         device=device,
         dtype=dtype,
         encoding_errors=encoding_errors,
+        quantize=None if quantize == "none" else quantize,
     )
     if json_out:
         typer.echo(json.dumps(result.to_dict()))

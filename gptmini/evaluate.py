@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from gptmini.config import check_encoding_errors
 from gptmini.devices import autocast
@@ -113,16 +114,26 @@ def evaluate_tokens(
             yt = torch.from_numpy(y).to(device)
             with autocast(device, dtype):
                 hidden = model.hidden_states(xt)
-                total += (
-                    linear_cross_entropy(hidden, model.lm_head.weight, yt, vocab_size=model.config.vocab_size)
-                    .double()
-                    .cpu()
-                )
+                total += head_loss_sum(model, hidden, yt).double().cpu()
             if progress:
                 progress(min(first + batch_size, len(windows)), len(windows))
     finally:
         model.train(was_training)
     return EvalResult.from_sums(float(total), n_scored, n_bytes)
+
+
+def head_loss_sum(model: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of the LM head over `hidden` [B, T, C]: chunked from the head's weight when it is a
+    plain linear, else (an int8 / int4 head) from its logits, one sequence at a time."""
+    vocab = model.config.vocab_size
+    head = model.lm_head
+    if type(head) is torch.nn.Linear:
+        return linear_cross_entropy(hidden, head.weight, targets, vocab_size=vocab)
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for h, y in zip(hidden, targets, strict=True):
+        logits = head(h)[:, :vocab].float()
+        total += F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum").double()
+    return total
 
 
 SPLITS = ("all", "val")
@@ -138,15 +149,18 @@ def evaluate_checkpoint(
     device: str = "auto",
     dtype: str = "float32",
     encoding_errors: str = "strict",
+    quantize: str | None = None,
 ) -> EvalResult:
     """Loss, perplexity and bits per byte of a checkpoint on `files` (or on the val split its run held out).
 
     `split="val"` scores the last `val_fraction` of the tokens, the part training never saw; without files it uses
-    the files recorded in the checkpoint's run.
+    the files recorded in the checkpoint's run. `quantize` ("int8" / "int4", CPU) scores the weights `generate
+    --quantize` decodes with.
     """
     from gptmini.checkpoint import load_checkpoint, read_model_config
     from gptmini.data import load_corpus, remap_splits, token_byte_lengths
     from gptmini.devices import resolve_device, resolve_train_dtype
+    from gptmini.quantize import check_quantize, prepare_for_decoding
     from gptmini.tokenizer import Tokenizer
 
     if split not in SPLITS:
@@ -166,6 +180,7 @@ def evaluate_checkpoint(
         files = run["data"]["files"]
     dev = resolve_device(device)
     compute = resolve_train_dtype(dtype, dev)
+    quantize = check_quantize(quantize, dev)
     tokenizer = Tokenizer(config.vocabulary)
     corpus = load_corpus(files, encoding_errors=encoding_errors)
     # Mapped onto the model's vocabulary in chunks, into the cache (a corpus may not fit in memory).
@@ -176,6 +191,8 @@ def evaluate_checkpoint(
     if len(tokens) < 2:
         raise UserError(f"the text has {len(tokens)} tokens; need at least 2 to score one")
     model, _ = load_checkpoint(checkpoint, device=dev)
+    if quantize is not None:
+        model = prepare_for_decoding(model, quantize=quantize)
     return evaluate_tokens(
         model,
         tokens,

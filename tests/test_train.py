@@ -423,6 +423,38 @@ def test_eval_command_json_and_split(saved_run, corpus, capsys):
     assert val["bpb"] == pytest.approx(expected.bpb)
 
 
+def test_eval_quantize_scores_the_quantized_weights(saved_run, corpus, capsys):
+    """`eval --quantize`: the int8 / int4 model's own full logits, scored by hand, on the same windows."""
+    import torch.nn.functional as F
+
+    from gptmini.checkpoint import load_checkpoint
+    from gptmini.evaluate import head_loss_sum
+    from gptmini.loss import IGNORE_INDEX
+    from gptmini.quantize import prepare_for_decoding
+
+    fp32 = json.loads(cli(capsys, "eval", corpus, "-c", saved_run, "--json", "--device", "cpu")[1])
+    for scheme in ("int8", "int4"):
+        code, out, _ = cli(
+            capsys, "eval", corpus, "-c", saved_run, "--json", "--device", "cpu", "--quantize", scheme
+        )
+        got = json.loads(out)
+        assert code == 0 and got["tokens"] == fp32["tokens"]
+        assert got["bpb"] != fp32["bpb"] and got["bpb"] == pytest.approx(fp32["bpb"], rel=0.05)
+        model = prepare_for_decoding(load_checkpoint(saved_run, device="cpu")[0], quantize=scheme)
+        x = torch.randint(0, model.config.vocab_size, (2, 16))
+        y = torch.randint(0, model.config.vocab_size, (2, 16))
+        y[0, :3] = IGNORE_INDEX  # ignored positions
+        # int8 quantises activations per call, over the batch it is given: a sequence alone rounds a hair apart.
+        with torch.no_grad():
+            logits = model(x)[0][..., : model.config.vocab_size].float()
+            by_hand = F.cross_entropy(
+                logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            )
+            assert float(head_loss_sum(model, model.hidden_states(x), y)) == pytest.approx(
+                float(by_hand), rel=1e-4
+            )
+
+
 def test_plot_in_the_terminal(saved_run, capsys):
     code, out, _ = cli(capsys, "plot", saved_run, "--terminal")
     assert code == 0 and "train loss" in out and "step 6" in out
@@ -463,6 +495,7 @@ def test_plot_writes_a_png_of_both_curves(saved_run, tmp_path, capsys):
         (["--dtype", "float16"], "float16"),
         (["--encoding-errors", "bogus"], "encoding-errors must be strict or replace, got 'bogus'"),
         (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--quantize", "int3"], "unknown quantization 'int3'; choose none, int8 or int4"),
         (["--bogus"], "No such option: --bogus"),
         (["NOFILES"], "no text given; pass FILES (or --split val"),
         (["/no/such.txt"], "does not exist"),
