@@ -103,13 +103,15 @@ def test_info_gpt2_small(tmp_path):
     assert f"{forward:,}" in out.stdout
 
 
-def forward_flops_by_hand(*, n_layer: int, n_embd: int, block_size: int, vocab_size: int) -> int:
+def forward_flops_by_hand(
+    *, n_layer: int, n_embd: int, block_size: int, vocab_size: int, bias: bool = True
+) -> int:
     """Matmul FLOPs of one token's forward pass at full context, counted layer by layer: 2 per weight it multiplies
     through (biases counted like weights, as in the 2·N convention), the LM head, and attention's scores QKᵀ and
     weighted sum over `block_size` keys (2·2·T·C per layer). Embedding lookups cost nothing."""
-    c = n_embd
-    qkv, attn_proj = c * 3 * c + 3 * c, c * c + c
-    mlp_up, mlp_down = c * 4 * c + 4 * c, 4 * c * c + c
+    c, b = n_embd, int(bias)
+    qkv, attn_proj = c * 3 * c + b * 3 * c, c * c + b * c
+    mlp_up, mlp_down = c * 4 * c + b * 4 * c, 4 * c * c + b * c
     weights = n_layer * (qkv + attn_proj + mlp_up + mlp_down) + c * vocab_size
     return 2 * weights + n_layer * 2 * 2 * block_size * c
 

@@ -89,7 +89,11 @@ def test_info_of_the_default_model_counts_flops_by_hand_as_the_readme_shows():
     report = json.loads(out.stdout)
     c = report["config"]
     forward = forward_flops_by_hand(
-        n_layer=c["n_layer"], n_embd=c["n_embd"], block_size=c["block_size"], vocab_size=c["vocab_size"]
+        n_layer=c["n_layer"],
+        n_embd=c["n_embd"],
+        block_size=c["block_size"],
+        vocab_size=c["vocab_size"],
+        bias=c["bias"],
     )
     assert report["cost"]["forward_flops_per_token_at_full_context"] == forward
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
