@@ -84,16 +84,12 @@ def orthogonalize(
         x = x.mT  # iterate on the smaller Gram matrix
     # spectral norm ≤ Frobenius norm ≤ 1: inside the iteration's basin
     x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    if x.dim() == 2:
-        for _ in range(steps):
-            gram = x @ x.T
-            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    else:
-        x = x.reshape(-1, *x.shape[-2:])
-        for _ in range(steps):
-            gram = torch.bmm(x, x.mT)
-            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-        x = x.reshape(matrix.shape if wide else matrix.mT.shape)
+    shape = x.shape
+    x = x.reshape(-1, *shape[-2:])  # one matrix or a stack: a batch for bmm either way
+    for _ in range(steps):
+        gram = torch.bmm(x, x.mT)
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x.reshape(shape)
     return x if wide else x.mT
 
 
@@ -148,13 +144,11 @@ class MuonAdamW(torch.optim.Optimizer):
         for i, p in enumerate(params):
             by_shape.setdefault(tuple(p.shape), []).append(i)
         for shape, members in by_shape.items():
-            stacked = (
-                torch.stack([nesterov[i] for i in members]) if len(members) > 1 else nesterov[members[0]]
+            updates = orthogonalize(
+                torch.stack([nesterov[i] for i in members]), group["ns_steps"], dtype=self.ns_dtype
             )
-            updates = orthogonalize(stacked, group["ns_steps"], dtype=self.ns_dtype)
             scale = -group["lr"] * 0.2 * math.sqrt(max(shape))
-            for j, i in enumerate(members):
-                update = updates[j] if len(members) > 1 else updates
+            for update, i in zip(updates, members, strict=True):
                 params[i].add_(update.to(params[i].dtype), alpha=scale)
 
     @staticmethod
