@@ -27,6 +27,7 @@ from gptmini.devices import synchronize
 from gptmini.kv_cache import KVCache
 from gptmini.lookup import Drafter, check_lookup
 from gptmini.model import GPT
+from gptmini.native import DecodeStep
 from gptmini.sampling import make_generator, next_token_probs, sample_next
 from gptmini.tokenizer import Tokenizer
 
@@ -136,6 +137,10 @@ def generate_tokens(
     queued: list[int] = []  # tokens a verify pass already decided, yielded one per step
     verify_start = 0  # window position of the token the last verify pass fed
     step_fn = None
+    # One token of one sample: the whole step in one native call, where the kernels are built (gptmini.native).
+    native_step = None
+    if cache is not None and num_samples == 1 and on_attention is None and not compile:
+        native_step = DecodeStep.for_model(model, cache)
     if compile and use_cache:
         # A compiled graph cannot hand out its attention: capturing runs the same static decode step eagerly.
         step_fn = model.decode_step if on_attention is not None else compiled_decode_step(model)
@@ -224,6 +229,8 @@ def generate_tokens(
                     step_tok.copy_(next_tok[:, None])
                     step_pos.fill_(length - 1)
                     logits = step_fn(step_tok, step_pos, cache)
+                elif native_step is not None:
+                    logits = native_step(ids[0], length - 1)
                 elif cache is not None:
                     logits = model(next_tok[:, None], cache=cache, start_pos=length - 1)[0][:, -1]
                 else:

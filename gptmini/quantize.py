@@ -29,7 +29,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from gptmini import native
 from gptmini.errors import UserError
 
 QUANTIZE_CHOICES = ("none", "int8", "int4")
@@ -73,6 +75,11 @@ class Int8Linear(nn.Module):
             )
             self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
         self.scale = scale
+        # With the native kernels: the int8 rows themselves, multiplied in fp32 against unrounded activations.
+        self._native = native.available()
+        if self._native:
+            self.qweight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
+            self.bias = bias
         # Without VNNI, fbgemm multiplies u8 × s8 pairs with an int16 sum that saturates (255·127·2 > 32767): the
         # activations must then be quantised to 7 bits (PyTorch's `reduce_range`), or the logits go visibly wrong.
         self.reduce_range = not _has_vnni()
@@ -81,6 +88,16 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
+        if self._native:  # every row count: a token decoded alone gets the bits it gets in a prefill
+            y = native.linear(
+                rows,
+                self.qweight,
+                wtype=native.INT8,
+                out_features=self.out_features,
+                scale=self.scale,
+                bias=self.bias,
+            )
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         y = torch.ops.quantized.linear_dynamic(rows, self._packed, self.reduce_range)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
@@ -183,6 +200,35 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
 
 
+class NativeLinear(nn.Module):
+    """An fp32 / bf16 linear whose few-row products (decoding) run on `gptmini.native`'s streaming kernels.
+
+    Up to `native.MAX_ROWS` rows the weight is read once per call at close to memory speed, widened to fp32 and
+    summed in fp32 (a bf16 model's activations are widened too; the result is rounded back). More rows — a
+    prompt's prefill — are matmul-bound and go to `F.linear` (MKL / oneDNN), which differs only in rounding.
+    """
+
+    def __init__(self, linear: nn.Linear, *, keep_weight: bool = False) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self._wtype = native.WEIGHT_TYPES[linear.weight.dtype]
+        self._bias32 = None if linear.bias is None else linear.bias.detach().float().contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > native.MAX_ROWS * self.in_features:
+            return F.linear(x, self.weight, self.bias)
+        y = native.linear(
+            x.float(), self.weight, wtype=self._wtype, out_features=self.out_features, bias=self._bias32
+        )
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, native {self.weight.dtype}"
+
+
 def packing_supported(dtype: torch.dtype) -> bool:
     try:
         if dtype == torch.bfloat16:
@@ -228,9 +274,14 @@ def quantize_int4(model: nn.Module, *, group_size: int = INT4_GROUP_SIZE) -> nn.
 
 @torch.no_grad()
 def pack_linears(model: nn.Module) -> nn.Module:
-    """Swap the fp32 / bf16 linears of a CPU model for oneDNN-prepacked ones, in place (a no-op elsewhere)."""
+    """Swap the fp32 / bf16 linears of a CPU model for native-kernel ones (`NativeLinear`) or, where those cannot
+    be built, oneDNN-prepacked ones, in place (a no-op elsewhere)."""
     weight = model.transformer.wte.weight
-    if weight.device.type != "cpu" or not packing_supported(weight.dtype):
+    if weight.device.type != "cpu" or weight.dtype not in native.WEIGHT_TYPES:
+        return model
+    if native.available():
+        return _swap_linears(model, NativeLinear)
+    if not packing_supported(weight.dtype):
         return model
     return _swap_linears(model, PackedLinear)
 

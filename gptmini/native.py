@@ -1,0 +1,286 @@
+"""The CPU kernels of `native.c`, built on first use with the machine's C compiler and loaded through ctypes.
+
+Decoding reads every weight once per token. PyTorch's own few-row products (`F.linear`, oneDNN's packed linear,
+fbgemm's int8) read them well below the memory's speed on one or two rows; `native.c` streams them, in fp32, bf16,
+int8 and int4, with fp32 sums.
+
+The library is compiled once per source and machine (`cc -O3 -march=native -fopenmp`, about a second) into
+`$XDG_CACHE_HOME/gptmini/native/` (default `~/.cache`) and reused. Without a compiler — or with `GPTMINI_NATIVE=0` —
+`library()` is None and callers keep PyTorch's kernels: the results differ only in rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.c")
+WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+INT8, INT4 = 2, 3
+MAX_ROWS = (
+    16  # up to this many activation rows use the kernels; more (a prefill) are matmul-bound: BLAS does them
+)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "gptmini" / "native"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_signature() -> str:
+    """What `-march=native` depends on: the CPU's model and feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def build(compiler: str, target: Path) -> None:
+    """Compile `native.c` into `target`, atomically (a temporary file renamed into place)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+        subprocess.run(
+            [compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True, timeout=120
+        )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they cannot be built here (no compiler, not x86 / ARM Linux or macOS)."""
+    if os.environ.get("GPTMINI_NATIVE", "1") == "0":
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
+    target = cache_dir() / f"native-{key}.so"
+    try:
+        if not target.exists():
+            build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.gm_linear.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, p, p, i64, i64, ctypes.c_int]
+    lib.gm_linear.restype = None
+    lib.gm_decode.argtypes = [p, i64, i64, p, ctypes.c_int]
+    lib.gm_decode.restype = None
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    wtype: int,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    group: int = 0,
+) -> torch.Tensor:
+    """`x [..., K]` (fp32) times the stored weight: fp32 `[..., out_features]`. All tensors contiguous, on the CPU.
+
+    `scale` is int8's fp32 scale per output row, or int4's `[N, K/group, 2]` fp32 scales and zeros.
+    """
+    lib = library()
+    rows = x.reshape(-1, x.shape[-1])
+    if not rows.is_contiguous():
+        rows = rows.contiguous()
+    y = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+    lib.gm_linear(
+        rows.data_ptr(),
+        rows.shape[0],
+        rows.shape[1],
+        weight.data_ptr(),
+        wtype,
+        out_features,
+        _ptr(scale),
+        _ptr(bias),
+        y.data_ptr(),
+        out_features,
+        group,
+        torch.get_num_threads(),
+    )
+    return y.view(*x.shape[:-1], out_features)
+
+
+# ---- the whole decode step ------------------------------------------------------------------------------------
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("wtype", ctypes.c_int64),
+        ("n_out", ctypes.c_int64),
+        ("n_in", ctypes.c_int64),
+        ("scale", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "q_norm", "k_norm")),
+        *((name, _Linear) for name in ("attn", "attn_proj", "fc", "proj")),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *(
+            (name, ctypes.c_int64)
+            for name in ("n_layer", "n_head", "n_embd", "max_len", "cache_bf16", "relu2")
+        ),
+        ("wte_bf16", ctypes.c_int64),
+        ("eps", ctypes.c_double),
+        *((name, ctypes.c_void_p) for name in ("wte", "pos_add", "rope", "lnf_w", "lnf_b")),
+        ("head", _Linear),
+        ("layers", ctypes.POINTER(_Layer)),
+        ("work", ctypes.c_void_p),
+    ]
+
+
+def _weights_of(module: torch.nn.Module) -> tuple[torch.Tensor, int, torch.Tensor | None] | None:
+    """(weight, format, int8 row scales) of a linear the C step can run, else None."""
+    from gptmini.quantize import Int8Linear, NativeLinear
+
+    if isinstance(module, Int8Linear):
+        return (module.qweight, INT8, module.scale) if module._native else None
+    if isinstance(module, (NativeLinear, torch.nn.Linear)) and module.weight.dtype in WEIGHT_TYPES:
+        return module.weight, WEIGHT_TYPES[module.weight.dtype], None
+    return None
+
+
+class DecodeStep:
+    """`GPT.forward` for one token of a batch-1 cache in one C call (`gm_decode`): embeddings, every block, the
+    final norm and the head, with the keys and values written into `cache` at `pos`, as the PyTorch path does.
+
+    Python and ~30 ATen calls per layer cost more than a small model's arithmetic (the default model's step was 2 ms
+    for 6 MFLOP); here a step is the weight reads and a few loops. Everything is in fp32 (bf16 weights and caches
+    are widened), so a bf16 model's step rounds less often than its PyTorch twin. Build one with `DecodeStep.for_model`,
+    which returns None where the step does not apply (no kernels, a GPU, batch > 1, int4 linears).
+    """
+
+    def __init__(self, model: torch.nn.Module, cache) -> None:
+        c = model.config
+        self._keep: list[torch.Tensor] = []  # every tensor a pointer refers to
+        f32 = lambda t: None if t is None else self._hold(t.detach().float().contiguous())  # noqa: E731
+
+        def lin(module: torch.nn.Module) -> _Linear:
+            w, wtype, scale = _weights_of(module)
+            bias = getattr(module, "bias", None)
+            return _Linear(
+                self._hold(w), wtype, module.out_features, module.in_features, f32(scale), f32(bias)
+            )
+
+        layers = (_Layer * c.n_layer)()
+        for i, block in enumerate(model.transformer.h):
+            attn = block.attn
+            layers[i] = _Layer(
+                f32(block.ln_1.weight),
+                f32(block.ln_1.bias),
+                f32(block.ln_2.weight),
+                f32(block.ln_2.bias),
+                f32(attn.q_norm.weight) if attn.qk_norm else None,
+                f32(attn.k_norm.weight) if attn.qk_norm else None,
+                lin(attn.c_attn),
+                lin(attn.c_proj),
+                lin(block.mlp.c_fc),
+                lin(block.mlp.c_proj),
+                self._hold(cache.k_layers[i][0]),
+                self._hold(cache.v_layers[i][0]),
+            )
+        self._layers = layers
+        wte = model.transformer.wte.weight
+        if c.pos_embedding == "learned":
+            pos_add, rope = f32(model.transformer.wpe.weight), None
+        elif c.pos_embedding == "rotary":
+            pos_add, rope = None, f32(model.pos_table)
+        else:
+            pos_add, rope = f32(model.pos_table), None
+        self.work = torch.empty(10 * c.n_embd + c.n_head * cache.max_len)
+        self.logits = torch.empty(1, model.lm_head.out_features)
+        self.vocab_size = c.vocab_size
+        self._model = _Model(
+            c.n_layer,
+            c.n_head,
+            c.n_embd,
+            cache.max_len,
+            cache.k.dtype == torch.bfloat16,
+            c.arch == "modern",
+            wte.dtype == torch.bfloat16,
+            c.layer_norm_eps,
+            self._hold(wte),
+            pos_add,
+            rope,
+            f32(model.transformer.ln_f.weight),
+            f32(model.transformer.ln_f.bias),
+            lin(model.lm_head),
+            layers,
+            self.work.data_ptr(),
+        )
+        self._lib = library()
+
+    def _hold(self, t: torch.Tensor) -> int:
+        assert t.is_contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, cache) -> DecodeStep | None:
+        weight = model.transformer.wte.weight
+        if library() is None or weight.device.type != "cpu" or cache.batch_size != 1:
+            return None
+        if weight.dtype not in (torch.float32, torch.bfloat16) or cache.k.dtype not in (
+            torch.float32,
+            torch.bfloat16,
+        ):
+            return None
+        linears = [model.lm_head] + [
+            m for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
+        ]
+        if any(_weights_of(m) is None for m in linears) or not cache.k_layers[0][0].is_contiguous():
+            return None
+        return cls(model, cache)
+
+    def __call__(self, token: int, pos: int) -> torch.Tensor:
+        """Logits `[1, vocab]` (fp32; a view of a buffer the next call overwrites) of `token` at position `pos`."""
+        self._lib.gm_decode(
+            ctypes.byref(self._model), token, pos, self.logits.data_ptr(), torch.get_num_threads()
+        )
+        return self.logits[:, : self.vocab_size]
