@@ -8,6 +8,7 @@ import torch
 from conftest import random_gpt
 
 import gptmini.generation as generation
+from gptmini import native
 from gptmini.api import LM
 from gptmini.config import SamplingConfig
 from gptmini.generation import (
@@ -148,18 +149,24 @@ def test_int8_linear_is_the_dequantized_product():
     torch.testing.assert_close(q(x), expected, atol=0.02 * expected.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["NativeLinear", "PackedLinear"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_packed_linears_equal_plain(dtype, tol):
-    if not packing_supported(dtype):
-        pytest.skip(f"this PyTorch build cannot prepack {dtype} linears")
+def test_packed_linears_equal_plain(monkeypatch, kind, dtype, tol):
+    if kind == "NativeLinear" and not native.available():
+        pytest.skip("no C compiler: the native kernels cannot be built here")
+    if kind == "PackedLinear":  # the fallback where the native kernels cannot be built
+        if not packing_supported(dtype):
+            pytest.skip(f"this PyTorch build cannot prepack {dtype} linears")
+        monkeypatch.setattr(native, "available", lambda: False)
     model = random_gpt(std=0.3).to(dtype)
-    ids = torch.randint(0, 50257, (2, 20))
     with torch.no_grad():
-        plain = model(ids)[0]
         packed_model = pack_linears(copy.deepcopy(model))
-        packed = packed_model(ids)[0]
-    assert any(type(m).__name__ == "PackedLinear" for m in packed_model.modules()), "nothing was packed"
-    torch.testing.assert_close(packed, plain, atol=tol, rtol=tol)
+        for ids in (
+            torch.randint(0, 50257, (2, 20)),
+            torch.randint(0, 50257, (1, 7)),
+        ):  # BLAS rows, kernel rows
+            torch.testing.assert_close(packed_model(ids)[0], model(ids)[0], atol=tol, rtol=tol)
+    assert any(type(m).__name__ == kind for m in packed_model.modules()), "nothing was swapped"
     (a,), _ = run(model, [1, 2], 30)
     (b,), _ = run(pack_linears(model), [1, 2], 30)
     assert a == b

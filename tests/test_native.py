@@ -1,0 +1,140 @@
+"""The native CPU kernels (`gptmini/native.c`) against float64 products and against the PyTorch model they replace."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import random_gpt
+from test_generation import naive_greedy, run
+
+import gptmini.native as native
+from gptmini.kv_cache import KVCache
+from gptmini.native import DecodeStep
+from gptmini.quantize import Int8Linear, prepare_for_decoding, quantize_int8
+
+pytestmark = pytest.mark.skipif(
+    not native.available(), reason="no C compiler: the native kernels cannot be built"
+)
+
+
+@pytest.mark.parametrize("wtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("k", [7, 64, 77, 768])
+def test_linear_equals_the_float64_product_and_a_row_alone_equals_its_batch(wtype, k):
+    torch.manual_seed(k)
+    n = 37
+    w = torch.randn(n, k)
+    scale = None
+    if wtype == torch.int8:
+        scale = torch.rand(n) / 50
+        w = torch.randint(-127, 128, (n, k)).to(torch.int8)
+        deq = w.double() * scale.double()[:, None]
+    else:
+        w = w.to(wtype)
+        deq = w.double()
+    bias = torch.randn(n)
+    x = torch.randn(16, k)
+    expected = x.double() @ deq.T + bias.double()
+    for rows in (1, 3, 4, 5, 16):
+        got = native.linear(
+            x[:rows], w, wtype=native.WEIGHT_TYPES[wtype], out_features=n, bias=bias, scale=scale
+        )
+        torch.testing.assert_close(
+            got.double(), expected[:rows], rtol=1e-5, atol=1e-5 * expected.abs().max().item()
+        )
+        for i in range(rows):  # the same bits alone as in any batch: cached decoding equals its recompute
+            alone = native.linear(
+                x[i : i + 1], w, wtype=native.WEIGHT_TYPES[wtype], out_features=n, bias=bias, scale=scale
+            )
+            assert torch.equal(alone[0], got[i])
+
+
+MODELS = {
+    "gpt2": dict(),
+    "sinusoidal": dict(pos_embedding="sinusoidal"),
+    "modern": dict(arch="modern"),
+    "no-bias": dict(bias=False, n_head=2),
+}
+
+
+@pytest.mark.parametrize("form", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_decode_step_equals_the_pytorch_step(name, form):
+    model = random_gpt(std=0.2, vocab_size=700, **MODELS[name])
+    if form == "bf16":
+        model = model.to(torch.bfloat16)
+    prepare_for_decoding(model, quantize="int8" if form == "int8" else None)
+    ids = torch.randint(0, 700, (1, 50))
+    ref_cache, cache = KVCache.for_model(model), KVCache.for_model(model)
+    with torch.no_grad():
+        model(ids[:, :10], cache=ref_cache)
+        model(ids[:, :10], cache=cache)
+        step = DecodeStep.for_model(model, cache)
+        assert step is not None
+        for t in range(10, 50):
+            if (
+                form == "int8"
+            ):  # its bf16 cache: a 1e-5 difference may round a key to the next bf16; start equal
+                cache.k.copy_(ref_cache.k)
+                cache.v.copy_(ref_cache.v)
+            ref = model(ids[:, t : t + 1], cache=ref_cache, start_pos=t)[0][:, -1].float()
+            got = step(int(ids[0, t]), t)
+            # bf16: PyTorch rounds every activation to bf16, the C step keeps them in fp32
+            tol = 3e-2 if form == "bf16" else 1e-5
+            torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
+    if cache.k.dtype == torch.bfloat16:  # int8's bf16 cache: a 1e-5 difference may round to the next bf16
+        tol = max(tol, 2**-7)
+    for got, ref in ((cache.k, ref_cache.k), (cache.v, ref_cache.v)):  # the keys and values it wrote
+        torch.testing.assert_close(
+            got.float(), ref.float(), rtol=tol, atol=tol * ref.float().abs().max().item()
+        )
+
+
+@pytest.mark.parametrize("name", ["gpt2", "modern"])
+def test_greedy_decoding_through_the_native_step_equals_the_recompute_past_the_window(monkeypatch, name):
+    calls = []
+    original = DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    model = prepare_for_decoding(random_gpt(std=0.3, block_size=32, **MODELS[name]))
+    (tokens,), stats = run(model, [1, 2, 3], 90)
+    assert stats.window_slides >= 2 and len(calls) > 60  # the native step ran, and windows slid
+    assert tokens == naive_greedy(model, [1, 2, 3], 90)
+
+
+def test_int8_decoding_equals_its_recompute_and_stays_close_to_fp32():
+    model = random_gpt(std=0.02, n_embd=128)
+    q = quantize_int8(copy.deepcopy(model))
+    assert all(lin._native for lin in q.modules() if isinstance(lin, Int8Linear))
+    ids = torch.randint(0, 50257, (1, 40))
+    with torch.no_grad():
+        ref, got = model(ids)[0], q(ids)[0]
+    # weight-only int8 (activations stay fp32): well inside the 8-bit-activation path's bound
+    assert (got - ref).abs().max() < 0.1 * ref.std()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+    assert run(q, [1, 2, 3], 40)[0] == run(q, [1, 2, 3], 40, use_cache=False)[0]
+
+
+def test_step_does_not_apply_to_batches_or_int4():
+    model = prepare_for_decoding(random_gpt())
+    assert DecodeStep.for_model(model, KVCache.for_model(model, batch_size=2)) is None
+    if hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        q = prepare_for_decoding(random_gpt(), quantize="int4")
+        assert DecodeStep.for_model(q, KVCache.for_model(q)) is None
+
+
+def test_no_compiler_or_opt_out_falls_back_to_pytorch(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(native, "_compiler", lambda: "false")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        assert not list(tmp_path.rglob("*.so"))  # no half-written library left behind
+    finally:
+        native.library.cache_clear()
+    code = "import gptmini.native as n; print(n.library())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={"GPTMINI_NATIVE": "0", "PATH": ""}, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "None", out.stderr
