@@ -196,8 +196,11 @@ def generate_tokens(
                 else:
                     window[0, length] = next_tok[0]
                     window[0, length + 1 : length + 1 + len(draft)] = torch.tensor(draft, device=device)
-                    fed = window[:, length : length + 1 + len(draft)]
-                    rows = model(fed, cache=cache, start_pos=length)[0][0]
+                    if native_step is not None:  # the fed token and the draft in one native call
+                        rows = native_step.forward([ids[0], *draft], length)
+                    else:
+                        fed = window[:, length : length + 1 + len(draft)]
+                        rows = model(fed, cache=cache, start_pos=length)[0][0]
                     decided = accept_draft(rows, draft, sampling, generator, seen)
                     stats.lookup_passes += 1
                     stats.lookup_drafted += len(draft)

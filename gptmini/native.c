@@ -189,7 +189,6 @@ typedef struct {
     const float *lnf_w, *lnf_b;
     GmLinear head;
     const GmLayer *layers;
-    float *work; /* 10·n_embd + n_head·max_len floats */
 } GmModel;
 
 static void layer_norm(const float *x, int64_t n, const float *w, const float *b, double eps, float *out) {
@@ -232,69 +231,78 @@ static inline void cache_put(void *c, int bf16, int64_t i, float v) {
     ((uint16_t *)c)[i] = (uint16_t)(u >> 16);
 }
 
-static void apply(const GmLinear *l, const float *x, float *y, int threads) {
-    gm_linear(x, 1, l->n_in, l->w, (int)l->wtype, l->n_out, l->scale, l->bias, y, l->n_out, 0, threads);
-}
 
-/* logits [head.n_out] of `token` at position `pos`; writes its keys and values into the cache at `pos`. */
-void gm_decode(const GmModel *m, int64_t token, int64_t pos, float *logits, int threads) {
+/* logits [T, head.n_out] of `tokens` [T] at positions pos.. pos+T-1 (token j sees positions 0..pos+j); writes
+ * their keys and values into the cache. `work`: T·10·n_embd + n_head·max_len floats. */
+void gm_decode(const GmModel *m, const int64_t *tokens, int64_t T, int64_t pos, float *logits, float *work,
+               int threads) {
     const int64_t C = m->n_embd, H = m->n_head, D = C / H, L = m->max_len;
-    float *x = m->work, *h = x + C, *qkv = h + C, *att = qkv + 3 * C, *ff = att + C, *probs = ff + 4 * C;
-    for (int64_t i = 0; i < C; i++) {
-        float e = m->wte_bf16 ? bf16_to_f32(((const uint16_t *)m->wte)[token * C + i])
-                              : ((const float *)m->wte)[token * C + i];
-        x[i] = e + (m->pos_add ? m->pos_add[pos * C + i] : 0.0f);
-    }
-    const float *cos_ = m->rope ? m->rope + pos * D : NULL, *sin_ = m->rope ? m->rope + pos * D + D / 2 : NULL;
+    float *x = work, *h = x + T * C, *qkv = h + T * C, *att = qkv + 3 * T * C, *ff = att + T * C;
+    float *probs = ff + 4 * T * C;
+    for (int64_t j = 0; j < T; j++)
+        for (int64_t i = 0; i < C; i++) {
+            int64_t at = tokens[j] * C + i;
+            float e = m->wte_bf16 ? bf16_to_f32(((const uint16_t *)m->wte)[at]) : ((const float *)m->wte)[at];
+            x[j * C + i] = e + (m->pos_add ? m->pos_add[(pos + j) * C + i] : 0.0f);
+        }
     const float inv_sqrt_d = 1.0f / sqrtf((float)D);
     for (int64_t layer = 0; layer < m->n_layer; layer++) {
         const GmLayer *ly = &m->layers[layer];
-        layer_norm(x, C, ly->ln1_w, ly->ln1_b, m->eps, h);
-        apply(&ly->attn, h, qkv, threads);
-        float *q = qkv, *k = qkv + C, *v = qkv + 2 * C;
-        for (int64_t hd = 0; hd < H; hd++) {
-            if (ly->q_norm) {
-                rms_norm(q + hd * D, D, ly->q_norm, m->eps);
-                rms_norm(k + hd * D, D, ly->k_norm, m->eps);
-            }
-            if (cos_) {
-                rotate(q + hd * D, D, cos_, sin_);
-                rotate(k + hd * D, D, cos_, sin_);
-            }
-            for (int64_t i = 0; i < D; i++) {
-                cache_put(ly->k_cache, (int)m->cache_bf16, (hd * L + pos) * D + i, k[hd * D + i]);
-                cache_put(ly->v_cache, (int)m->cache_bf16, (hd * L + pos) * D + i, v[hd * D + i]);
-            }
-        }
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && pos > 64)
-        for (int64_t hd = 0; hd < H; hd++) {
-            /* softmax(q·Kᵀ/√D)·V over positions 0..pos, in fp32 */
-            const float *qh = q + hd * D;
-            float *p = probs + hd * L, top = -INFINITY, sum = 0.0f;
-            for (int64_t t = 0; t <= pos; t++) {
-                float s = 0.0f;
-                int64_t base = (hd * L + t) * D;
-                if (m->cache_bf16)
-                    for (int64_t i = 0; i < D; i++) s += qh[i] * bf16_to_f32(((const uint16_t *)ly->k_cache)[base + i]);
-                else
-                    for (int64_t i = 0; i < D; i++) s += qh[i] * ((const float *)ly->k_cache)[base + i];
-                p[t] = s * inv_sqrt_d;
-                if (p[t] > top) top = p[t];
-            }
-            for (int64_t t = 0; t <= pos; t++) sum += (p[t] = expf(p[t] - top));
-            float *out = att + hd * D;
-            for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
-            for (int64_t t = 0; t <= pos; t++) {
-                float w = p[t] / sum;
-                int64_t base = (hd * L + t) * D;
-                for (int64_t i = 0; i < D; i++) out[i] += w * cache_at(ly->v_cache, (int)m->cache_bf16, base + i);
+        for (int64_t j = 0; j < T; j++) layer_norm(x + j * C, C, ly->ln1_w, ly->ln1_b, m->eps, h + j * C);
+        gm_linear(h, T, C, ly->attn.w, (int)ly->attn.wtype, 3 * C, ly->attn.scale, ly->attn.bias, qkv, 3 * C, 0,
+                  threads);
+        for (int64_t j = 0; j < T; j++) {
+            float *q = qkv + j * 3 * C, *k = q + C, *v = q + 2 * C;
+            const float *cos_ = m->rope ? m->rope + (pos + j) * D : NULL;
+            for (int64_t hd = 0; hd < H; hd++) {
+                if (ly->q_norm) {
+                    rms_norm(q + hd * D, D, ly->q_norm, m->eps);
+                    rms_norm(k + hd * D, D, ly->k_norm, m->eps);
+                }
+                if (cos_) {
+                    rotate(q + hd * D, D, cos_, cos_ + D / 2);
+                    rotate(k + hd * D, D, cos_, cos_ + D / 2);
+                }
+                for (int64_t i = 0; i < D; i++) {
+                    cache_put(ly->k_cache, (int)m->cache_bf16, (hd * L + pos + j) * D + i, k[hd * D + i]);
+                    cache_put(ly->v_cache, (int)m->cache_bf16, (hd * L + pos + j) * D + i, v[hd * D + i]);
+                }
             }
         }
-        apply(&ly->attn_proj, att, h, threads);
-        for (int64_t i = 0; i < C; i++) x[i] += h[i];
-        layer_norm(x, C, ly->ln2_w, ly->ln2_b, m->eps, h);
-        apply(&ly->fc, h, ff, threads);
-        for (int64_t i = 0; i < 4 * C; i++) {
+        for (int64_t j = 0; j < T; j++) {
+            const int64_t last = pos + j; /* this query sees keys 0..last */
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && last > 64)
+            for (int64_t hd = 0; hd < H; hd++) {
+                /* softmax(q·Kᵀ/√D)·V, in fp32 */
+                const float *qh = qkv + j * 3 * C + hd * D;
+                float *p = probs + hd * L, top = -INFINITY, sum = 0.0f;
+                for (int64_t t = 0; t <= last; t++) {
+                    float s = 0.0f;
+                    int64_t base = (hd * L + t) * D;
+                    if (m->cache_bf16)
+                        for (int64_t i = 0; i < D; i++)
+                            s += qh[i] * bf16_to_f32(((const uint16_t *)ly->k_cache)[base + i]);
+                    else
+                        for (int64_t i = 0; i < D; i++) s += qh[i] * ((const float *)ly->k_cache)[base + i];
+                    p[t] = s * inv_sqrt_d;
+                    if (p[t] > top) top = p[t];
+                }
+                for (int64_t t = 0; t <= last; t++) sum += (p[t] = expf(p[t] - top));
+                float *out = att + j * C + hd * D;
+                for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
+                for (int64_t t = 0; t <= last; t++) {
+                    float w = p[t] / sum;
+                    int64_t base = (hd * L + t) * D;
+                    for (int64_t i = 0; i < D; i++) out[i] += w * cache_at(ly->v_cache, (int)m->cache_bf16, base + i);
+                }
+            }
+        }
+        gm_linear(att, T, C, ly->attn_proj.w, (int)ly->attn_proj.wtype, C, ly->attn_proj.scale, ly->attn_proj.bias,
+                  h, C, 0, threads);
+        for (int64_t i = 0; i < T * C; i++) x[i] += h[i];
+        for (int64_t j = 0; j < T; j++) layer_norm(x + j * C, C, ly->ln2_w, ly->ln2_b, m->eps, h + j * C);
+        gm_linear(h, T, C, ly->fc.w, (int)ly->fc.wtype, 4 * C, ly->fc.scale, ly->fc.bias, ff, 4 * C, 0, threads);
+        for (int64_t i = 0; i < 4 * T * C; i++) {
             float a = ff[i];
             if (m->relu2) {
                 a = a > 0.0f ? a : 0.0f;
@@ -303,9 +311,10 @@ void gm_decode(const GmModel *m, int64_t token, int64_t pos, float *logits, int 
                 ff[i] = 0.5f * a * (1.0f + tanhf(0.7978845608028654f * (a + 0.044715f * a * a * a)));
             }
         }
-        apply(&ly->proj, ff, h, threads);
-        for (int64_t i = 0; i < C; i++) x[i] += h[i];
+        gm_linear(ff, T, 4 * C, ly->proj.w, (int)ly->proj.wtype, C, ly->proj.scale, ly->proj.bias, h, C, 0, threads);
+        for (int64_t i = 0; i < T * C; i++) x[i] += h[i];
     }
-    layer_norm(x, C, m->lnf_w, m->lnf_b, m->eps, h);
-    apply(&m->head, h, logits, threads);
+    for (int64_t j = 0; j < T; j++) layer_norm(x + j * C, C, m->lnf_w, m->lnf_b, m->eps, h + j * C);
+    gm_linear(h, T, C, m->head.w, (int)m->head.wtype, m->head.n_out, m->head.scale, m->head.bias, logits,
+              m->head.n_out, 0, threads);
 }

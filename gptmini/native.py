@@ -88,7 +88,7 @@ def library() -> ctypes.CDLL | None:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.gm_linear.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, p, p, i64, i64, ctypes.c_int]
     lib.gm_linear.restype = None
-    lib.gm_decode.argtypes = [p, i64, i64, p, ctypes.c_int]
+    lib.gm_decode.argtypes = [p, p, i64, i64, p, p, ctypes.c_int]
     lib.gm_decode.restype = None
     return lib
 
@@ -171,7 +171,6 @@ class _Model(ctypes.Structure):
         *((name, ctypes.c_void_p) for name in ("wte", "pos_add", "rope", "lnf_w", "lnf_b")),
         ("head", _Linear),
         ("layers", ctypes.POINTER(_Layer)),
-        ("work", ctypes.c_void_p),
     ]
 
 
@@ -233,8 +232,8 @@ class DecodeStep:
             pos_add, rope = None, f32(model.pos_table)
         else:
             pos_add, rope = f32(model.pos_table), None
-        self.work = torch.empty(10 * c.n_embd + c.n_head * cache.max_len)
-        self.logits = torch.empty(1, model.lm_head.out_features)
+        self._sizes = (10 * c.n_embd, c.n_head * cache.max_len, model.lm_head.out_features)
+        self._buffers(1)
         self.vocab_size = c.vocab_size
         self._model = _Model(
             c.n_layer,
@@ -252,7 +251,6 @@ class DecodeStep:
             f32(model.transformer.ln_f.bias),
             lin(model.lm_head),
             layers,
-            self.work.data_ptr(),
         )
         self._lib = library()
 
@@ -278,9 +276,31 @@ class DecodeStep:
             return None
         return cls(model, cache)
 
-    def __call__(self, token: int, pos: int) -> torch.Tensor:
-        """Logits `[1, vocab]` (fp32; a view of a buffer the next call overwrites) of `token` at position `pos`."""
+    def _buffers(self, rows: int) -> None:
+        per_row, shared, vocab = self._sizes
+        self._rows = rows
+        self._work = torch.empty(rows * per_row + shared)
+        self._logits = torch.empty(rows, vocab)
+        self._tokens = (ctypes.c_int64 * rows)()
+
+    def forward(self, tokens: list[int], pos: int) -> torch.Tensor:
+        """Logits `[len(tokens), vocab]` (fp32; a view of a buffer the next call overwrites) of `tokens` at positions
+        pos.., each seeing the cache before it and the tokens before it: `GPT.forward(..., start_pos=pos)`."""
+        if len(tokens) > self._rows:
+            self._buffers(len(tokens))
+        for i, t in enumerate(tokens):
+            self._tokens[i] = t
         self._lib.gm_decode(
-            ctypes.byref(self._model), token, pos, self.logits.data_ptr(), torch.get_num_threads()
+            ctypes.byref(self._model),
+            self._tokens,
+            len(tokens),
+            pos,
+            self._logits.data_ptr(),
+            self._work.data_ptr(),
+            torch.get_num_threads(),
         )
-        return self.logits[:, : self.vocab_size]
+        return self._logits[: len(tokens), : self.vocab_size]
+
+    def __call__(self, token: int, pos: int) -> torch.Tensor:
+        """Logits `[1, vocab]` of one `token` at position `pos` (see `forward`)."""
+        return self.forward([token], pos)

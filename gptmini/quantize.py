@@ -1,12 +1,18 @@
-"""Faster CPU decoding: int8 weights (`--quantize int8`) and prepacked fp32 / bf16 linears.
+"""Faster CPU decoding: int8 weights (`--quantize int8`), int4 weights (`--quantize int4`) and native linears.
 
 Decoding one token multiplies one activation row by every weight matrix, so on a CPU its speed is the number of
-weight bytes read per token divided by the memory bandwidth. Two ways to read fewer, faster bytes:
+weight bytes read per token divided by the memory bandwidth. Ways to read fewer bytes, faster:
 
+* `pack_linears` (the default for fp32 / bf16 on a CPU): every linear becomes a `NativeLinear`, whose few-row
+  products run on `gptmini.native`'s streaming kernels (`F.linear` on a single row reads an fp32 matrix at 10–11
+  GB/s here, the native loop at ~30, about a reduction's speed). Where the kernels cannot be built (no C compiler),
+  oneDNN-prepacked `PackedLinear`s instead (~23 GB/s fp32, ~17 bf16).
 * `quantize_int8`: every linear layer and the LM head keep their weights as int8 with one fp32 scale per output
-  row (symmetric, `scale = max|w| / 127`), ¼ of the fp32 bytes. The matmul is fbgemm's dynamic int8 kernel: the
-  activation row is quantised on the fly (per tensor, 8 bits, its own min/max each call), multiplied in int8 with
-  int32 accumulation and rescaled to fp32. Embeddings, LayerNorms and attention stay in floating point.
+  row (symmetric, `scale = max|w| / 127`), ¼ of the fp32 bytes. With the native kernels the product is
+  weight-only: int8 rows widened to fp32 against fp32 activations, for every row count (a token decoded alone gets
+  the bits it gets in a prefill). Without them it is fbgemm's dynamic int8 kernel: the activations are quantised
+  on the fly (per tensor, 8 bits), multiplied in int8 with int32 sums and rescaled to fp32. Embeddings, norms and
+  attention stay in floating point.
 * `quantize_int4`: every linear and the LM head as 4-bit codes with an asymmetric scale and zero per group of
   `INT4_GROUP_SIZE` inputs (`w ≈ (q − 8)·scale + zero`, q ∈ 0…15, as gpt-fast's int4 and llama.cpp's Q4_1), ⅛ of
   the fp32 bytes plus 4 bytes of bf16 scale and zero per group. The matmul is ATen's CPU int4 kernel
@@ -14,12 +20,10 @@ weight bytes read per token divided by the memory bandwidth. Two ways to read fe
   (fp32 ones take a scalar loop, ~25× slower), so each linear rounds its input to bf16 and returns fp32; it
   accumulates in fp32. A linear the kernel cannot take (outputs not a multiple of 16, inputs not a multiple of the
   group) stays int8.
-* `pack_linears`: fp32 or bf16 weights reordered once into oneDNN's blocked layout. `F.linear` on a single row
-  reads an fp32 matrix at 11–13 GB/s, on one core's worth of bandwidth; oneDNN's kernels use every core and read
-  it about twice as fast (GPT-2's 768→50,304 head: 6.4 vs 13.4 ms), and bf16 about 1.5× faster.
 
-Both swap `nn.Linear` modules in place for inference only (the model can no longer be trained or saved); the tied
+All swap `nn.Linear` modules in place for inference only (the model can no longer be trained or saved); the tied
 LM head keeps pointing at the embedding matrix as `.weight`, so code that asks for the model's dtype still works.
+With fp32, bf16 or int8 linears a batch-1 decode step runs as one native call (`gptmini.native.DecodeStep`).
 """
 
 from __future__ import annotations

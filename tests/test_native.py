@@ -92,6 +92,23 @@ def test_decode_step_equals_the_pytorch_step(name, form):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "modern"])
+def test_several_tokens_in_one_call_equal_the_pytorch_forward(name):
+    """Prompt-lookup's verify pass: the fed token and a draft, each seeing the cache and the tokens before it."""
+    model = prepare_for_decoding(random_gpt(std=0.2, vocab_size=700, **MODELS[name]))
+    ids = torch.randint(0, 700, (1, 30))
+    ref_cache, cache = KVCache.for_model(model), KVCache.for_model(model)
+    with torch.no_grad():
+        model(ids[:, :12], cache=ref_cache)
+        model(ids[:, :12], cache=cache)
+        step = DecodeStep.for_model(model, cache)
+        for start, end in ((12, 13), (13, 18), (18, 27)):
+            ref = model(ids[:, start:end], cache=ref_cache, start_pos=start)[0][0]
+            got = step.forward(ids[0, start:end].tolist(), start)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    torch.testing.assert_close(cache.k, ref_cache.k, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "modern"])
 def test_greedy_decoding_through_the_native_step_equals_the_recompute_past_the_window(monkeypatch, name):
     calls = []
     original = DecodeStep.__call__
