@@ -1,21 +1,28 @@
-/* gptmini's CPU kernels for few-row products: y[m, n] = scale[n] · Σ_k x[m, k]·W[n, k] + bias[n].
+/* gptmini's CPU kernels for few-row products, y[m, n] = Σ_k x[m, k]·W[n, k] + bias[n], and a whole decode step.
  *
  * Decoding one token multiplies one activation row by every weight matrix, so its speed is the rate at which the
- * weights stream from memory. These loops read each weight once per call, four weight rows at a time (four
- * streams per thread, which the hardware prefetchers follow), widen them to fp32 in registers and accumulate in
- * fp32, against up to four activation rows at once. The output rows are split between the threads.
+ * weights stream from memory. These loops read each weight row once per call, as one sequential stream (several
+ * interleaved rows read 1.5–2× slower here), against up to XROWS activation rows at once; the output rows are
+ * split between the threads. Every (m, n) dot product is summed in the same order whatever the number of rows, so
+ * a row computed alone gets the bits it gets inside a batch (a cached decode equals its recompute).
  *
- * Every (m, n) dot product is summed in the same order whatever the number of rows, so one row decoded alone gets
- * the bits it gets inside a batch (a cached decode equals its recompute).
+ * Weight formats (`wtype`):
+ *   0 fp32, 1 bf16: widened to fp32 in registers, fp32 sums against fp32 activations;
+ *   2 int8 with an fp32 scale per output row: each activation row is first rounded to 16-bit integers against
+ *     its own largest value (a step of 1/16383 of it), and the dot products are exact int32 sums of int8 × int16
+ *     products (VNNI's vpdpwssd: 32 per instruction), scaled once;
+ *   3 int4: codes q ∈ 0…15 with a bf16 scale s and zero z per group of 32 inputs, w = (q − 8)·s + z, against
+ *     activations rounded to int8 per block of 32 (llama.cpp's Q4 × Q8_0: u8 × s8 products, 64 per vpdpbusd),
+ *     Σ_k x·w = Σ_g [s_g·sx_g·Σ_{k∈g} xq·q + (z_g − 8·s_g)·Σ_{k∈g} x]. Rows are padded to a multiple of 128
+ *     inputs (zero codes, scales and activations); in each chunk of 128, byte j holds code j in its low nibble
+ *     and code j + 64 in its high one, so one mask and one shift unpack four groups in order.
  *
- * Weight formats (`wtype`): 0 fp32, 1 bf16, 2 int8 with a scale per output row, 3 int4: two codes per byte (low
- * nibble first) with a bf16-valued scale and zero per group of `group` inputs, w = (q − 8)·scale + zero.
- * Built by gptmini/native.py with the machine's C compiler (-O3 -march=native -fopenmp); plain C where AVX-512 is
- * missing.
+ * Built by gptmini/native.py with the machine's C compiler (-O3 -march=native -fopenmp); plain C loops where
+ * AVX-512 is missing (same sums for the integer formats, fp32 sums in another order for the float ones).
  */
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -23,10 +30,11 @@
 #include <immintrin.h>
 #endif
 
-#ifndef UNROLL
-#define UNROLL 2 /* independent sums per dot product: 2 streams fastest here (Zen 4), 4 and 8 slower */
-#endif
-#define XROWS 4 /* activation rows per pass over a block */
+#define XROWS 4  /* activation rows per pass over a weight row */
+#define UNROLL 2 /* independent sums per float dot product: 2 fastest here (Zen 4), 4 and 8 slower */
+#define GROUP 32 /* int4 inputs per scale and zero */
+#define XQ_MAX 16383.0f /* int16 activations: room for K up to 2^31 / (2·127·16383)·32 ≈ 16,500 inputs */
+#define INLINE static inline __attribute__((always_inline))
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -35,57 +43,18 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-/* One weight element as fp32 (int8: before the row scale). */
-static inline __attribute__((always_inline)) float weight_at(const void *W, int wtype, int64_t n, int64_t k, int64_t K, const float *sz, int64_t group) {
-    switch (wtype) {
-    case 0: return ((const float *)W)[n * K + k];
-    case 1: return bf16_to_f32(((const uint16_t *)W)[n * K + k]);
-    case 2: return (float)((const int8_t *)W)[n * K + k];
-    default: {
-        uint8_t byte = ((const uint8_t *)W)[(n * K + k) >> 1];
-        int q = (k & 1) ? (byte >> 4) : (byte & 15);
-        const float *g = sz + 2 * (n * (K / group) + k / group);
-        return (float)(q - 8) * g[0] + g[1];
-    }
-    }
-}
+/* ---- fp32 / bf16 weights ------------------------------------------------------------------------------------ */
 
 #ifdef __AVX512F__
-/* 16 weights W[n, k .. k+16) as fp32 (masked at the tail; int4: k is a multiple of 16 and of the group's start). */
-static inline __attribute__((always_inline)) __m512 load16(const void *W, int wtype, int64_t n, int64_t k, int64_t K, __mmask16 mask, const float *sz, int64_t group) {
-    switch (wtype) {
-    case 0: return _mm512_maskz_loadu_ps(mask, (const float *)W + n * K + k);
-    case 1: {
-        __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)W + n * K + k);
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    }
-    case 2: {
-        __m128i b = _mm_maskz_loadu_epi8(mask, (const int8_t *)W + n * K + k);
-        return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-    }
-    default: {
-        /* 8 bytes → 16 codes: byte j holds codes 2j (low) and 2j+1 (high) */
-        __m128i b = _mm_loadl_epi64((const __m128i *)((const uint8_t *)W + ((n * K + k) >> 1)));
-        __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15));
-        __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
-        __m128i codes = _mm_unpacklo_epi8(lo, hi);
-        __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(codes), _mm512_set1_epi32(8)));
-        const float *g = sz + 2 * (n * (K / group) + k / group);
-        return _mm512_fmadd_ps(q, _mm512_set1_ps(g[0]), _mm512_set1_ps(g[1]));
-    }
-    }
+/* 16 weights of a row from k on, as fp32 (masked at the row's end) */
+INLINE __m512 load16(const void *row, int wtype, int64_t k, __mmask16 mask) {
+    if (wtype == 0) return _mm512_maskz_loadu_ps(mask, (const float *)row + k);
+    __m256i h = _mm256_maskz_loadu_epi16(mask, (const uint16_t *)row + k);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-#endif
 
-#define WBYTES(t) ((t) == 0 ? 4 : (t) == 1 ? 2 : 1) /* bytes per weight (int4: per two) */
-#define INLINE static inline __attribute__((always_inline))
-
-/* acc[m] = Σ_k x[m, k]·W[n, k] for m < XR: inlined with constant wtype and XR, so each format and row count gets
- * its own straight-line loop. One weight row at a time is one sequential stream (several interleaved rows read
- * 1.5–2× slower here), and UNROLL independent sums along k hide the FMA latency. */
-#ifdef __AVX512F__
-INLINE void dot_row(const float *x, int XR, int64_t mr, int64_t K, const void *W, int wtype, int64_t n,
-                    const float *sz, int64_t group, float acc[XROWS]) {
+/* acc[m] = Σ_k x[m, k]·row[k] for m < XR (constant after inlining: each row count gets its own loop) */
+INLINE void dot_row(const float *x, int XR, int64_t mr, int64_t K, const void *row, int wtype, float acc[XROWS]) {
     __m512 a[UNROLL][XROWS];
     for (int u = 0; u < UNROLL; u++)
         for (int m = 0; m < XR; m++) a[u][m] = _mm512_setzero_ps();
@@ -94,12 +63,12 @@ INLINE void dot_row(const float *x, int XR, int64_t mr, int64_t K, const void *W
     int64_t k = 0;
     for (; k + 16 * UNROLL <= K; k += 16 * UNROLL)
         for (int u = 0; u < UNROLL; u++) {
-            __m512 w = load16(W, wtype, n, k + 16 * u, K, (__mmask16)0xFFFF, sz, group);
+            __m512 w = load16(row, wtype, k + 16 * u, (__mmask16)0xFFFF);
             for (int m = 0; m < XR; m++) a[u][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(xs[m] + k + 16 * u), a[u][m]);
         }
     for (; k < K; k += 16) {
         __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-        __m512 w = load16(W, wtype, n, k, K, mask, sz, group);
+        __m512 w = load16(row, wtype, k, mask);
         for (int m = 0; m < XR; m++) a[0][m] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask, xs[m] + k), a[0][m]);
     }
     for (int m = 0; m < XR; m++) {
@@ -109,48 +78,50 @@ INLINE void dot_row(const float *x, int XR, int64_t mr, int64_t K, const void *W
     }
 }
 #else
-INLINE void dot_row(const float *x, int XR, int64_t mr, int64_t K, const void *W, int wtype, int64_t n,
-                    const float *sz, int64_t group, float acc[XROWS]) {
+INLINE void dot_row(const float *x, int XR, int64_t mr, int64_t K, const void *row, int wtype, float acc[XROWS]) {
     for (int m = 0; m < XR; m++) {
-        float s = 0.0f;
         const float *xm = x + (m < mr ? m : 0) * K;
-        for (int64_t k = 0; k < K; k++) s += xm[k] * weight_at(W, wtype, n, k, K, sz, group);
+        float s = 0.0f;
+        for (int64_t k = 0; k < K; k++)
+            s += xm[k] * (wtype == 0 ? ((const float *)row)[k] : bf16_to_f32(((const uint16_t *)row)[k]));
         acc[m] = s;
     }
 }
 #endif
 
-/* One output value: the row scale (int8), then the bias. */
-INLINE void store(float *y, int64_t ldy, int64_t m, int64_t n, float v, int wtype, const float *scale,
-                  const float *bias) {
-    if (wtype == 2) v *= scale[n];
-    if (bias) v += bias[n];
-    y[m * ldy + n] = v;
-}
-
-INLINE void linear_impl(const float *x, int64_t M, int64_t K, const void *W, int wtype, int64_t N,
-                        const float *scale, const float *bias, float *y, int64_t ldy, int64_t group, int threads) {
+INLINE void linear_float(const float *x, int64_t M, int64_t K, const void *W, int wtype, int64_t N,
+                         const float *bias, float *y, int64_t ldy, int threads) {
+    const size_t row_bytes = (size_t)K * (wtype == 0 ? 4 : 2);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N > 1)
     for (int64_t n = 0; n < N; n++) {
+        const void *row = (const char *)W + n * row_bytes;
         float acc[XROWS];
         for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
             int64_t mr = M - m0 < XROWS ? M - m0 : XROWS;
             if (mr == 1)
-                dot_row(x + m0 * K, 1, 1, K, W, wtype, n, scale, group, acc);
+                dot_row(x + m0 * K, 1, 1, K, row, wtype, acc);
             else
-                dot_row(x + m0 * K, XROWS, mr, K, W, wtype, n, scale, group, acc);
-            for (int64_t m = 0; m < mr; m++) store(y, ldy, m0 + m, n, acc[m], wtype, scale, bias);
+                dot_row(x + m0 * K, XROWS, mr, K, row, wtype, acc);
+            for (int64_t m = 0; m < mr; m++) y[(m0 + m) * ldy + n] = acc[m] + (bias ? bias[n] : 0.0f);
         }
     }
 }
 
-/* int8 weights: each activation row is rounded to 16-bit integers against its own max (|x|/sx ≤ 16383, a relative
- * step of 6e-5 of the row's largest value), and each dot product is an exact int32 sum of int8 × int16 products
- * (VNNI's vpdpwssd: 32 per instruction, against 16 for widening to fp32), scaled once at the end. 16383 leaves
- * room for K up to 2^31 / (2·127·16383) · 32 ≈ 16,500 inputs without overflow. */
-#define XQ_MAX 16383.0f
+/* ---- int8 / int4 weights against 16-bit activations ----------------------------------------------------------- */
+
+/* Row m of x as int16 (xq) with its step sx[m]: x ≈ sx·xq. */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *xq, float *sx) {
+    for (int64_t m = 0; m < M; m++) {
+        float top = 0.0f;
+        for (int64_t k = 0; k < K; k++) top = fmaxf(top, fabsf(x[m * K + k]));
+        sx[m] = top > 0.0f ? top / XQ_MAX : 1.0f;
+        float inv = 1.0f / sx[m];
+        for (int64_t k = 0; k < K; k++) xq[m * K + k] = (int16_t)lrintf(x[m * K + k] * inv);
+    }
+}
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+#define INT_KERNELS 1
 INLINE __m512i madd16(__m512i acc, __m512i w, __m512i x) {
 #ifdef __AVX512VNNI__
     return _mm512_dpwssd_epi32(acc, w, x);
@@ -159,14 +130,24 @@ INLINE __m512i madd16(__m512i acc, __m512i w, __m512i x) {
 #endif
 }
 
-INLINE void dot_row_i8(const int16_t *xq, int XR, int64_t mr, int64_t K, const int8_t *W, int64_t n,
-                       int32_t acc[XROWS]) {
+/* acc + Σ of each 4 adjacent u8 × s8 products, per int32 lane */
+INLINE __m512i dot4(__m512i acc, __m512i u, __m512i v) {
+#ifdef __AVX512VNNI__
+    return _mm512_dpbusd_epi32(acc, u, v);
+#else /* no saturation: |15·127·2| < 32767 */
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, v), _mm512_set1_epi16(1)));
+#endif
+}
+#endif
+
+/* int8: acc[m] = Σ_k xq[m, k]·row[k], exactly */
+INLINE void dot_row_i8(const int16_t *xq, int XR, int64_t mr, int64_t K, const int8_t *row, int32_t acc[XROWS]) {
+    const int16_t *xs[XROWS];
+    for (int m = 0; m < XR; m++) xs[m] = xq + (m < mr ? m : 0) * K;
+#ifdef INT_KERNELS
     __m512i a[UNROLL][XROWS];
     for (int u = 0; u < UNROLL; u++)
         for (int m = 0; m < XR; m++) a[u][m] = _mm512_setzero_si512();
-    const int16_t *xs[XROWS];
-    for (int m = 0; m < XR; m++) xs[m] = xq + (m < mr ? m : 0) * K;
-    const int8_t *row = W + n * K;
     int64_t k = 0;
     for (; k + 32 * UNROLL <= K; k += 32 * UNROLL)
         for (int u = 0; u < UNROLL; u++) {
@@ -184,39 +165,139 @@ INLINE void dot_row_i8(const int16_t *xq, int XR, int64_t mr, int64_t K, const i
         for (int u = 1; u < UNROLL; u++) t = _mm512_add_epi32(t, a[u][m]);
         acc[m] = _mm512_reduce_add_epi32(t);
     }
-}
 #else
-INLINE void dot_row_i8(const int16_t *xq, int XR, int64_t mr, int64_t K, const int8_t *W, int64_t n,
-                       int32_t acc[XROWS]) {
     for (int m = 0; m < XR; m++) {
-        const int16_t *xm = xq + (m < mr ? m : 0) * K;
         int32_t s = 0;
-        for (int64_t k = 0; k < K; k++) s += (int32_t)xm[k] * W[n * K + k];
+        for (int64_t k = 0; k < K; k++) s += (int32_t)xs[m][k] * row[k];
         acc[m] = s;
     }
-}
 #endif
+}
+
+/* int4 against 8-bit activations: acc[m] = Σ_g s_g·sxb[m, g]·Σ_{k∈g} xq8[m, k]·q_k + Σ_g (z_g − 8·s_g)·xsum[m, g]
+ * over the row's Kp/32 groups (K rounded up to 128; the padding holds zero codes, scales and activations). */
+INLINE void dot_row_i4(const int8_t *x8, const float *sxb, const float *xsum, int XR, int64_t mr, int64_t Kp,
+                       const uint8_t *codes, const uint16_t *s, const uint16_t *z, float acc[XROWS]) {
+    const int64_t Gp = Kp / GROUP;
+    const int8_t *xs[XROWS];
+    const float *sb[XROWS], *xt[XROWS];
+    for (int m = 0; m < XR; m++) {
+        int64_t r = m < mr ? m : 0;
+        xs[m] = x8 + r * Kp, sb[m] = sxb + r * Gp, xt[m] = xsum + r * Gp;
+    }
+#ifdef INT_KERNELS
+    __m512 f0[XROWS], f1[XROWS], fz[XROWS];
+    for (int m = 0; m < XR; m++) f0[m] = f1[m] = fz[m] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(15);
+    for (int64_t gb = 0; gb < Gp; gb += 16) { /* 16 groups: their scales and zeros in one vector each */
+        int64_t ng = Gp - gb < 16 ? Gp - gb : 16;
+        __mmask16 gm = (__mmask16)((1u << ng) - 1);
+        __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(gm, s + gb)), 16));
+        __m512 zv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(gm, z + gb)), 16));
+        __m512 cv = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sv, zv);
+        __m512 svm[XROWS];
+        for (int m = 0; m < XR; m++) {
+            fz[m] = _mm512_fmadd_ps(cv, _mm512_maskz_loadu_ps(gm, xt[m] + gb), fz[m]);
+            svm[m] = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(gm, sb[m] + gb));
+        }
+        for (int64_t c = 0; c < ng / 4; c++) { /* chunks of 128 inputs = 4 groups */
+            int64_t k = (gb + 4 * c) * GROUP;
+            __m512i b = _mm512_loadu_si512((const void *)(codes + k / 2));
+            __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+            /* lanes 0–7 sum group 4c's products, lanes 8–15 group 4c+1's (4c+2, 4c+3 for hi) */
+            __m512i i01 = _mm512_add_epi32(_mm512_set1_epi32(4 * (int)c), _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0));
+            __m512i i23 = _mm512_add_epi32(i01, _mm512_set1_epi32(2));
+            for (int m = 0; m < XR; m++) {
+                __m512i p0 = dot4(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)(xs[m] + k)));
+                __m512i p1 = dot4(_mm512_setzero_si512(), hi, _mm512_loadu_si512((const void *)(xs[m] + k + 64)));
+                f0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(i01, svm[m]), f0[m]);
+                f1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(i23, svm[m]), f1[m]);
+            }
+        }
+    }
+    for (int m = 0; m < XR; m++) acc[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(f0[m], f1[m]), fz[m]));
+#else
+    for (int m = 0; m < XR; m++) {
+        float total = 0.0f;
+        for (int64_t g = 0; g < Gp; g++) {
+            int64_t k0 = g * GROUP, c0 = k0 / 128 * 128;
+            int32_t sum = 0;
+            for (int64_t k = k0; k < k0 + GROUP; k++) {
+                int64_t j = k - c0;
+                uint8_t byte = codes[c0 / 2 + (j % 64)];
+                sum += (int32_t)xs[m][k] * (j < 64 ? (byte & 15) : (byte >> 4));
+            }
+            float sg = bf16_to_f32(s[g]), zg = bf16_to_f32(z[g]);
+            total += sg * sb[m][g] * (float)sum + (zg - 8.0f * sg) * xt[m][g];
+        }
+        acc[m] = total;
+    }
+#endif
+}
+
+/* int4's activations: each block of 32 inputs as int8 against its own largest value (llama.cpp's Q8_0), with the
+ * block's step sxb and its sum in real units xsum = sxb·Σ xq8; rows padded with zeros to Kp. */
+static void quantize_blocks(const float *x, int64_t M, int64_t K, int64_t Kp, int8_t *x8, float *sxb, float *xsum) {
+    int64_t Gp = Kp / GROUP;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < Gp; g++) {
+            int8_t *q = x8 + m * Kp + g * GROUP;
+            if (g * GROUP >= K) {
+                memset(q, 0, GROUP);
+                sxb[m * Gp + g] = xsum[m * Gp + g] = 0.0f;
+                continue;
+            }
+            const float *v = x + m * K + g * GROUP;
+            float top = 0.0f;
+            for (int i = 0; i < GROUP; i++) top = fmaxf(top, fabsf(v[i]));
+            float step = top > 0.0f ? top / 127.0f : 1.0f, inv = 1.0f / step;
+            int32_t t = 0;
+            for (int i = 0; i < GROUP; i++) t += q[i] = (int8_t)lrintf(v[i] * inv);
+            sxb[m * Gp + g] = step;
+            xsum[m * Gp + g] = step * (float)t;
+        }
+}
+
+static void linear_i4(const float *x, int64_t M, int64_t K, const uint8_t *W, int64_t N, const uint16_t *scale,
+                      const uint16_t *zero, const float *bias, float *y, int64_t ldy, int threads) {
+    const int64_t Kp = (K + 127) / 128 * 128, Gp = Kp / GROUP;
+    int8_t *x8 = aligned_alloc(64, (size_t)(M * Kp));
+    float *sxb = malloc((size_t)(M * Gp) * sizeof *sxb), *xsum = malloc((size_t)(M * Gp) * sizeof *xsum);
+    quantize_blocks(x, M, K, Kp, x8, sxb, xsum);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N > 1)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *codes = W + n * (Kp / 2);
+        const uint16_t *s = scale + n * Gp, *z = zero + n * Gp;
+        for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
+            int64_t mr = M - m0 < XROWS ? M - m0 : XROWS;
+            float out[XROWS];
+            if (mr == 1)
+                dot_row_i4(x8 + m0 * Kp, sxb + m0 * Gp, xsum + m0 * Gp, 1, 1, Kp, codes, s, z, out);
+            else
+                dot_row_i4(x8 + m0 * Kp, sxb + m0 * Gp, xsum + m0 * Gp, XROWS, mr, Kp, codes, s, z, out);
+            for (int64_t m = 0; m < mr; m++) y[(m0 + m) * ldy + n] = out[m] + (bias ? bias[n] : 0.0f);
+        }
+    }
+    free(x8);
+    free(sxb);
+    free(xsum);
+}
 
 static void linear_i8(const float *x, int64_t M, int64_t K, const int8_t *W, int64_t N, const float *scale,
                       const float *bias, float *y, int64_t ldy, int threads) {
-    int16_t *xq = malloc((size_t)(M * K + 32) * sizeof *xq);
+    int16_t *xq = aligned_alloc(64, ((size_t)(M * K) * sizeof(int16_t) + 63) / 64 * 64);
     float *sx = malloc((size_t)M * sizeof *sx);
-    for (int64_t m = 0; m < M; m++) {
-        float top = 0.0f;
-        for (int64_t k = 0; k < K; k++) top = fmaxf(top, fabsf(x[m * K + k]));
-        sx[m] = top > 0.0f ? top / XQ_MAX : 1.0f;
-        float inv = 1.0f / sx[m];
-        for (int64_t k = 0; k < K; k++) xq[m * K + k] = (int16_t)lrintf(x[m * K + k] * inv);
-    }
+    quantize_rows(x, M, K, xq, sx);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N > 1)
     for (int64_t n = 0; n < N; n++) {
-        int32_t acc[XROWS];
+        const int8_t *row = W + n * K;
         for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
             int64_t mr = M - m0 < XROWS ? M - m0 : XROWS;
+            int32_t acc[XROWS];
             if (mr == 1)
-                dot_row_i8(xq + m0 * K, 1, 1, K, W, n, acc);
+                dot_row_i8(xq + m0 * K, 1, 1, K, row, acc);
             else
-                dot_row_i8(xq + m0 * K, XROWS, mr, K, W, n, acc);
+                dot_row_i8(xq + m0 * K, XROWS, mr, K, row, acc);
             for (int64_t m = 0; m < mr; m++)
                 y[(m0 + m) * ldy + n] = (float)acc[m] * (sx[m0 + m] * scale[n]) + (bias ? bias[n] : 0.0f);
         }
@@ -225,15 +306,15 @@ static void linear_i8(const float *x, int64_t M, int64_t K, const int8_t *W, int
     free(sx);
 }
 
-/* y [M, ldy] (row m's outputs at y + m·ldy) = x [M, K] · Wᵀ (W [N, K] in format wtype), times scale[n]
- * (int8), plus bias[n] (may be NULL). int4: `scale` holds the [N, K/group, 2] scales and zeros. */
-void gm_linear(const float *x, int64_t M, int64_t K, const void *W, int wtype, int64_t N, const float *scale,
-               const float *bias, float *y, int64_t ldy, int64_t group, int threads) {
+/* y [M, ldy] (row m's outputs at y + m·ldy) = x [M, K] · Wᵀ (W [N, K] in format wtype) + bias (may be NULL).
+ * int8: `scale` holds the fp32 row scales; int4: `scale` and `zero` the bf16 [N, K/32] scales and zeros. */
+void gm_linear(const float *x, int64_t M, int64_t K, const void *W, int wtype, int64_t N, const void *scale,
+               const void *zero, const float *bias, float *y, int64_t ldy, int threads) {
     switch (wtype) {
-    case 0: linear_impl(x, M, K, W, 0, N, scale, bias, y, ldy, group, threads); break;
-    case 1: linear_impl(x, M, K, W, 1, N, scale, bias, y, ldy, group, threads); break;
-    case 2: linear_i8(x, M, K, (const int8_t *)W, N, scale, bias, y, ldy, threads); break;
-    default: linear_impl(x, M, K, W, 3, N, scale, bias, y, ldy, group, threads); break;
+    case 0: linear_float(x, M, K, W, 0, N, bias, y, ldy, threads); break;
+    case 1: linear_float(x, M, K, W, 1, N, bias, y, ldy, threads); break;
+    case 2: linear_i8(x, M, K, (const int8_t *)W, N, (const float *)scale, bias, y, ldy, threads); break;
+    default: linear_i4(x, M, K, (const uint8_t *)W, N, (const uint16_t *)scale, (const uint16_t *)zero, bias, y, ldy, threads); break;
     }
 }
 
@@ -248,12 +329,11 @@ int gm_vectorized(void) {
 
 /* ---- one whole decode step (batch 1, one token), for models whose every linear is in a format above ---------- */
 
-#include <math.h>
-
 typedef struct {
     const void *w; /* [n_out, n_in] in format wtype */
     int64_t wtype, n_out, n_in;
-    const float *scale, *bias; /* int8 row scales; bias: either may be NULL */
+    const void *scale, *zero; /* int8 / int4 scales, int4 zeros (see gm_linear), else NULL */
+    const float *bias;        /* or NULL */
 } GmLinear;
 
 typedef struct {
@@ -273,6 +353,10 @@ typedef struct {
     GmLinear head;
     const GmLayer *layers;
 } GmModel;
+
+static void apply_linear(const GmLinear *l, const float *x, int64_t T, float *y, int threads) {
+    gm_linear(x, T, l->n_in, l->w, (int)l->wtype, l->n_out, l->scale, l->zero, l->bias, y, l->n_out, threads);
+}
 
 static void layer_norm(const float *x, int64_t n, const float *w, const float *b, double eps, float *out) {
     double mean = 0, var = 0;
@@ -332,8 +416,7 @@ void gm_decode(const GmModel *m, const int64_t *tokens, int64_t T, int64_t pos, 
     for (int64_t layer = 0; layer < m->n_layer; layer++) {
         const GmLayer *ly = &m->layers[layer];
         for (int64_t j = 0; j < T; j++) layer_norm(x + j * C, C, ly->ln1_w, ly->ln1_b, m->eps, h + j * C);
-        gm_linear(h, T, C, ly->attn.w, (int)ly->attn.wtype, 3 * C, ly->attn.scale, ly->attn.bias, qkv, 3 * C, 0,
-                  threads);
+        apply_linear(&ly->attn, h, T, qkv, threads);
         for (int64_t j = 0; j < T; j++) {
             float *q = qkv + j * 3 * C, *k = q + C, *v = q + 2 * C;
             const float *cos_ = m->rope ? m->rope + (pos + j) * D : NULL;
@@ -380,11 +463,10 @@ void gm_decode(const GmModel *m, const int64_t *tokens, int64_t T, int64_t pos, 
                 }
             }
         }
-        gm_linear(att, T, C, ly->attn_proj.w, (int)ly->attn_proj.wtype, C, ly->attn_proj.scale, ly->attn_proj.bias,
-                  h, C, 0, threads);
+        apply_linear(&ly->attn_proj, att, T, h, threads);
         for (int64_t i = 0; i < T * C; i++) x[i] += h[i];
         for (int64_t j = 0; j < T; j++) layer_norm(x + j * C, C, ly->ln2_w, ly->ln2_b, m->eps, h + j * C);
-        gm_linear(h, T, C, ly->fc.w, (int)ly->fc.wtype, 4 * C, ly->fc.scale, ly->fc.bias, ff, 4 * C, 0, threads);
+        apply_linear(&ly->fc, h, T, ff, threads);
         for (int64_t i = 0; i < 4 * T * C; i++) {
             float a = ff[i];
             if (m->relu2) {
@@ -394,10 +476,9 @@ void gm_decode(const GmModel *m, const int64_t *tokens, int64_t T, int64_t pos, 
                 ff[i] = 0.5f * a * (1.0f + tanhf(0.7978845608028654f * (a + 0.044715f * a * a * a)));
             }
         }
-        gm_linear(ff, T, 4 * C, ly->proj.w, (int)ly->proj.wtype, C, ly->proj.scale, ly->proj.bias, h, C, 0, threads);
+        apply_linear(&ly->proj, ff, T, h, threads);
         for (int64_t i = 0; i < T * C; i++) x[i] += h[i];
     }
     for (int64_t j = 0; j < T; j++) layer_norm(x + j * C, C, m->lnf_w, m->lnf_b, m->eps, h + j * C);
-    gm_linear(h, T, C, m->head.w, (int)m->head.wtype, m->head.n_out, m->head.scale, m->head.bias, logits,
-              m->head.n_out, 0, threads);
+    apply_linear(&m->head, h, T, logits, threads);
 }

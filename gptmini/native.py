@@ -1,12 +1,13 @@
 """The CPU kernels of `native.c`, built on first use with the machine's C compiler and loaded through ctypes.
 
 Decoding reads every weight once per token. PyTorch's own few-row products (`F.linear`, oneDNN's packed linear,
-fbgemm's int8) read them well below the memory's speed on one or two rows; `native.c` streams them, in fp32, bf16,
-int8 and int4, with fp32 sums.
+fbgemm's int8, ATen's int4) read them well below the memory's speed on one or two rows; `native.c` streams them, in
+fp32, bf16 (fp32 sums against fp32 activations), int8 and int4 (exact integer sums against 16-bit activations), and
+runs a whole batch-1 decode step in one call (`DecodeStep`).
 
 The library is compiled once per source and machine (`cc -O3 -march=native -fopenmp`, about a second) into
 `$XDG_CACHE_HOME/gptmini/native/` (default `~/.cache`) and reused. Without a compiler — or with `GPTMINI_NATIVE=0` —
-`library()` is None and callers keep PyTorch's kernels: the results differ only in rounding.
+`library()` is None and callers keep PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from functools import cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("native.c")
 WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 INT8, INT4 = 2, 3
+INT4_GROUP = 32  # inputs per int4 scale and zero in native.c
 MAX_ROWS = (
     16  # up to this many activation rows use the kernels; more (a prefill) are matmul-bound: BLAS does them
 )
@@ -53,13 +56,13 @@ def _cpu_signature() -> str:
         return platform.processor() + platform.machine()
 
 
-def build(compiler: str, target: Path) -> None:
+def build(compiler: str, target: Path, march: str = "native") -> None:
     """Compile `native.c` into `target`, atomically (a temporary file renamed into place)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+        flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
         subprocess.run(
             [compiler, *flags, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True, timeout=120
         )
@@ -82,13 +85,18 @@ def library() -> ctypes.CDLL | None:
     try:
         if not target.exists():
             build(compiler, target)
-        lib = ctypes.CDLL(str(target))
+        return load(target)
     except (OSError, subprocess.SubprocessError):
         return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.gm_linear.argtypes = [p, i64, i64, p, ctypes.c_int, i64, p, p, p, i64, i64, ctypes.c_int]
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built library with its functions' signatures declared."""
+    lib = ctypes.CDLL(str(path))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.gm_linear.argtypes = [p, i64, i64, p, i32, i64, p, p, p, p, i64, i32]
     lib.gm_linear.restype = None
-    lib.gm_decode.argtypes = [p, p, i64, i64, p, p, ctypes.c_int]
+    lib.gm_decode.argtypes = [p, p, i64, i64, p, p, i32]
     lib.gm_decode.restype = None
     return lib
 
@@ -109,13 +117,14 @@ def linear(
     out_features: int,
     bias: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
-    group: int = 0,
+    zero: torch.Tensor | None = None,
+    lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
     """`x [..., K]` (fp32) times the stored weight: fp32 `[..., out_features]`. All tensors contiguous, on the CPU.
 
-    `scale` is int8's fp32 scale per output row, or int4's `[N, K/group, 2]` fp32 scales and zeros.
+    int8: `scale` holds the fp32 scale of each output row. int4: `weight`, `scale` and `zero` are `pack_int4`'s.
     """
-    lib = library()
+    lib = lib or library()
     rows = x.reshape(-1, x.shape[-1])
     if not rows.is_contiguous():
         rows = rows.contiguous()
@@ -128,13 +137,31 @@ def linear(
         wtype,
         out_features,
         _ptr(scale),
+        _ptr(zero),
         _ptr(bias),
         y.data_ptr(),
         out_features,
-        group,
         torch.get_num_threads(),
     )
     return y.view(*x.shape[:-1], out_features)
+
+
+def pack_int4(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes `q` (uint8 0…15, `[N, K]`, K a multiple of 32) and their per-32 scales and zeros (`[N, K/32]`) in
+    `native.c`'s int4 layout: rows padded with zeros to a multiple of 128 inputs, two codes per byte (in each chunk of
+    128, byte j holds code j in its low nibble and code j + 64 in its high one), scales and zeros as bf16."""
+    n, k = q.shape
+    kp = -(-k // 128) * 128
+    chunks = F.pad(q, (0, kp - k)).reshape(n, kp // 128, 2, 64)
+    codes = (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()
+    pad = (0, (kp - k) // INT4_GROUP)
+    return (
+        codes,
+        F.pad(scale.float(), pad).bfloat16().contiguous(),
+        F.pad(zero.float(), pad).bfloat16().contiguous(),
+    )
 
 
 # ---- the whole decode step ------------------------------------------------------------------------------------
@@ -147,6 +174,7 @@ class _Linear(ctypes.Structure):
         ("n_out", ctypes.c_int64),
         ("n_in", ctypes.c_int64),
         ("scale", ctypes.c_void_p),
+        ("zero", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
     ]
 
@@ -174,14 +202,18 @@ class _Model(ctypes.Structure):
     ]
 
 
-def _weights_of(module: torch.nn.Module) -> tuple[torch.Tensor, int, torch.Tensor | None] | None:
-    """(weight, format, int8 row scales) of a linear the C step can run, else None."""
-    from gptmini.quantize import Int8Linear, NativeLinear
+def _weights_of(
+    module: torch.nn.Module,
+) -> tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None] | None:
+    """(weight, format, scales, zeros) of a linear the C step can run, else None."""
+    from gptmini.quantize import Int4Linear, Int8Linear, NativeLinear
 
     if isinstance(module, Int8Linear):
-        return (module.qweight, INT8, module.scale) if module._native else None
+        return (module.qweight, INT8, module.scale, None) if module._native else None
+    if isinstance(module, Int4Linear):
+        return (module.codes, INT4, module.scales, module.zeros) if module._native else None
     if isinstance(module, (NativeLinear, torch.nn.Linear)) and module.weight.dtype in WEIGHT_TYPES:
-        return module.weight, WEIGHT_TYPES[module.weight.dtype], None
+        return module.weight, WEIGHT_TYPES[module.weight.dtype], None, None
     return None
 
 
@@ -192,7 +224,7 @@ class DecodeStep:
     Python and ~30 ATen calls per layer cost more than a small model's arithmetic (the default model's step was 2 ms
     for 6 MFLOP); here a step is the weight reads and a few loops. Everything is in fp32 (bf16 weights and caches
     are widened), so a bf16 model's step rounds less often than its PyTorch twin. Build one with `DecodeStep.for_model`,
-    which returns None where the step does not apply (no kernels, a GPU, batch > 1, int4 linears).
+    which returns None where the step does not apply (no kernels, a GPU, batch > 1, a linear in another format).
     """
 
     def __init__(self, model: torch.nn.Module, cache) -> None:
@@ -201,10 +233,17 @@ class DecodeStep:
         f32 = lambda t: None if t is None else self._hold(t.detach().float().contiguous())  # noqa: E731
 
         def lin(module: torch.nn.Module) -> _Linear:
-            w, wtype, scale = _weights_of(module)
+            w, wtype, scale, zero = _weights_of(module)
             bias = getattr(module, "bias", None)
+            hold = lambda t: None if t is None else self._hold(t)  # noqa: E731
             return _Linear(
-                self._hold(w), wtype, module.out_features, module.in_features, f32(scale), f32(bias)
+                self._hold(w),
+                wtype,
+                module.out_features,
+                module.in_features,
+                hold(scale),
+                hold(zero),
+                f32(bias),
             )
 
         layers = (_Layer * c.n_layer)()

@@ -15,11 +15,12 @@ weight bytes read per token divided by the memory bandwidth. Ways to read fewer 
   attention stay in floating point.
 * `quantize_int4`: every linear and the LM head as 4-bit codes with an asymmetric scale and zero per group of
   `INT4_GROUP_SIZE` inputs (`w ≈ (q − 8)·scale + zero`, q ∈ 0…15, as gpt-fast's int4 and llama.cpp's Q4_1), ⅛ of
-  the fp32 bytes plus 4 bytes of bf16 scale and zero per group. The matmul is ATen's CPU int4 kernel
-  (`_weight_int4pack_mm_for_cpu`, gpt-fast's and torchao's CPU path): it is vectorised for bf16 activations only
-  (fp32 ones take a scalar loop, ~25× slower), so each linear rounds its input to bf16 and returns fp32; it
-  accumulates in fp32. A linear the kernel cannot take (outputs not a multiple of 16, inputs not a multiple of the
-  group) stays int8.
+  the fp32 bytes plus 4 bytes of bf16 scale and zero per group. With the native kernels the activations are
+  rounded to int8 per block of 32 (llama.cpp's Q8_0) and multiplied exactly (u8 × s8 VNNI products), for every
+  row count. Without them it is ATen's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, gpt-fast's and torchao's
+  CPU path), vectorised for bf16 activations only (fp32 ones take a scalar loop, ~25× slower), so each linear
+  rounds its input to bf16 and returns fp32. A linear neither takes (outputs not a multiple of 16, inputs not a
+  multiple of the group) stays int8.
 
 All swap `nn.Linear` modules in place for inference only (the model can no longer be trained or saved); the tied
 LM head keeps pointing at the embedding matrix as `.weight`, so code that asks for the model's dtype still works.
@@ -52,17 +53,18 @@ def check_quantize(name: str | None, device: torch.device) -> str | None:
         raise UserError(
             f"--quantize {name} is for CPU decoding; add --device cpu (or use --dtype bfloat16 on a GPU)"
         )
-    if name == "int4" and not int4_supported():
+    if name == "int4" and not (native.available() or int4_supported()):
         raise UserError(
             "--quantize int4 needs PyTorch's CPU int4 kernel (torch >= 2.5), which this build lacks"
         )
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
+    if not native.available() and "fbgemm" not in torch.backends.quantized.supported_engines:
         raise UserError(f"--quantize {name} needs PyTorch's fbgemm kernels (x86-64), which this build lacks")
     return name
 
 
 class Int8Linear(nn.Module):
-    """`y = x·Wᵀ + b` with W stored as per-row int8 and multiplied by fbgemm's dynamic int8 kernel."""
+    """`y = x·Wᵀ + b` with W stored as per-row int8, multiplied by the native kernel (16-bit activations) or, where
+    it cannot be built, fbgemm's dynamic int8 kernel (8-bit activations)."""
 
     def __init__(self, linear: nn.Linear, *, keep_weight: bool = False) -> None:
         super().__init__()
@@ -71,19 +73,19 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
         bias = None if linear.bias is None else linear.bias.detach().float()
-        # Quantized tensors are deprecated in favour of torchao, but still shipped and the fastest CPU int8 path.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            qweight = torch.quantize_per_channel(
-                w, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8
-            )
-            self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
         self.scale = scale
-        # With the native kernels: the int8 rows themselves, multiplied in fp32 against unrounded activations.
         self._native = native.available()
-        if self._native:
+        if self._native:  # the int8 rows themselves
             self.qweight = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8).contiguous()
             self.bias = bias
+        else:
+            # Quantized tensors are deprecated in favour of torchao, but still shipped: the fastest PyTorch int8.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                qweight = torch.quantize_per_channel(
+                    w, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8
+                )
+                self._packed = torch.ops.quantized.linear_prepack(qweight, bias)
         # Without VNNI, fbgemm multiplies u8 × s8 pairs with an int16 sum that saturates (255·127·2 > 32767): the
         # activations must then be quantised to 7 bits (PyTorch's `reduce_range`), or the logits go visibly wrong.
         self.reduce_range = not _has_vnni()
@@ -159,14 +161,33 @@ class Int4Linear(nn.Module):
         self.group_size = group_size
         self.activations = activations
         q, scale, zero = int4_quantize(linear.weight, group_size)
-        self._packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
-        # The kernel's layout: [K/group, N, (scale, zero)].
-        self._scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(activations)
         self.bias = None if linear.bias is None else linear.bias.detach().float()
+        # The native kernel (groups of 32, activations as int8 per block of 32) takes every row count, so a token
+        # decoded alone gets the bits it gets in a prefill; `activations=torch.float32` asks for ATen's exact loop.
+        self._native = (
+            native.available() and group_size == native.INT4_GROUP and activations == torch.bfloat16
+        )
+        if self._native:
+            self.codes, self.scales, self.zeros = native.pack_int4(q, scale, zero)
+        else:
+            self._packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+            # The kernel's layout: [K/group, N, (scale, zero)].
+            self._scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(activations)
         if keep_weight:  # the tied LM head: the embedding lookup keeps the exact matrix
             self.weight = linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native:
+            y = native.linear(
+                x.float(),
+                self.codes,
+                wtype=native.INT4,
+                out_features=self.out_features,
+                scale=self.scales,
+                zero=self.zeros,
+                bias=self.bias,
+            )
+            return y.to(x.dtype)
         rows = x.reshape(-1, self.in_features).to(self.activations)
         y = torch._weight_int4pack_mm_for_cpu(rows, self._packed, self.group_size, self._scale_zero)
         # bf16 product + fp32 bias -> fp32 in one op (type promotion)
