@@ -66,18 +66,27 @@ class NgramIndex:
         return []
 
 
-class Drafter:
-    """One sequence's drafts: up to `k` tokens from its `NgramIndex`, held back after verify passes that keep nothing.
+MAX_PAUSE = 64  # steps without drafting after a run of passes that kept nothing
 
-    After a pass that keeps no draft token, drafting pauses for 1, 2, 4 .. 16 steps (a pass that keeps one resets
-    it): text that does not repeat then pays for few passes. Drafts may depend on the past in any way: verifying
-    keeps the output exact.
+
+class Drafter:
+    """One sequence's drafts: up to `k` tokens from its `NgramIndex`, shortened and held back when passes fail.
+
+    A verify pass of 1 + d tokens costs more than one plain step — on a small model whose weights sit in the
+    cache, about as much as 1 + d steps' arithmetic; on a large one, about one step's weight reads — so drafts must
+    earn their length. After a pass the next draft may be as long as the tokens it kept plus one (twice as long
+    after a pass that kept its whole draft, up to `k`). After a pass that keeps nothing, drafting pauses for 1,
+    2, 4 .. 64 steps; a pass that keeps one token holds the pause where it is, one that keeps two or more ends it.
+    Text that does not repeat then pays for few, short passes.
+    Drafts may depend on the past in any way: verifying keeps the output exact.
     """
 
     def __init__(self, tokens: Iterable[int], k: int) -> None:
         self.index = NgramIndex(tokens)
         self.k = k
+        self._length = k  # the next draft's longest
         self._backoff = self._skip = 0
+        self._drafted = 0
 
     def append(self, token: int) -> None:
         self.index.append(token)
@@ -87,9 +96,18 @@ class Drafter:
         if self._skip:
             self._skip -= 1
             return []
-        return self.index.draft(min(self.k, room))
+        draft = self.index.draft(min(self._length, room))
+        self._drafted = len(draft)
+        return draft
 
     def verified(self, kept: int) -> None:
         """A verify pass kept `kept` of the draft's tokens."""
-        self._backoff = 0 if kept else min(2 * self._backoff or 1, 16)
+        if kept and kept == self._drafted:
+            self._length = min(self.k, 2 * self._length)
+        else:
+            self._length = max(1, kept + 1)
+        if kept >= 2:  # the pass decided three tokens or more: it paid for itself
+            self._backoff = 0
+        elif kept == 0:
+            self._backoff = min(2 * self._backoff or 1, MAX_PAUSE)
         self._skip = self._backoff

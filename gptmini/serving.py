@@ -40,6 +40,7 @@ from gptmini.config import SamplingConfig
 from gptmini.generation import StopMatcher, accept_draft, window_shift
 from gptmini.kv_cache import KVCache
 from gptmini.lookup import Drafter
+from gptmini.native import DecodeStep
 from gptmini.sampling import make_generator, sample_next
 from gptmini.tokenizer import StreamDecoder
 
@@ -176,6 +177,8 @@ class Engine:
         self.max_queue = max_queue
         self.metrics = metrics or EngineMetrics()
         self.cache = KVCache.for_model(self.model, batch_size=parallel)
+        # A lone active row (always row 0: rows stay packed) decodes in one native call, as `gptmini generate` does.
+        self._native_step = DecodeStep.for_model(self.model, self.cache.view(0))
         self.eos_id = self.tokenizer.eot_id
         self._waiting: collections.deque[Handle] = collections.deque()
         self._rows: list[_Row] = []
@@ -363,7 +366,10 @@ class Engine:
         positions = [len(r.window) for r in self._rows]
         tokens = torch.tensor([[r.next_tok] for r in self._rows], dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        logits = self.model.decode_step(tokens, pos, self.cache.view(slice(0, n), max(positions) + 1))
+        if n == 1 and self._native_step is not None:
+            logits = self._native_step(self._rows[0].next_tok, positions[0])
+        else:
+            logits = self.model.decode_step(tokens, pos, self.cache.view(slice(0, n), max(positions) + 1))
         for row in self._rows:
             row.window.append(row.next_tok)
         self._sample_rows(list(self._rows), logits)
@@ -372,8 +378,11 @@ class Engine:
     def _verify(self, index: int, row: _Row, draft: list[int]) -> bool:
         """Feed the row's next token and `draft` in one pass over its cache; take the tokens it decides (the kept
         draft prefix and one token drawn by the model, as `gptmini.generation` does). True when the row is done."""
-        fed = torch.tensor([[row.next_tok, *draft]], dtype=torch.long, device=self.device)
-        logits = self.model(fed, cache=self.cache.view(index), start_pos=len(row.window))[0][0]
+        if index == 0 and self._native_step is not None:
+            logits = self._native_step.forward([row.next_tok, *draft], len(row.window))
+        else:
+            fed = torch.tensor([[row.next_tok, *draft]], dtype=torch.long, device=self.device)
+            logits = self.model(fed, cache=self.cache.view(index), start_pos=len(row.window))[0][0]
         decided = accept_draft(logits, draft, row.req.sampling, row.generator, row.seen)
         row.drafter.verified(len(decided) - 1)
         self.metrics.lookup(len(draft), len(decided) - 1)

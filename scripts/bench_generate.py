@@ -170,13 +170,18 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
             total += sum(p.nbytes for p in module.parameters(recurse=False))  # LayerNorms
             continue
         packed = getattr(module, "_packed", None)
-        if isinstance(packed, torch.Tensor):
+        native_weight = getattr(
+            module, "qweight", getattr(module, "codes", None)
+        )  # the native int8 / int4 rows
+        if native_weight is not None:
+            total += native_weight.nbytes
+        elif isinstance(packed, torch.Tensor):
             total += packed.numel() * packed.element_size()
         elif packed is not None:  # fbgemm's packed int8 matrix
             total += module.in_features * module.out_features
         else:
             total += module.weight.nbytes
-        for name in ("_scale_zero", "scale", "bias"):
+        for name in ("_scale_zero", "scale", "scales", "zeros", "bias"):
             t = getattr(module, name, None)
             if isinstance(t, torch.Tensor):
                 total += t.nbytes

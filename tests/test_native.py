@@ -63,34 +63,41 @@ MODELS = {
 }
 
 
+def prefilled_twice(model, ids, n):
+    """Two caches holding the same first `n` tokens of `ids` (one for PyTorch, one for the C step) and the step."""
+    ref_cache, cache = KVCache.for_model(model), KVCache.for_model(model)
+    model(ids[:, :n], cache=ref_cache)
+    model(ids[:, :n], cache=cache)
+    step = DecodeStep.for_model(model, cache)
+    assert step is not None
+    return ref_cache, cache, step
+
+
 @pytest.mark.parametrize("form", ["fp32", "bf16", "int8", "int4"])
 @pytest.mark.parametrize("name", list(MODELS))
+@torch.no_grad()
 def test_decode_step_equals_the_pytorch_step(name, form):
     model = random_gpt(std=0.2, vocab_size=700, **MODELS[name])
     if form == "bf16":
         model = model.to(torch.bfloat16)
     prepare_for_decoding(model, quantize=form if form in ("int8", "int4") else None)
     ids = torch.randint(0, 700, (1, 50))
-    ref_cache, cache = KVCache.for_model(model), KVCache.for_model(model)
-    with torch.no_grad():
-        model(ids[:, :10], cache=ref_cache)
-        model(ids[:, :10], cache=cache)
-        step = DecodeStep.for_model(model, cache)
-        assert step is not None
-        for t in range(10, 50):
-            if (
-                form == "int8"
-            ):  # its bf16 cache: a 1e-5 difference may round a key to the next bf16; start equal
-                cache.k.copy_(ref_cache.k)
-                cache.v.copy_(ref_cache.v)
-            ref = model(ids[:, t : t + 1], cache=ref_cache, start_pos=t)[0][:, -1].float()
-            got = step(int(ids[0, t]), t)
-            # bf16: PyTorch rounds every activation to bf16, the C step keeps them in fp32. int8: a 1e-7 difference
-            # in a linear's input may round one 16-bit activation the other way (a step of 6e-5 of the row's max)
-            # int4: the same with int8 activations per block of 32 (a step of 1/127 of the block's max)
-            tol = {"bf16": 3e-2, "int8": 1e-3, "int4": 1e-2}.get(form, 1e-5)
-            torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
-    if cache.k.dtype == torch.bfloat16:  # int8's bf16 cache: a 1e-5 difference may round to the next bf16
+    ref_cache, cache, step = prefilled_twice(model, ids, 10)
+    # bf16: PyTorch rounds every activation to bf16, the C step keeps them in fp32. int8: a 1e-7 difference in a
+    # linear's input may round one 16-bit activation the other way (a step of 6e-5 of the row's max); int4: the same
+    # with int8 activations per block of 32 (a step of 1/127 of the block's max).
+    tol = {"bf16": 3e-2, "int8": 1e-3, "int4": 1e-2}.get(form, 1e-5)
+    for t in range(10, 50):
+        if form in (
+            "int8",
+            "int4",
+        ):  # bf16 caches: a 1e-5 difference may round a key the other way; start equal
+            cache.k.copy_(ref_cache.k)
+            cache.v.copy_(ref_cache.v)
+        ref = model(ids[:, t : t + 1], cache=ref_cache, start_pos=t)[0][:, -1].float()
+        got = step(int(ids[0, t]), t)
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
+    if cache.k.dtype == torch.bfloat16:  # one bf16 step apart at most
         tol = max(tol, 2**-7)
     for got, ref in ((cache.k, ref_cache.k), (cache.v, ref_cache.v)):  # the keys and values it wrote
         torch.testing.assert_close(
@@ -99,19 +106,16 @@ def test_decode_step_equals_the_pytorch_step(name, form):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "modern"])
+@torch.no_grad()
 def test_several_tokens_in_one_call_equal_the_pytorch_forward(name):
     """Prompt-lookup's verify pass: the fed token and a draft, each seeing the cache and the tokens before it."""
     model = prepare_for_decoding(random_gpt(std=0.2, vocab_size=700, **MODELS[name]))
     ids = torch.randint(0, 700, (1, 30))
-    ref_cache, cache = KVCache.for_model(model), KVCache.for_model(model)
-    with torch.no_grad():
-        model(ids[:, :12], cache=ref_cache)
-        model(ids[:, :12], cache=cache)
-        step = DecodeStep.for_model(model, cache)
-        for start, end in ((12, 13), (13, 18), (18, 27)):
-            ref = model(ids[:, start:end], cache=ref_cache, start_pos=start)[0][0]
-            got = step.forward(ids[0, start:end].tolist(), start)
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    ref_cache, cache, step = prefilled_twice(model, ids, 12)
+    for start, end in ((12, 13), (13, 18), (18, 27)):
+        ref = model(ids[:, start:end], cache=ref_cache, start_pos=start)[0][0]
+        got = step.forward(ids[0, start:end].tolist(), start)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     torch.testing.assert_close(cache.k, ref_cache.k, rtol=1e-5, atol=1e-5)
 
 
