@@ -28,7 +28,7 @@ from gptmini.kv_cache import KVCache
 from gptmini.lookup import Drafter, check_lookup
 from gptmini.model import GPT
 from gptmini.native import DecodeStep
-from gptmini.sampling import make_generator, next_token_probs, sample_next
+from gptmini.sampling import draw, make_generator, next_token_probs, sample_next
 from gptmini.tokenizer import Tokenizer
 
 FINISHED = -1  # placeholder id yielded for a sample that already hit <|endoftext|>
@@ -286,7 +286,7 @@ def accept_draft(
     # A row that put all its mass on its draft token keeps it surely; give it something drawable all the same.
     empty = residual.sum(dim=-1) <= 0
     residual[empty] = probs[empty]
-    drawn = torch.multinomial(residual, 1, generator=generator).squeeze(-1).tolist()
+    drawn = draw(residual, generator).tolist()
     kept = next((j for j, ok in enumerate(keep.tolist()) if not ok), k)
     return draft[:kept] + [drawn[kept]]
 

@@ -78,7 +78,7 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("GPTMINI_NATIVE", "1") == "0":
         return None
     compiler = _compiler()
-    if compiler is None:
+    if compiler is None or not SOURCE.exists():
         return None
     key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode() + _cpu_signature().encode()).hexdigest()[:16]
     target = cache_dir() / f"native-{key}.so"

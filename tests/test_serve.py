@@ -672,14 +672,18 @@ def test_malformed_json_oversized_body_unknown_route(server):
     )
 
 
-def test_error_mid_stream_is_an_event_then_done(tmp_path):
+def test_error_mid_stream_is_an_event_then_done(tmp_path, monkeypatch):
     """A model that fails after a few steps: the stream says so in an SSE error event, then [DONE]; the next
     request is served. (In-process server on a loopback port, so the fault can be planted.)"""
     import threading
 
     import uvicorn
 
+    import gptmini.serving
     from gptmini.server import ServeSettings, create_app
+
+    # Every step through `decode_step`, where the fault is planted (not the lone row's native step).
+    monkeypatch.setattr(gptmini.serving.DecodeStep, "for_model", classmethod(lambda cls, *a: None))
 
     lm = gptmini.load(BASE_CKPT, device="cpu")
     real_step, calls = lm.model.decode_step, {"n": 0}
