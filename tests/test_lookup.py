@@ -183,7 +183,7 @@ def test_accept_draft_keeps_the_sampling_distribution_and_the_check_catches_a_pl
     n = 6000
     assert chi_square_p(counts(n), exact, n) > 1e-3
     # A planted bug, keeping every draft token the sampler could draw (the uniform draws all 0): the check fails it.
-    monkeypatch.setattr(torch, "rand", lambda k, **kw: torch.zeros(k))
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.zeros(*shape))
     assert chi_square_p(counts(n), exact, n) < 1e-6
 
 
