@@ -75,9 +75,9 @@ class Drafter:
     A verify pass of 1 + d tokens costs more than one plain step — on a small model whose weights sit in the
     cache, about as much as 1 + d steps' arithmetic; on a large one, about one step's weight reads — so drafts must
     earn their length. After a pass the next draft may be as long as the tokens it kept plus one (twice as long
-    after a pass that kept its whole draft, up to `k`). After a pass that keeps nothing, drafting pauses for 1,
-    2, 4 .. 64 steps; a pass that keeps one token holds the pause where it is, one that keeps two or more ends it.
-    Text that does not repeat then pays for few, short passes.
+    after a pass that kept its whole draft, up to `k`). After a pass that keeps fewer than two tokens, drafting
+    pauses for 1, 2, 4 .. 64 steps; a pass that keeps two or more ends the pause. Text that does not repeat then
+    pays for few, short passes.
     Drafts may depend on the past in any way: verifying keeps the output exact.
     """
 
@@ -108,6 +108,6 @@ class Drafter:
             self._length = max(1, kept + 1)
         if kept >= 2:  # the pass decided three tokens or more: it paid for itself
             self._backoff = 0
-        elif kept == 0:
+        else:  # two tokens for a pass of two or more rows: about what plain steps give
             self._backoff = min(2 * self._backoff or 1, MAX_PAUSE)
         self._skip = self._backoff
