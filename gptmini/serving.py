@@ -46,6 +46,8 @@ from gptmini.tokenizer import StreamDecoder
 
 log = logging.getLogger("gptmini.serving")
 
+SMALL_MODEL_BYTES = 16 * 2**20  # weights this small stay in a last-level cache: each row decodes on its own
+
 MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's API allows
 
 
@@ -177,8 +179,16 @@ class Engine:
         self.max_queue = max_queue
         self.metrics = metrics or EngineMetrics()
         self.cache = KVCache.for_model(self.model, batch_size=parallel)
-        # A lone active row (always row 0: rows stay packed) decodes in one native call, as `gptmini generate` does.
-        self._native_step = DecodeStep.for_model(self.model, self.cache.view(0))
+        # Native steps, one per cache row (rows stay packed: a lone active row is row 0). A lone row decodes in one
+        # native call, as `gptmini generate` does; so does every row of a model whose weights fit in a last-level
+        # cache, one call each, since there a batched PyTorch step costs more in per-op overhead than the rows'
+        # arithmetic. Larger models batch their rows through `decode_step`, reading the weights once per step.
+        self._row_steps: list[DecodeStep] = []
+        first = DecodeStep.for_model(self.model, self.cache.view(0))
+        if first is not None:
+            small = sum(p.nbytes for p in self.model.parameters()) <= SMALL_MODEL_BYTES
+            rows = range(1, parallel) if small else ()
+            self._row_steps = [first, *(DecodeStep.for_model(self.model, self.cache.view(i)) for i in rows)]
         self.eos_id = self.tokenizer.eot_id
         self._waiting: collections.deque[Handle] = collections.deque()
         self._rows: list[_Row] = []
@@ -366,8 +376,9 @@ class Engine:
         positions = [len(r.window) for r in self._rows]
         tokens = torch.tensor([[r.next_tok] for r in self._rows], dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        if n == 1 and self._native_step is not None:
-            logits = self._native_step(self._rows[0].next_tok, positions[0])
+        if n <= len(self._row_steps):
+            steps = zip(self._row_steps, self._rows, positions, strict=False)
+            logits = torch.cat([step(row.next_tok, p) for step, row, p in steps])
         else:
             logits = self.model.decode_step(tokens, pos, self.cache.view(slice(0, n), max(positions) + 1))
         for row in self._rows:
@@ -378,8 +389,8 @@ class Engine:
     def _verify(self, index: int, row: _Row, draft: list[int]) -> bool:
         """Feed the row's next token and `draft` in one pass over its cache; take the tokens it decides (the kept
         draft prefix and one token drawn by the model, as `gptmini.generation` does). True when the row is done."""
-        if index == 0 and self._native_step is not None:
-            logits = self._native_step.forward([row.next_tok, *draft], len(row.window))
+        if index < len(self._row_steps):
+            logits = self._row_steps[index].forward([row.next_tok, *draft], len(row.window))
         else:
             fed = torch.tensor([[row.next_tok, *draft]], dtype=torch.long, device=self.device)
             logits = self.model(fed, cache=self.cache.view(index), start_pos=len(row.window))[0][0]
