@@ -77,8 +77,7 @@ class Drafter:
     earn their length. After a pass the next draft may be as long as the tokens it kept plus one (twice as long
     after a pass that kept its whole draft, up to `k`). After a pass that keeps fewer than two tokens, drafting
     pauses for 1, 2, 4 .. 64 steps; a pass that keeps two or more ends the pause. Text that does not repeat then
-    pays for few, short passes.
-    Drafts may depend on the past in any way: verifying keeps the output exact.
+    pays for few, short passes. Drafts may depend on the past in any way: verifying keeps the output exact.
     """
 
     def __init__(self, tokens: Iterable[int], k: int) -> None:

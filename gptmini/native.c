@@ -318,15 +318,6 @@ void gm_linear(const float *x, int64_t M, int64_t K, const void *W, int wtype, i
     }
 }
 
-/* Whether this build uses the AVX-512 loops (for the benchmark's and the tests' notes). */
-int gm_vectorized(void) {
-#ifdef __AVX512F__
-    return 1;
-#else
-    return 0;
-#endif
-}
-
 /* ---- one whole decode step (batch 1, one token), for models whose every linear is in a format above ---------- */
 
 typedef struct {

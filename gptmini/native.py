@@ -29,9 +29,8 @@ SOURCE = Path(__file__).with_name("native.c")
 WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 INT8, INT4 = 2, 3
 INT4_GROUP = 32  # inputs per int4 scale and zero in native.c
-MAX_ROWS = (
-    16  # up to this many activation rows use the kernels; more (a prefill) are matmul-bound: BLAS does them
-)
+# Up to this many activation rows use the kernels; more (a prefill) are matmul-bound: BLAS does them.
+MAX_ROWS = 16
 
 
 def cache_dir() -> Path:
@@ -57,7 +56,8 @@ def _cpu_signature() -> str:
 
 
 def build(compiler: str, target: Path, march: str = "native") -> None:
-    """Compile `native.c` into `target`, atomically (a temporary file renamed into place)."""
+    """Compile `native.c` into `target`, atomically (a temporary file renamed into place). `march` other than
+    "native" builds for another CPU level (the tests build `x86-64-v2`, without AVX-512, to check the plain loops)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)

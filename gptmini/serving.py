@@ -374,12 +374,12 @@ class Engine:
                 self.model.hidden_states(ids, cache=self.cache.view(i), start_pos=0)
         n = len(self._rows)
         positions = [len(r.window) for r in self._rows]
-        tokens = torch.tensor([[r.next_tok] for r in self._rows], dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         if n <= len(self._row_steps):
             steps = zip(self._row_steps, self._rows, positions, strict=False)
             logits = torch.cat([step(row.next_tok, p) for step, row, p in steps])
         else:
+            tokens = torch.tensor([[r.next_tok] for r in self._rows], dtype=torch.long, device=self.device)
+            pos = torch.tensor(positions, dtype=torch.long, device=self.device)
             logits = self.model.decode_step(tokens, pos, self.cache.view(slice(0, n), max(positions) + 1))
         for row in self._rows:
             row.window.append(row.next_tok)

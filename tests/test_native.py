@@ -1,6 +1,7 @@
 """The native CPU kernels (`gptmini/native.c`) against float64 products and against the PyTorch model they replace."""
 
 import copy
+import platform
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from test_generation import naive_greedy, run
 import gptmini.native as native
 from gptmini.kv_cache import KVCache
 from gptmini.native import DecodeStep
-from gptmini.quantize import Int8Linear, prepare_for_decoding, quantize_int8
+from gptmini.quantize import Int8Linear, int4_quantize, prepare_for_decoding, quantize_int8
 
 pytestmark = pytest.mark.skipif(
     not native.available(), reason="no C compiler: the native kernels cannot be built"
@@ -53,6 +54,33 @@ def test_linear_equals_the_float64_product_and_a_row_alone_equals_its_batch(wtyp
                 x[i : i + 1], w, wtype=native.WEIGHT_TYPES[wtype], out_features=n, bias=bias, scale=scale
             )
             assert torch.equal(alone[0], got[i])
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for an x86-64 level without AVX-512")
+def test_the_plain_c_loops_compute_the_same_products(tmp_path):
+    """Built for x86-64-v2 (no AVX-512), the fallback loops: int8's exact integer sums give the same bits as the
+    vectorised build, the float and int4 ones the same products to fp32 rounding."""
+    native.build(native._compiler(), tmp_path / "plain.so", march="x86-64-v2")
+    plain = native.load(tmp_path / "plain.so")
+    torch.manual_seed(1)
+    n, k = 40, 200
+    x = torch.randn(3, k)  # 200 inputs: a masked tail for the float and int8 loops
+    w = torch.randn(n, k)
+    q, s, z = int4_quantize(w[:, :192], 32)  # int4: 6 groups, padded to 8
+    int4 = native.pack_int4(q, s, z)
+    cases = [
+        (x, w, native.WEIGHT_TYPES[torch.float32], {}),
+        (x, w.bfloat16(), native.WEIGHT_TYPES[torch.bfloat16], {}),
+        (x, w.to(torch.int8), native.INT8, {"scale": torch.rand(n)}),
+        (x[:, :192].contiguous(), int4[0], native.INT4, {"scale": int4[1], "zero": int4[2]}),
+    ]
+    for inputs, weight, wtype, extra in cases:
+        fast = native.linear(inputs, weight, wtype=wtype, out_features=n, **extra)
+        slow = native.linear(inputs, weight, wtype=wtype, out_features=n, lib=plain, **extra)
+        if wtype == native.INT8:
+            assert torch.equal(slow, fast)
+        else:
+            torch.testing.assert_close(slow, fast, rtol=1e-5, atol=1e-5 * fast.abs().max().item())
 
 
 MODELS = {
