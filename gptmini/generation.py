@@ -205,7 +205,7 @@ def generate_tokens(
                     stats.lookup_passes += 1
                     stats.lookup_drafted += len(draft)
                     stats.lookup_accepted += len(decided) - 1
-                    drafter.verified(len(decided) - 1)
+                    drafter.verified(len(decided) - 1, time.perf_counter() - t_step)
                     verify_start, query = length, 0
                     decided, queued = decided[:1], decided[1:]
                 length += 1
@@ -216,7 +216,8 @@ def generate_tokens(
                 if record_step_times:
                     stats.step_times.append(time.perf_counter() - t_step)
                 continue
-            if length == block:
+            slid = length == block
+            if slid:
                 # Window full: drop the oldest quarter, re-prefill the rest (+ the new token) at positions 0..
                 keep = block - window_shift(block)
                 window[:, : keep - 1] = window[:, length - keep + 1 : length].clone()
@@ -240,6 +241,8 @@ def generate_tokens(
                     logits = model(window[:, :length], last_only=True)[0][:, -1]
             next_tok = sample_next(logits, sampling, generator, seen)
             ids = next_tok.tolist()  # the one host sync per step: the caller needs the token
+            if drafter is not None and not slid:
+                drafter.stepped(time.perf_counter() - t_step)  # what a pass must beat, per token it decides
             if on_attention is not None:
                 on_attention(_attention_step(model, window, length, key_start, next_tok))
             if record_step_times:

@@ -73,11 +73,14 @@ class Drafter:
     """One sequence's drafts: up to `k` tokens from its `NgramIndex`, shortened and held back when passes fail.
 
     A verify pass of 1 + d tokens costs more than one plain step — on a small model whose weights sit in the
-    cache, about as much as 1 + d steps' arithmetic; on a large one, about one step's weight reads — so drafts must
-    earn their length. After a pass the next draft may be as long as the tokens it kept plus one (twice as long
-    after a pass that kept its whole draft, up to `k`). After a pass that keeps fewer than two tokens, drafting
-    pauses for 1, 2, 4 .. 64 steps; a pass that keeps two or more ends the pause. Text that does not repeat then
-    pays for few, short passes. Drafts may depend on the past in any way: verifying keeps the output exact.
+    cache, about as much as 1 + d steps' arithmetic (and the sampler's work on every row); on a large one, about
+    one step's weight reads — so drafts must earn their length. After a pass the next draft may be as long as the
+    tokens it kept plus one (twice as long after a pass that kept its whole draft, up to `k`). A pass that did not
+    pay for itself pauses drafting for 1, 2, 4 .. 64 steps; one that did ends the pause. "Paid" is measured where
+    the caller times its steps (`stepped`, and `verified`'s `seconds`): the pass decided kept + 1 tokens in no more
+    time than that many plain steps take. Untimed, a pass pays when it keeps two tokens or more. Text that does not
+    repeat then pays for few, short passes. Drafts may depend on the past in any way: verifying keeps the output
+    exact.
     """
 
     def __init__(self, tokens: Iterable[int], k: int) -> None:
@@ -86,6 +89,7 @@ class Drafter:
         self._length = k  # the next draft's longest
         self._backoff = self._skip = 0
         self._drafted = 0
+        self._step_s: float | None = None  # a plain step's time, smoothed
 
     def append(self, token: int) -> None:
         self.index.append(token)
@@ -99,14 +103,19 @@ class Drafter:
         self._drafted = len(draft)
         return draft
 
-    def verified(self, kept: int) -> None:
-        """A verify pass kept `kept` of the draft's tokens."""
+    def stepped(self, seconds: float) -> None:
+        """A plain step (one token, no pass) took `seconds`."""
+        self._step_s = seconds if self._step_s is None else 0.8 * self._step_s + 0.2 * seconds
+
+    def verified(self, kept: int, seconds: float | None = None) -> None:
+        """A verify pass kept `kept` of the draft's tokens (and took `seconds`, where timed)."""
         if kept and kept == self._drafted:
             self._length = min(self.k, 2 * self._length)
         else:
             self._length = max(1, kept + 1)
-        if kept >= 2:  # the pass decided three tokens or more: it paid for itself
-            self._backoff = 0
-        else:  # two tokens for a pass of two or more rows: about what plain steps give
-            self._backoff = min(2 * self._backoff or 1, MAX_PAUSE)
+        if seconds is not None and self._step_s is not None:
+            paid = seconds <= (kept + 1) * self._step_s
+        else:  # three tokens or more from a pass of two rows or more: more than plain steps give
+            paid = kept >= 2
+        self._backoff = 0 if paid else min(2 * self._backoff or 1, MAX_PAUSE)
         self._skip = self._backoff

@@ -364,6 +364,7 @@ class Engine:
                 self._remove_row(self._rows.index(row))
         if not self._rows:
             return
+        t_batch = time.perf_counter()
         # Rows whose window is full slide it first: the oldest quarter leaves and the rest is re-prefilled, so
         # the token about to be decoded lands at position block - shift - 1 (gptmini generate's policy).
         for i, row in enumerate(self._rows):
@@ -384,18 +385,22 @@ class Engine:
         for row in self._rows:
             row.window.append(row.next_tok)
         self._sample_rows(list(self._rows), logits)
+        for row in self._rows:
+            if row.drafter is not None:  # the step every row takes: what a pass must beat, per token it decides
+                row.drafter.stepped(time.perf_counter() - t_batch)
         self.metrics.step(n, time.perf_counter() - t0)
 
     def _verify(self, index: int, row: _Row, draft: list[int]) -> bool:
         """Feed the row's next token and `draft` in one pass over its cache; take the tokens it decides (the kept
         draft prefix and one token drawn by the model, as `gptmini.generation` does). True when the row is done."""
+        t0 = time.perf_counter()
         if index < len(self._row_steps):
             logits = self._row_steps[index].forward([row.next_tok, *draft], len(row.window))
         else:
             fed = torch.tensor([[row.next_tok, *draft]], dtype=torch.long, device=self.device)
             logits = self.model(fed, cache=self.cache.view(index), start_pos=len(row.window))[0][0]
         decided = accept_draft(logits, draft, row.req.sampling, row.generator, row.seen)
-        row.drafter.verified(len(decided) - 1)
+        row.drafter.verified(len(decided) - 1, time.perf_counter() - t0)
         self.metrics.lookup(len(draft), len(decided) - 1)
         row.window.append(row.next_tok)
         for j, tok in enumerate(decided):

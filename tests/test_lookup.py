@@ -14,7 +14,7 @@ from gptmini.api import load
 from gptmini.checkpoint import save_checkpoint
 from gptmini.config import GPTConfig, SamplingConfig
 from gptmini.generation import AttentionStep, GenerationStats, generate_tokens
-from gptmini.lookup import MAX_LOOKUP, NgramIndex
+from gptmini.lookup import MAX_LOOKUP, MAX_PAUSE, Drafter, NgramIndex
 from gptmini.model import GPT
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -42,6 +42,43 @@ def test_draft_follows_the_latest_longest_ngram():
     assert index.draft(2) == [5, 9]
     assert NgramIndex([1, 2, 3]).draft(4) == []  # nothing recurs: no draft
     assert NgramIndex([1, 2, 1]).draft(0) == []
+
+
+def paused_steps(drafter: Drafter) -> int:
+    """How many draft calls in a row come back empty before the drafter proposes again."""
+    n = 0
+    while not drafter.draft(room=8):
+        n += 1
+        assert n <= MAX_PAUSE
+    return n
+
+
+def test_a_pass_that_costs_more_than_the_steps_it_saves_pauses_drafting():
+    """Timed: a pass pays when kept + 1 tokens took no longer than that many plain steps; each pass that does not
+    doubles the pause (1, 2, 4, .. MAX_PAUSE steps), and one that pays ends it. Untimed: two kept tokens pay."""
+    d = Drafter([1, 2, 3, 1, 2, 3, 1, 2], k=4)
+    assert d.draft(room=8) == [3, 1, 2, 3]
+    d.stepped(1.0)
+    d.verified(1, seconds=2.5)  # 2 tokens for 2.5 steps' time: lost
+    assert paused_steps(d) == 1
+    d.verified(1, seconds=2.5)
+    assert paused_steps(d) == 2
+    d.verified(3, seconds=3.9)  # 4 tokens in 3.9 steps' time: paid, no pause
+    assert paused_steps(d) == 0
+    d.verified(1, seconds=1.9)  # a large model: one kept token pays for a pass that reads the weights once
+    assert paused_steps(d) == 0
+    for expected in (1, 2, 4, 8, 16, 32, 64, 64):
+        d.verified(0, seconds=1.5)
+        assert paused_steps(d) == expected
+    d.stepped(3.0)  # smoothed: 0.8·1 + 0.2·3 = 1.4 s a step
+    d.verified(0, seconds=1.39)
+    assert paused_steps(d) == 0
+    untimed = Drafter([1, 2, 1, 2], k=4)
+    untimed.draft(room=8)
+    untimed.verified(2)
+    assert paused_steps(untimed) == 0
+    untimed.verified(1)
+    assert paused_steps(untimed) == 1
 
 
 def test_draft_repeats_a_period_that_runs_into_the_end():
