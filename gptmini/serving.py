@@ -385,8 +385,8 @@ class Engine:
         for row in self._rows:
             row.window.append(row.next_tok)
         self._sample_rows(list(self._rows), logits)
-        for row in self._rows:
-            if row.drafter is not None:  # the step every row takes: what a pass must beat, per token it decides
+        for row in self._rows:  # the step every row takes: what a pass must beat, per token it decides
+            if row.drafter is not None:
                 row.drafter.stepped(time.perf_counter() - t_batch)
         self.metrics.step(n, time.perf_counter() - t0)
 
