@@ -284,14 +284,15 @@ def accept_draft(
     rows = torch.arange(k, device=probs.device)
     proposed = torch.tensor(draft, device=probs.device)
     keep = torch.rand(k, generator=generator, device=probs.device) < probs[rows, proposed]
-    residual = probs.clone()
-    residual[rows, proposed] = 0.0
-    # A row that put all its mass on its draft token keeps it surely; give it something drawable all the same.
-    empty = residual.sum(dim=-1) <= 0
-    residual[empty] = probs[empty]
-    drawn = draw(residual, generator).tolist()
     kept = next((j for j, ok in enumerate(keep.tolist()) if not ok), k)
-    return draft[:kept] + [drawn[kept]]
+    # Only the row after the kept prefix is drawn from (a pass costs little more than a step's sampling).
+    last = probs[kept : kept + 1]
+    if kept < k:
+        residual = last.clone()
+        residual[0, draft[kept]] = 0.0
+        # Refused means p < 1, so the rest has mass; should rounding leave none, draw from the row itself.
+        last = residual if float(residual.sum()) > 0 else last
+    return draft[:kept] + draw(last, generator).tolist()
 
 
 def compiled_decode_step(model: GPT) -> Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor]:

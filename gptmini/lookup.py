@@ -66,7 +66,9 @@ class NgramIndex:
         return []
 
 
-MAX_PAUSE = 64  # steps without drafting after a run of passes that kept nothing
+MAX_PAUSE = 64  # steps without drafting after passes that lost time
+MAX_CREDIT = 4.0  # plain steps' worth of saved time that may pay for later passes that lose
+UNTIMED_PASS_STEPS = 2.5  # what a pass costs, in plain steps, where the caller does not time them
 
 
 class Drafter:
@@ -75,12 +77,14 @@ class Drafter:
     A verify pass of 1 + d tokens costs more than one plain step — on a small model whose weights sit in the
     cache, about as much as 1 + d steps' arithmetic (and the sampler's work on every row); on a large one, about
     one step's weight reads — so drafts must earn their length. After a pass the next draft may be as long as the
-    tokens it kept plus one (twice as long after a pass that kept its whole draft, up to `k`). A pass that did not
-    pay for itself pauses drafting for 1, 2, 4 .. 64 steps; one that did ends the pause. "Paid" is measured where
-    the caller times its steps (`stepped`, and `verified`'s `seconds`): the pass decided kept + 1 tokens in no more
-    time than that many plain steps take. Untimed, a pass pays when it keeps two tokens or more. Text that does not
-    repeat then pays for few, short passes. Drafts may depend on the past in any way: verifying keeps the output
-    exact.
+    tokens it kept plus one (twice as long after a pass that kept its whole draft, up to `k`).
+
+    Each pass is booked in plain steps: + the kept + 1 tokens it decided, − its time over a plain step's (timed by
+    the caller: `stepped`, and `verified`'s `seconds`; untimed, 2.5 steps). While the balance is below zero
+    drafting pauses for 1, 2, 4 .. 64 steps, pass after pass; a balance back at zero or above ends the pause, and
+    the balance keeps at most 4 steps of credit. So text that does not repeat pays for few, short passes, and a
+    pass that barely pays cannot buy a run of longer ones that lose. Drafts may depend on the past in any way:
+    verifying keeps the output exact.
     """
 
     def __init__(self, tokens: Iterable[int], k: int) -> None:
@@ -90,6 +94,7 @@ class Drafter:
         self._backoff = self._skip = 0
         self._drafted = 0
         self._step_s: float | None = None  # a plain step's time, smoothed
+        self._balance = 0.0  # plain steps saved by the passes so far, at most MAX_CREDIT
 
     def append(self, token: int) -> None:
         self.index.append(token)
@@ -113,9 +118,8 @@ class Drafter:
             self._length = min(self.k, 2 * self._length)
         else:
             self._length = max(1, kept + 1)
-        if seconds is not None and self._step_s is not None:
-            paid = seconds <= (kept + 1) * self._step_s
-        else:  # three tokens or more from a pass of two rows or more: more than plain steps give
-            paid = kept >= 2
-        self._backoff = 0 if paid else min(2 * self._backoff or 1, MAX_PAUSE)
+        timed = seconds is not None and self._step_s
+        cost = seconds / self._step_s if timed else UNTIMED_PASS_STEPS
+        self._balance = min(self._balance + kept + 1 - cost, MAX_CREDIT)
+        self._backoff = 0 if self._balance >= 0 else min(2 * self._backoff or 1, MAX_PAUSE)
         self._skip = self._backoff

@@ -14,7 +14,7 @@ from gptmini.api import load
 from gptmini.checkpoint import save_checkpoint
 from gptmini.config import GPTConfig, SamplingConfig
 from gptmini.generation import AttentionStep, GenerationStats, generate_tokens
-from gptmini.lookup import MAX_LOOKUP, MAX_PAUSE, Drafter, NgramIndex
+from gptmini.lookup import MAX_CREDIT, MAX_LOOKUP, MAX_PAUSE, Drafter, NgramIndex
 from gptmini.model import GPT
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -53,31 +53,35 @@ def paused_steps(drafter: Drafter) -> int:
     return n
 
 
-def test_a_pass_that_costs_more_than_the_steps_it_saves_pauses_drafting():
-    """Timed: a pass pays when kept + 1 tokens took no longer than that many plain steps; each pass that does not
-    doubles the pause (1, 2, 4, .. MAX_PAUSE steps), and one that pays ends it. Untimed: two kept tokens pay."""
+def test_passes_that_lose_time_pause_drafting_until_the_balance_is_back():
+    """Each pass books kept + 1 tokens minus its time in plain steps; below a zero balance drafting pauses for
+    1, 2, 4 .. MAX_PAUSE steps, and at zero or above it does not. Untimed, a pass costs 2.5 steps."""
     d = Drafter([1, 2, 3, 1, 2, 3, 1, 2], k=4)
     assert d.draft(room=8) == [3, 1, 2, 3]
     d.stepped(1.0)
-    d.verified(1, seconds=2.5)  # 2 tokens for 2.5 steps' time: lost
+    d.verified(3, seconds=2.0)  # 4 tokens for 2 steps' time: balance +2
+    assert paused_steps(d) == 0
+    d.verified(0, seconds=2.5)  # 1 token for 2.5 steps: +2 - 1.5 = +0.5, still paid for
+    assert paused_steps(d) == 0
+    d.verified(0, seconds=2.5)  # -1.0
     assert paused_steps(d) == 1
-    d.verified(1, seconds=2.5)
+    d.verified(1, seconds=1.5)  # this pass paid (+0.5), but the balance is still -0.5
     assert paused_steps(d) == 2
-    d.verified(3, seconds=3.9)  # 4 tokens in 3.9 steps' time: paid, no pause
-    assert paused_steps(d) == 0
-    d.verified(1, seconds=1.9)  # a large model: one kept token pays for a pass that reads the weights once
-    assert paused_steps(d) == 0
-    for expected in (1, 2, 4, 8, 16, 32, 64, 64):
-        d.verified(0, seconds=1.5)
+    for expected in (4, 8, 16, 32, 64, 64):
+        d.verified(0, seconds=1.5)  # -0.5 each
         assert paused_steps(d) == expected
-    d.stepped(3.0)  # smoothed: 0.8·1 + 0.2·3 = 1.4 s a step
-    d.verified(0, seconds=1.39)
+    d.stepped(3.0)  # smoothed: 0.8·1 + 0.2·3 = 1.4 s a step; balance -3.5
+    d.verified(4, seconds=1.4)  # +4
     assert paused_steps(d) == 0
+    for _ in range(10):
+        d.verified(4, seconds=1.4)  # credit stops at MAX_CREDIT
+    d.verified(0, seconds=1.4 * (MAX_CREDIT + 1.5))  # spends it all and half a step more
+    assert paused_steps(d) == 1
     untimed = Drafter([1, 2, 1, 2], k=4)
-    untimed.draft(room=8)
-    untimed.verified(2)
     assert paused_steps(untimed) == 0
-    untimed.verified(1)
+    untimed.verified(2)  # +0.5
+    assert paused_steps(untimed) == 0
+    untimed.verified(0)  # -1.0
     assert paused_steps(untimed) == 1
 
 
