@@ -38,7 +38,8 @@ CHAT_TOKENS = {"<|system|>": 50257, "<|user|>": 50258, "<|assistant|>": 50259, "
 @functools.lru_cache(maxsize=1)
 def _gpt2_ranks() -> dict[bytes, int]:
     """GPT-2's BPE: token bytes → rank, which is also its token id (lower ranks merge first)."""
-    fields = GPT2_RANKS_FILE.read_bytes().split()  # "token-in-base64 rank" per line; one pass, no per-line loop
+    # "token-in-base64 rank" per line, parsed in one pass rather than line by line
+    fields = GPT2_RANKS_FILE.read_bytes().split()
     return dict(zip(map(binascii.a2b_base64, fields[::2]), map(int, fields[1::2]), strict=True))
 
 
