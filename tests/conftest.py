@@ -245,3 +245,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 def pytest_runtest_teardown(item: pytest.Item) -> None:
     _current["item"] = None
+
+
+@pytest.fixture
+def always_draft(monkeypatch):
+    """Prompt lookup drafts at every step, never pausing: a pass's worth is timed on the machine, so without this
+    a test that needs kept drafts would depend on how fast its passes happened to run."""
+    from gptmini import lookup
+
+    monkeypatch.setattr(lookup, "MAX_PAUSE", 0)

@@ -176,6 +176,7 @@ def test_long_conversation_in_process_never_fails(tok):
     assert session.conversation.system == "Be kind."
 
 
+@pytest.mark.usefixtures("always_draft")
 def test_lookup_replies_equal_plain_greedy_replies(tok, monkeypatch):
     """`lookup` in a chat: the same greedy replies turn after turn, with drafts verified along the way."""
     from gptmini import generation

@@ -109,6 +109,7 @@ def test_draft_repeats_a_period_that_runs_into_the_end():
         (dict(block_size=40), None, MAX_LOOKUP),  # a degenerate repeater: nearly every draft is kept
     ],
 )
+@pytest.mark.usefixtures("always_draft")
 def test_greedy_equals_naive_recompute_also_past_the_window(overrides, std, lookup):
     model = random_gpt(std=std, **overrides)
     prompt = [5, 6, 7, 8, 9] * 3  # repeats itself: drafts from the start
@@ -120,6 +121,7 @@ def test_greedy_equals_naive_recompute_also_past_the_window(overrides, std, look
     assert stats.lookup_accepted < stats.lookup_drafted or std is None  # ... and some refused
 
 
+@pytest.mark.usefixtures("always_draft")
 def test_greedy_with_repetition_penalty_equals_plain():
     model = random_gpt(std=0.05, block_size=32)
     cfg = SamplingConfig(temperature=0.0, repetition_penalty=1.1)
@@ -156,6 +158,7 @@ def test_eos_inside_a_kept_run_ends_the_generation_there(monkeypatch):
     assert stopped == out[: out.index(eos) + 1] and len(stopped) < len(out)
 
 
+@pytest.mark.usefixtures("always_draft")
 def test_attention_steps_equal_plain_decoding():
     model = random_gpt(std=0.05, block_size=24)
     prompt = [5, 6, 7, 8, 9] * 3
@@ -255,6 +258,7 @@ def exact_joint(model: GPT, prompt: list[int], n: int, cfg: SamplingConfig) -> d
     return out
 
 
+@pytest.mark.usefixtures("always_draft")
 def test_sampled_generation_keeps_the_joint_distribution_of_the_next_tokens():
     model = tiny_vocab_gpt()
     prompt = [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2]  # every token recurs: each step has a draft
@@ -289,6 +293,7 @@ def test_api_refuses_bad_values_with_value_error(ckpt, bad):
         lm.generate("hi", lookup=2, num_samples=2, max_new_tokens=3)
 
 
+@pytest.mark.usefixtures("always_draft")
 def test_api_text_stop_strings_and_stats_equal_plain(ckpt):
     lm = load(ckpt, device="cpu")
     prompt = "the cat sat on the mat. the cat sat on the mat. the cat"
