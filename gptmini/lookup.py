@@ -112,14 +112,18 @@ class Drafter:
         """A plain step (one token, no pass) took `seconds`."""
         self._step_s = seconds if self._step_s is None else 0.8 * self._step_s + 0.2 * seconds
 
+    def pass_net(self, kept: int, seconds: float | None = None) -> float:
+        """What a pass that kept `kept` tokens (in `seconds`, where timed) is booked: plain steps saved, or lost."""
+        timed = seconds is not None and self._step_s
+        cost = seconds / self._step_s if timed else UNTIMED_PASS_STEPS
+        return kept + 1 - cost
+
     def verified(self, kept: int, seconds: float | None = None) -> None:
         """A verify pass kept `kept` of the draft's tokens (and took `seconds`, where timed)."""
         if kept and kept == self._drafted:
             self._length = min(self.k, 2 * self._length)
         else:
             self._length = max(1, kept + 1)
-        timed = seconds is not None and self._step_s
-        cost = seconds / self._step_s if timed else UNTIMED_PASS_STEPS
-        self._balance = min(self._balance + kept + 1 - cost, MAX_CREDIT)
+        self._balance = min(self._balance + self.pass_net(kept, seconds), MAX_CREDIT)
         self._backoff = 0 if self._balance >= 0 else min(2 * self._backoff or 1, MAX_PAUSE)
         self._skip = self._backoff

@@ -385,9 +385,10 @@ class Engine:
         for row in self._rows:
             row.window.append(row.next_tok)
         self._sample_rows(list(self._rows), logits)
-        for row in self._rows:  # the step every row takes: what a pass must beat, per token it decides
+        batch_s = time.perf_counter() - t_batch  # the step every row takes: what a pass must beat, per token
+        for row in self._rows:
             if row.drafter is not None:
-                row.drafter.stepped(time.perf_counter() - t_batch)
+                row.drafter.stepped(batch_s)
         self.metrics.step(n, time.perf_counter() - t0)
 
     def _verify(self, index: int, row: _Row, draft: list[int]) -> bool:

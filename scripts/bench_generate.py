@@ -7,8 +7,8 @@ a noisy neighbour slows all rows alike), and reports medians:
 transformers' steps are timed by a logits processor that stamps the clock at every step. CTranslate2 (fp32 and
 int8, converted from the same Hugging Face directory; `pip install ctranslate2`, bench-only) is timed per streamed
 token. The ceiling column is read bandwidth, measured at the start of every repeat (the better of a reduction and an
-fp32 matrix-vector product over 1 GiB, far past the last-level cache; median over the repeats), over the bytes of weights each row's format reads
-per token (LM head included): batch-1 decoding cannot beat it.
+fp32 matrix-vector product over 1 GiB, far past the last-level cache; median over the repeats), over the bytes of
+weights each row's format reads per token (LM head included): batch-1 decoding cannot beat it.
 
     flock /tmp/gptmini-heavy.lock python scripts/bench_generate.py            # both shapes, all rows
     python scripts/bench_generate.py --shapes narrow --repeats 1 --tokens 64  # quick look
@@ -136,7 +136,7 @@ def ct2_decode(generator, prompt: list[str], n: int) -> tuple[float, list[float]
     return rate(stamps)
 
 
-def read_bandwidth(threads: int, mib: int = 1024, repeats: int = 5) -> dict[str, float]:
+def read_bandwidth(threads: int, mib: int = 1024, repeats: int = 2) -> dict[str, float]:
     """GB/s of two reads of a tensor far larger than the last-level cache, best of `repeats` each.
 
     A plain reduction and an fp32 matrix-vector product (the read a batch-1 decode step does): on some CPUs the
@@ -194,9 +194,10 @@ def median(xs: list[float]) -> float:
 
 
 def bench_shape(
-    name: str, base: GPT, hf, hf_dir: Path, bandwidth: list[float], args: argparse.Namespace
-) -> list[dict]:
-    """Every row's median tokens/s; `bandwidth` gets one read-bandwidth figure (B/s) per repeat, taken between rows."""
+    name: str, base: GPT, hf, hf_dir: Path, args: argparse.Namespace
+) -> tuple[list[dict], list[dict[str, float]]]:
+    """Every row's median tokens/s against this shape's ceiling, and the read bandwidths behind it (one per repeat,
+    measured before its rows: this machine's bandwidth moves with its neighbours)."""
     rows = gptmini_rows(base)
     runners = {"transformers fp32": lambda p, n: hf_decode(hf, p, n)}
     if not args.no_ct2:
@@ -235,9 +236,9 @@ def bench_shape(
     speed: dict[str, list[float]] = {r: [] for r in runners}
     early: dict[str, list[float]] = {r: [] for r in runners}
     late: dict[str, list[float]] = {r: [] for r in runners}
+    reads: list[dict[str, float]] = []
     for rep in range(args.repeats):
-        # The ceiling is measured inside each repeat too: this machine's bandwidth moves with its neighbours.
-        bandwidth.append(max(read_bandwidth(args.threads, repeats=2).values()) * 1e9)
+        reads.append(read_bandwidth(args.threads))
         for row, run in runners.items():
             speed[row].append(run(prompt, n_tokens(row, args.tokens))[0])
             if not args.no_latency:
@@ -245,19 +246,21 @@ def bench_shape(
                 late[row].append(median(run(long_prompt, n_tokens(row, 101))[1]))
         print(f"[{name}] repeat {rep + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     hf_speed = median(speed["transformers fp32"])
-    return [
+    bandwidth = median([max(r.values()) for r in reads]) * 1e9  # B/s: the better of the two reads, per repeat
+    rows_out = [
         dict(
             shape=name,
             row=row,
             tokens_per_s=median(speed[row]),
             ratio=median(speed[row]) / hf_speed,
             weight_mb=weight_bytes[row] / 1e6,
-            ceiling=median(bandwidth) / weight_bytes[row],
+            ceiling=bandwidth / weight_bytes[row],
             ms_100_200=1000 * median(early[row]),
             ms_800_900=1000 * median(late[row]),
         )
         for row in runners
     ]
+    return rows_out, reads
 
 
 @torch.inference_mode()
@@ -367,8 +370,7 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     results, qual = [], []
-    bandwidth = read_bandwidth(args.threads)
-    per_repeat: list[float] = []
+    reads: dict[str, list[dict[str, float]]] = {}  # per shape, per repeat
     shapes = ["checkpoint"] if args.checkpoint else args.shapes.split(",")
     for name in shapes:
         if args.checkpoint:
@@ -387,7 +389,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 export_hf(base, tmp)
                 hf = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
-                results += bench_shape(name, base, hf, Path(tmp), per_repeat, args)
+                rows, reads[name] = bench_shape(name, base, hf, Path(tmp), args)
+                results += rows
         if args.checkpoint and args.quality_text.exists():
             qual = quality(base, args.quality_text.read_text(encoding="utf-8"))
 
@@ -396,10 +399,14 @@ def main() -> None:
             f"\ntorch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, greedy, "
             f"batch 1, medians of {args.repeats}; decode tokens/s over {args.tokens} new tokens "
             f"({max(8, args.tokens // 8)} for --no-kv-cache), prefill excluded\n"
-            f"read bandwidth ({args.threads} threads, 1 GiB, best of 5): reduction {bandwidth['reduction']:.1f} GB/s, "
-            f"fp32 matrix-vector {bandwidth['matrix-vector']:.1f} GB/s; between the rows of each repeat the better of the "
-            f"two read {', '.join(f'{b / 1e9:.1f}' for b in per_repeat)} GB/s; "
-            f"ceiling = their median / weight bytes per token\n"
+            f"read bandwidth ({args.threads} threads, 1 GiB, best of 2, before each repeat's rows; GB/s reduction / "
+            "fp32 matrix-vector): "
+            + "; ".join(
+                f"{name} "
+                + ", ".join(f"{r['reduction']:.1f} / {r['matrix-vector']:.1f}" for r in shape_reads)
+                for name, shape_reads in reads.items()
+            )
+            + "; ceiling = the median of each repeat's better read / weight bytes per token\n"
         )
         header = f"| {'shape':<10} | {'row':<28} | {'tokens/s':>9} | {'vs transformers':>15} | {'MB/token':>8} | {'ceiling tok/s':>13} | {'of ceiling':>10} | {'ms/token @100–200':>17} | {'ms/token @800–900':>17} | {'late/early':>10} |"
         print(header)

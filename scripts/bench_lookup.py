@@ -78,15 +78,13 @@ def train_copier(out: Path, seconds: int) -> None:
     subprocess.run(cmd, check=True)
 
 
-PASSES: list[
-    float
-] = []  # each verify pass's net, in plain steps: kept + 1 tokens minus its time over a step's
+# each verify pass's net as the drafter books it (`Drafter.pass_net`), in plain steps saved
+PASSES: list[float] = []
 
 
 def _booking_verified(verified):
     def wrapper(self: lookup.Drafter, kept: int, seconds: float | None = None) -> None:
-        if seconds is not None and self._step_s:
-            PASSES.append(kept + 1 - seconds / self._step_s)
+        PASSES.append(self.pass_net(kept, seconds))
         verified(self, kept, seconds)
 
     return wrapper
