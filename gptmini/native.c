@@ -122,14 +122,36 @@ INLINE void linear_float(const float *x, int64_t M, int64_t K, const void *W, in
 
 /* ---- int8 / int4 weights against 16-bit activations ----------------------------------------------------------- */
 
-/* Row m of x as int16 (xq) with its step sx[m]: x ≈ sx·xq. */
+/* max_k |x[k]| (exact in any order: no NaN reaches a decode step's activations) */
+static float abs_max(const float *x, int64_t n) {
+    float top = 0.0f;
+    int64_t k = 0;
+#ifdef __AVX512F__
+    __m512 t = _mm512_setzero_ps();
+    for (; k + 16 <= n; k += 16) t = _mm512_max_ps(t, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+    top = _mm512_reduce_max_ps(t);
+#endif
+    for (; k < n; k++) top = fmaxf(top, fabsf(x[k]));
+    return top;
+}
+
+/* Row m of x as int16 (xq) with its step sx[m]: x ≈ sx·xq, xq = round-to-nearest-even(x / sx) (lrintf's rounding,
+ * as the vector conversion's under the default MXCSR). These run on one thread between products: vectorised, as
+ * scalar lrintf / fmaxf calls here took 5 % of an int8 step. */
 static void quantize_rows(const float *x, int64_t M, int64_t K, int16_t *xq, float *sx) {
     for (int64_t m = 0; m < M; m++) {
-        float top = 0.0f;
-        for (int64_t k = 0; k < K; k++) top = fmaxf(top, fabsf(x[m * K + k]));
+        const float *v = x + m * K;
+        int16_t *q = xq + m * K;
+        float top = abs_max(v, K);
         sx[m] = top > 0.0f ? top / XQ_MAX : 1.0f;
         float inv = 1.0f / sx[m];
-        for (int64_t k = 0; k < K; k++) xq[m * K + k] = (int16_t)lrintf(x[m * K + k] * inv);
+        int64_t k = 0;
+#ifdef __AVX512F__
+        for (; k + 16 <= K; k += 16)
+            _mm256_storeu_si256((__m256i *)(q + k),
+                                _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + k), _mm512_set1_ps(inv)))));
+#endif
+        for (; k < K; k++) q[k] = (int16_t)lrintf(v[k] * inv);
     }
 }
 
@@ -307,11 +329,20 @@ static void quantize_blocks(const float *x, int64_t M, int64_t K, int64_t Kp, in
                 continue;
             }
             const float *v = x + m * K + g * GROUP;
-            float top = 0.0f;
-            for (int i = 0; i < GROUP; i++) top = fmaxf(top, fabsf(v[i]));
+            float top = abs_max(v, GROUP);
             float step = top > 0.0f ? top / 127.0f : 1.0f, inv = 1.0f / step;
             int32_t t = 0;
+#ifdef __AVX512F__
+            __m512i sum = _mm512_setzero_si512();
+            for (int i = 0; i < GROUP; i += 16) {
+                __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + i), _mm512_set1_ps(inv)));
+                _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(r));
+                sum = _mm512_add_epi32(sum, r);
+            }
+            t = _mm512_reduce_add_epi32(sum);
+#else
             for (int i = 0; i < GROUP; i++) t += q[i] = (int8_t)lrintf(v[i] * inv);
+#endif
             sxb[m * Gp + g] = step;
             xsum[m * Gp + g] = step * (float)t;
         }
@@ -351,14 +382,17 @@ static void linear_i8(const float *x, int64_t M, int64_t K, const int8_t *W, int
     uint8_t *xlo = malloc((size_t)(M * K));
     int8_t *xhi = malloc((size_t)(M * K));
     int32_t *hsum = malloc((size_t)M * sizeof *hsum);
-    for (int64_t m = 0; m < M; m++) {
-        int32_t h = 0;
-        for (int64_t k = 0; k < K; k++) {
-            int32_t v = xq[m * K + k];
-            xlo[m * K + k] = (uint8_t)(v & 255);
-            h += xhi[m * K + k] = (int8_t)((v - (v & 255)) / 256); /* floor(v / 256) ∈ [-64, 63] */
+    for (int64_t m = 0; m < M; m++) { /* lo = v mod 256, hi = floor(v / 256) ∈ [-64, 63] */
+        const int16_t *v = xq + m * K;
+        __m512i h = _mm512_setzero_si512();
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 mask = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            __m512i w = _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(mask, v + k)), hi = _mm512_srai_epi32(w, 8);
+            _mm512_mask_cvtepi32_storeu_epi8(xlo + m * K + k, mask, w); /* the low byte */
+            _mm512_mask_cvtepi32_storeu_epi8(xhi + m * K + k, mask, hi);
+            h = _mm512_add_epi32(h, hi);
         }
-        hsum[m] = h;
+        hsum[m] = _mm512_reduce_add_epi32(h);
     }
 #define DOT_I8(XR, mr) dot_row_i8(xlo + m0 * K, xhi + m0 * K, hsum + m0, XR, mr, K, row, acc)
 #else
