@@ -10,6 +10,9 @@ is what the kernels leave on the table.
 
     flock /tmp/gptmini-heavy.lock python scripts/bench_native.py              # fp32, bf16, int8, int4
     python scripts/bench_native.py --formats fp32,int8 --repeats 5
+    git show HEAD~1:gptmini/native.c > /tmp/old.c && python scripts/bench_native.py --baseline /tmp/old.c
+
+`--baseline` builds another native.c and adds its step rows, interleaved with this one's (before/after a change).
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -52,9 +57,17 @@ def main() -> None:
     parser.add_argument("--formats", default="fp32,bf16,int8,int4")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--baseline", type=Path, help="another native.c whose decode step is timed beside this one"
+    )
     args = parser.parse_args()
     if not native.available():
         raise SystemExit("the native kernels cannot be built here (no C compiler, or GPTMINI_NATIVE=0)")
+    baseline = None
+    if args.baseline is not None:
+        target = Path(tempfile.mkdtemp()) / "baseline.so"
+        native.build(native._compiler(), target, source=args.baseline)
+        baseline = native.load(target)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True)
@@ -80,6 +93,11 @@ def main() -> None:
                 t = best_median(lambda step=step: step(5, 120), 5)
                 results.setdefault(f"{form} step ms", []).append(t * 1e3)
                 results.setdefault(f"{form} step GB/s", []).append(nbytes / t / 1e9)
+                if baseline is not None:
+                    lib, step._lib = step._lib, baseline
+                    t = best_median(lambda step=step: step(5, 120), 5)
+                    step._lib = lib
+                    results.setdefault(f"{form} step GB/s, baseline", []).append(nbytes / t / 1e9)
                 t = best_median(lambda ls=linears, xs=inputs: [m(xs[m.in_features]) for m in ls], 5)
                 results.setdefault(f"{form} linears alone GB/s", []).append(nbytes / t / 1e9)
     print(f"torch {torch.__version__}, {args.threads} threads, GPT-2 small shape, medians of {args.repeats}")

@@ -83,6 +83,31 @@ def test_the_plain_c_loops_compute_the_same_products(tmp_path):
             torch.testing.assert_close(slow, fast, rtol=1e-5, atol=1e-5 * fast.abs().max().item())
 
 
+def test_one_weight_stream_a_thread_gives_the_same_bits(tmp_path):
+    """The build that reads one weight row at a time (AMD's) and the default one that reads several rows side by
+    side sum every product in the same order: the same bits, for every format, alone and in a batch."""
+    native.build(native._compiler(), tmp_path / "one.so", streams=1)
+    native.build(native._compiler(), tmp_path / "many.so", streams=4)
+    one, many = native.load(tmp_path / "one.so"), native.load(tmp_path / "many.so")
+    torch.manual_seed(2)
+    n, k = 203, 300  # rows not a multiple of threads × streams; inputs with a masked tail
+    x, w = torch.randn(3, k), torch.randn(n, k)
+    q, s, z = int4_quantize(w[:, :256], 32)
+    int4 = native.pack_int4(q, s, z)
+    cases = [
+        (x, w, native.WEIGHT_TYPES[torch.float32], {}),
+        (x, w.bfloat16(), native.WEIGHT_TYPES[torch.bfloat16], {}),
+        (x, w.to(torch.int8), native.INT8, {"scale": torch.rand(n)}),
+        (x[:, :256].contiguous(), int4[0], native.INT4, {"scale": int4[1], "zero": int4[2]}),
+    ]
+    for inputs, weight, wtype, extra in cases:
+        for rows in (1, 3):
+            args = dict(wtype=wtype, out_features=n, bias=torch.randn(n), **extra)
+            a = native.linear(inputs[:rows], weight, lib=one, **args)
+            b = native.linear(inputs[:rows], weight, lib=many, **args)
+            assert torch.equal(a, b), (wtype, rows)
+
+
 MODELS = {
     "gpt2": dict(),
     "sinusoidal": dict(pos_embedding="sinusoidal"),
