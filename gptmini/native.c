@@ -14,10 +14,13 @@
  *     products, scaled once (with VNNI as two u8 × s8 vpdpbusd over the activations' high and low bytes, 64
  *     products each; without, widened to int16);
  *   3 int4: codes q ∈ 0…15 with a bf16 scale s and zero z per group of 32 inputs, w = (q − 8)·s + z, against
- *     activations rounded to int8 per block of 32 (llama.cpp's Q4 × Q8_0: u8 × s8 products, 64 per vpdpbusd),
- *     Σ_k x·w = Σ_g [s_g·sx_g·Σ_{k∈g} xq·q + (z_g − 8·s_g)·Σ_{k∈g} x]. Rows are padded to a multiple of 128
- *     inputs (zero codes, scales and activations); in each chunk of 128, byte j holds code j in its low nibble
- *     and code j + 64 in its high one, so one mask and one shift unpack four groups in order.
+ *     activations rounded to int8 per group (llama.cpp's Q4 × Q8_0: u8 × s8 products, 64 per vpdpbusd),
+ *     Σ_k x·w = Σ_g [s_g·sx_g·Σ_{k∈g} xq·q + (z_g − 8·s_g)·Σ_{k∈g} x]. Rows are padded to a multiple of 256
+ *     inputs (zero codes, scales and activations). In the block order, each block of 256 inputs (8 groups) is
+ *     32 runs of 4 inputs, transposed: run w of group g at position 8·w + g, so that 32-bit lane l of each of
+ *     the block's four 64-byte vectors holds 4 inputs of group l mod 8. Codes and activations are stored in
+ *     that order; byte j of the block's codes holds code j (low nibble) and code j + 64 (high nibble) of its
+ *     first 128, byte 64 + j codes 128 + j and 192 + j.
  *
  * Built by gptmini/native.py with the machine's C compiler (-O3 -march=native -fopenmp); plain C loops where
  * AVX-512 is missing (same sums for the integer formats, fp32 sums in another order for the float ones).
@@ -288,15 +291,17 @@ INLINE void dot_i8(const Int8Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
 }
 #endif
 
-/* int4's activations: x8 [M, Kp] as int8 per block of 32 inputs against the block's largest value (llama.cpp's
- * Q8_0), the blocks' steps sxb [M, Kp/32] and their sums in real units xsum = sxb·Σ x8. */
+/* int4's activations: x8 [M, Kp] as int8 per group of 32 inputs against the group's largest value (llama.cpp's
+ * Q8_0), in the block order; the groups' steps sxb [M, Kp/32] and their sums in real units xsum = sxb·Σ x8. */
 typedef struct {
     int8_t *x8;
     float *sxb, *xsum;
 } Int4Rows;
 
 /* int4 against 8-bit activations: acc[m + j] = Σ_g s_g·sxb[m, g]·Σ_{k∈g} x8[m, k]·q_k + Σ_g (z_g − 8·s_g)·xsum[m, g]
- * over row j's Kp/32 groups (K rounded up to 128; the padding holds zero codes, scales and activations). */
+ * over row j's Kp/32 groups (K rounded up to 256; the padding holds zero codes, scales and activations). Codes and
+ * activations are in the block order (see the header): 32-bit lane l of each 64-byte vector holds four inputs of
+ * group l mod 8, so a block's four vpdpbusd sum into one vector of per-group integers, converted and scaled once. */
 INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, int64_t Kp, const uint8_t *const *codes,
                    const uint16_t *const *s, const uint16_t *const *z, float acc[LANES]) {
     const int64_t Gp = Kp / GROUP;
@@ -307,10 +312,10 @@ INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
         xs[m] = xr->x8 + r * Kp, sb[m] = xr->sxb + r * Gp, xt[m] = xr->xsum + r * Gp;
     }
 #ifdef INT_KERNELS
-    __m512 f0[LANES], f1[LANES], fz[LANES];
-    for (int c = 0; c < XR + NR - 1; c++) f0[c] = f1[c] = fz[c] = _mm512_setzero_ps();
+    __m512 f[LANES], fz[LANES];
+    for (int c = 0; c < XR + NR - 1; c++) f[c] = fz[c] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(15);
-    for (int64_t gb = 0; gb < Gp; gb += 16) { /* 16 groups: their scales and zeros in one vector each */
+    for (int64_t gb = 0; gb < Gp; gb += 16) { /* 16 groups (2 blocks): their scales and zeros in one vector each */
         int64_t ng = Gp - gb < 16 ? Gp - gb : 16;
         __mmask16 gm = (__mmask16)((1u << ng) - 1);
         __m512 svm[LANES];
@@ -323,40 +328,47 @@ INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
                 svm[m + j] = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(gm, sb[m] + gb));
             }
         }
-        for (int64_t c = 0; c < ng / 4; c++) { /* chunks of 128 inputs = 4 groups */
-            int64_t k = (gb + 4 * c) * GROUP;
-            /* lanes 0–7 sum group 4c's products, lanes 8–15 group 4c+1's (4c+2, 4c+3 for hi) */
-            __m512i i01 = _mm512_add_epi32(_mm512_set1_epi32(4 * (int)c), _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0));
-            __m512i i23 = _mm512_add_epi32(i01, _mm512_set1_epi32(2));
-            __m512i x0[XROWS], x1[XROWS];
-            for (int m = 0; m < XR; m++)
+        for (int64_t b = 0; b < ng / 8; b++) { /* blocks of 256 inputs = 8 groups = two 64-byte loads of codes */
+            const int64_t k = (gb + 8 * b) * GROUP;
+            __m512i x0[XROWS], x1[XROWS], x2[XROWS], x3[XROWS];
+            for (int m = 0; m < XR; m++) {
                 x0[m] = _mm512_loadu_si512((const void *)(xs[m] + k)), x1[m] = _mm512_loadu_si512((const void *)(xs[m] + k + 64));
+                x2[m] = _mm512_loadu_si512((const void *)(xs[m] + k + 128)), x3[m] = _mm512_loadu_si512((const void *)(xs[m] + k + 192));
+            }
             for (int j = 0; j < NR; j++) {
                 _mm_prefetch((const char *)(codes[j] + k / 2 + AHEAD), _MM_HINT_T0);
-                __m512i b = _mm512_loadu_si512((const void *)(codes[j] + k / 2));
-                __m512i lo = _mm512_and_si512(b, low), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+                _mm_prefetch((const char *)(codes[j] + k / 2 + 64 + AHEAD), _MM_HINT_T0);
+                __m512i b0 = _mm512_loadu_si512((const void *)(codes[j] + k / 2));
+                __m512i b1 = _mm512_loadu_si512((const void *)(codes[j] + k / 2 + 64));
+                __m512i lo0 = _mm512_and_si512(b0, low), hi0 = _mm512_and_si512(_mm512_srli_epi16(b0, 4), low);
+                __m512i lo1 = _mm512_and_si512(b1, low), hi1 = _mm512_and_si512(_mm512_srli_epi16(b1, 4), low);
                 for (int m = 0; m < XR; m++) {
-                    __m512i p0 = dot4(_mm512_setzero_si512(), lo, x0[m]);
-                    __m512i p1 = dot4(_mm512_setzero_si512(), hi, x1[m]);
-                    f0[m + j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p0), _mm512_permutexvar_ps(i01, svm[m + j]), f0[m + j]);
-                    f1[m + j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p1), _mm512_permutexvar_ps(i23, svm[m + j]), f1[m + j]);
+                    __m512i p = dot4(_mm512_setzero_si512(), lo0, x0[m]);
+                    p = dot4(p, hi0, x1[m]);
+                    p = dot4(p, lo1, x2[m]);
+                    p = dot4(p, hi1, x3[m]);
+                    /* lanes l and l + 8 scale by group l's s·sxb: this block's half of svm, in both halves */
+                    __m512 sc = b == 0 ? _mm512_shuffle_f32x4(svm[m + j], svm[m + j], 0x44)
+                                       : _mm512_shuffle_f32x4(svm[m + j], svm[m + j], 0xEE);
+                    f[m + j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, f[m + j]);
                 }
             }
         }
     }
-    for (int c = 0; c < XR + NR - 1; c++) acc[c] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(f0[c], f1[c]), fz[c]));
+    for (int c = 0; c < XR + NR - 1; c++) acc[c] = _mm512_reduce_add_ps(_mm512_add_ps(f[c], fz[c]));
 #else
     for (int m = 0; m < XR; m++)
         for (int j = 0; j < NR; j++) {
             float total = 0.0f;
             for (int64_t g = 0; g < Gp; g++) {
-                int64_t k0 = g * GROUP, c0 = k0 / 128 * 128;
+                const int64_t base = g / 8 * 256; /* the group's block */
                 int32_t sum = 0;
-                for (int64_t k = k0; k < k0 + GROUP; k++) {
-                    int64_t i = k - c0;
-                    uint8_t byte = codes[j][c0 / 2 + (i % 64)];
-                    sum += (int32_t)xs[m][k] * (i < 64 ? (byte & 15) : (byte >> 4));
-                }
+                for (int64_t w = 0; w < 8; w++)       /* its 8 runs of 4 inputs, at p in the block order */
+                    for (int64_t i = 0; i < 4; i++) { /* code p: byte p / 128·64 + p % 64, nibble p / 64 % 2 */
+                        int64_t p = (w * 8 + g % 8) * 4 + i;
+                        uint8_t byte = codes[j][base / 2 + p / 128 * 64 + p % 64];
+                        sum += (int32_t)xs[m][base + p] * (p / 64 % 2 ? byte >> 4 : byte & 15);
+                    }
                 float sg = bf16_to_f32(s[j][g]), zg = bf16_to_f32(z[j][g]);
                 total += sg * sb[m][g] * (float)sum + (zg - 8.0f * sg) * xt[m][g];
             }
@@ -365,39 +377,43 @@ INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
 #endif
 }
 
+/* int4's activations: each group of 32 inputs as int8 against its own largest value (llama.cpp's Q8_0), with the
+ * group's step sxb and its sum in real units xsum = sxb·Σ x8, written in the block order; rows padded to Kp. */
 static void quantize_blocks(const float *x, int64_t M, int64_t K, int64_t Kp, int8_t *x8, float *sxb, float *xsum) {
     int64_t Gp = Kp / GROUP;
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < Gp; g++) {
-            int8_t *q = x8 + m * Kp + g * GROUP;
-            if (g * GROUP >= K) {
-                memset(q, 0, GROUP);
-                sxb[m * Gp + g] = xsum[m * Gp + g] = 0.0f;
-                continue;
-            }
-            const float *v = x + m * K + g * GROUP;
-            float top = abs_max(v, GROUP);
-            float step = top > 0.0f ? top / 127.0f : 1.0f, inv = 1.0f / step;
+            int8_t q[GROUP];
+            float step = 0.0f;
             int32_t t = 0;
+            if (g * GROUP < K) {
+                const float *v = x + m * K + g * GROUP;
+                float top = abs_max(v, GROUP);
+                step = top > 0.0f ? top / 127.0f : 1.0f;
+                float inv = 1.0f / step;
 #ifdef __AVX512F__
-            __m512i sum = _mm512_setzero_si512();
-            for (int i = 0; i < GROUP; i += 16) {
-                __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + i), _mm512_set1_ps(inv)));
-                _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(r));
-                sum = _mm512_add_epi32(sum, r);
-            }
-            t = _mm512_reduce_add_epi32(sum);
+                __m512i sum = _mm512_setzero_si512();
+                for (int i = 0; i < GROUP; i += 16) {
+                    __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + i), _mm512_set1_ps(inv)));
+                    _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(r));
+                    sum = _mm512_add_epi32(sum, r);
+                }
+                t = _mm512_reduce_add_epi32(sum);
 #else
-            for (int i = 0; i < GROUP; i++) t += q[i] = (int8_t)lrintf(v[i] * inv);
+                for (int i = 0; i < GROUP; i++) t += q[i] = (int8_t)lrintf(v[i] * inv);
 #endif
+            } else
+                memset(q, 0, GROUP);
+            int8_t *block = x8 + m * Kp + g / 8 * 256;
+            for (int w = 0; w < 8; w++) memcpy(block + (w * 8 + g % 8) * 4, q + 4 * w, 4); /* run w of group g */
             sxb[m * Gp + g] = step;
             xsum[m * Gp + g] = step * (float)t;
         }
 }
 
+#ifdef __AVX512VNNI__
 /* int8's activations split for VNNI: lo = v mod 256, hi = floor(v / 256) ∈ [-64, 63], H = Σ hi per row */
 static void split_bytes(Int8Rows *xr, int64_t M, int64_t K) {
-#ifdef __AVX512VNNI__
     for (int64_t m = 0; m < M; m++) {
         const int16_t *v = xr->xq + m * K;
         __m512i h = _mm512_setzero_si512();
@@ -410,10 +426,8 @@ static void split_bytes(Int8Rows *xr, int64_t M, int64_t K) {
         }
         xr->hsum[m] = _mm512_reduce_add_epi32(h);
     }
-#else
-    (void)xr, (void)M, (void)K;
-#endif
 }
+#endif
 
 /* ---- one product, its rows split between the threads ---------------------------------------------------------- */
 
@@ -452,7 +466,7 @@ INLINE void product_block(const Product *p, const int64_t *n, int XR, int NR, in
         for (int m = 0; m < XR; m++)
             for (int j = 0; j < NR; j++) out[m + j] = (float)acc[m + j] * (p->i8.sx[m0 + (m < mr ? m : 0)] * scale[n[j]]);
     } else {
-        const int64_t Kp = (K + 127) / 128 * 128, Gp = Kp / GROUP;
+        const int64_t Kp = (K + 255) / 256 * 256, Gp = Kp / GROUP;
         const uint8_t *codes[STREAMS];
         const uint16_t *s[STREAMS], *z[STREAMS];
         for (int j = 0; j < NR; j++) {
@@ -510,7 +524,7 @@ static void linear_act(const float *x, int64_t M, int64_t K, const void *W, int 
         split_bytes(&p.i8, M, K);
 #endif
     } else if (wtype == INT4) {
-        const int64_t Kp = (K + 127) / 128 * 128, Gp = Kp / GROUP;
+        const int64_t Kp = (K + 255) / 256 * 256, Gp = Kp / GROUP;
         p.i4.x8 = aligned_alloc(64, (size_t)(M * Kp));
         p.i4.sxb = malloc((size_t)(M * Gp) * sizeof(float)), p.i4.xsum = malloc((size_t)(M * Gp) * sizeof(float));
         quantize_blocks(x, M, K, Kp, p.i4.x8, p.i4.sxb, p.i4.xsum);

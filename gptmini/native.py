@@ -167,12 +167,14 @@ def pack_int4(
     q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Codes `q` (uint8 0…15, `[N, K]`, K a multiple of 32) and their per-32 scales and zeros (`[N, K/32]`) in
-    `native.c`'s int4 layout: rows padded with zeros to a multiple of 128 inputs, two codes per byte (in each chunk of
-    128, byte j holds code j in its low nibble and code j + 64 in its high one), scales and zeros as bf16."""
+    `native.c`'s int4 layout: rows padded with zeros to a multiple of 256 inputs, each block of 256 in the block order
+    (its 8 groups' runs of 4 codes transposed, run w of group g at 8·w + g), two codes per byte (byte j of a block's
+    128 holds codes j and j + 64 of its half), scales and zeros as bf16."""
     n, k = q.shape
-    kp = -(-k // 128) * 128
-    chunks = F.pad(q, (0, kp - k)).reshape(n, kp // 128, 2, 64)
-    codes = (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()
+    kp = -(-k // 256) * 256
+    runs = F.pad(q, (0, kp - k)).reshape(n, kp // 256, 8, 8, 4)  # [row, block, group, run, 4 codes]
+    ordered = runs.transpose(2, 3).reshape(n, kp // 256, 2, 2, 64)  # [row, block, half, nibble, 64]
+    codes = (ordered[..., 0, :] | (ordered[..., 1, :] << 4)).reshape(n, kp // 2).contiguous()
     pad = (0, (kp - k) // INT4_GROUP)
     return (
         codes,
