@@ -1,7 +1,8 @@
 """Decode speed of gptmini against transformers' GPT2LMHeadModel.generate(use_cache=True), same weights for every row.
 
-Greedy, batch 1, a fixed thread count. One process measures every row, rows interleaved within each repeat (so
-a noisy neighbour slows all rows alike), and reports medians:
+Greedy, batch 1, a fixed thread count. One process measures every row but CTranslate2's (a child process each
+run: its polling threads slowed whatever ran next), rows interleaved within each repeat (so a noisy neighbour slows
+all rows alike), and reports medians:
   * decode tokens/s: new tokens after the first, over the time after the prefill (prefill excluded);
   * per-token latency at positions 100–200 and 800–900: a prompt of 100 (800) tokens, then 100 timed steps.
 transformers' steps are timed by a logits processor that stamps the clock at every step. CTranslate2 (fp32 and
@@ -20,8 +21,10 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import json
 import math
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -108,9 +111,11 @@ def rate(stamps: list[float]) -> tuple[float, list[float]]:
 
 
 def ct2_runners(hf_dir: Path, threads: int) -> dict[str, Callable]:
-    """CTranslate2 generators (fp32, int8) converted from the same Hugging Face directory; {} without ctranslate2."""
+    """CTranslate2 generators (fp32, int8) converted from the same Hugging Face directory; {} without ctranslate2.
+
+    Each run happens in a child process of its own: CTranslate2's threads keep polling after a run, and slowed the
+    rows timed after them in the same process (the 4×256 shape's gptmini int8 from ~850 to ~250 tokens/s)."""
     try:
-        import ctranslate2
         from ctranslate2.converters import TransformersConverter
     except ImportError:
         print("ctranslate2 is not installed (pip install ctranslate2): its rows are skipped", file=sys.stderr)
@@ -122,10 +127,34 @@ def ct2_runners(hf_dir: Path, threads: int) -> dict[str, Callable]:
     for compute in ("float32", "int8"):
         out = hf_dir / f"ct2-{compute}"
         TransformersConverter(str(hf_dir)).convert(str(out), quantization=compute, force=True)
-        gen = ctranslate2.Generator(str(out), device="cpu", compute_type=compute, intra_threads=threads)
         name = f"CTranslate2 {'fp32' if compute == 'float32' else compute}"
-        runners[name] = lambda p, n, g=gen: ct2_decode(g, [spelled[i] for i in p], n)
+        job = dict(model=str(out), compute=compute, threads=threads)
+        runners[name] = lambda p, n, job=job: ct2_in_child(job | dict(prompt=[spelled[i] for i in p], n=n))
     return runners
+
+
+def ct2_in_child(job: dict) -> tuple[float, list[float]]:
+    """`ct2_decode` of `job` in a fresh process (`--ct2-child`), after a 4-token warm-up there."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--ct2-child"],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    tokens_per_s, steps = json.loads(done.stdout.splitlines()[-1])
+    return tokens_per_s, steps
+
+
+def ct2_child() -> None:
+    import ctranslate2
+
+    job = json.loads(sys.stdin.read())
+    gen = ctranslate2.Generator(
+        job["model"], device="cpu", compute_type=job["compute"], intra_threads=job["threads"]
+    )
+    ct2_decode(gen, job["prompt"], 4)
+    print(json.dumps(ct2_decode(gen, job["prompt"], job["n"])))
 
 
 def ct2_decode(generator, prompt: list[str], n: int) -> tuple[float, list[float]]:
@@ -356,7 +385,11 @@ def main() -> None:
     parser.add_argument(
         "--rows", help="comma list: only the rows whose name contains one of these (transformers always runs)"
     )
+    parser.add_argument("--ct2-child", action="store_true", help=argparse.SUPPRESS)  # see ct2_in_child
     args = parser.parse_args()
+    if args.ct2_child:
+        ct2_child()
+        return
     if args.ttft:
         ttft = time_to_first_token(max(args.repeats, 5), args.checkpoint)
         ratio = ttft["gptmini generate"] / ttft["import torch"]
