@@ -7,8 +7,8 @@ all rows alike), and reports medians:
   * per-token latency at positions 100–200 and 800–900: a prompt of 100 (800) tokens, then 100 timed steps.
 transformers' steps are timed by a logits processor that stamps the clock at every step. CTranslate2 (fp32 and
 int8, converted from the same Hugging Face directory; `pip install ctranslate2`, bench-only) is timed per streamed
-token. The ceiling column is read bandwidth, measured at the start of every repeat (the better of a reduction and an
-fp32 matrix-vector product over 1 GiB, far past the last-level cache; median over the repeats), over the bytes of
+token. The ceiling column is read bandwidth, measured at the start of every repeat (the best of a reduction and two
+fp32 matrix-vector products over 1 GiB, far past the last-level cache; median over the repeats), over the bytes of
 weights each row's format reads per token (LM head included): batch-1 decoding cannot beat it.
 
     flock /tmp/gptmini-heavy.lock python scripts/bench_generate.py            # both shapes, all rows
@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from gptmini import native
 from gptmini.config import GPTConfig, SamplingConfig
 from gptmini.generation import GenerationStats, generate_tokens
 from gptmini.hf import export_hf
@@ -166,18 +167,22 @@ def ct2_decode(generator, prompt: list[str], n: int) -> tuple[float, list[float]
 
 
 def read_bandwidth(threads: int, mib: int = 1024, repeats: int = 2) -> dict[str, float]:
-    """GB/s of two reads of a tensor far larger than the last-level cache, best of `repeats` each.
+    """GB/s of reads of a tensor far larger than the last-level cache, best of `repeats` each.
 
-    A plain reduction and an fp32 matrix-vector product (the read a batch-1 decode step does): on some CPUs the
-    second streams faster (Sapphire Rapids: 32 vs 24 GB/s), so the ceiling takes the better of the two.
+    A plain reduction and fp32 matrix-vector products (the read a batch-1 decode step does), by torch.mv and by
+    gptmini's native kernel: on some CPUs a product streams faster than a reduction (Sapphire Rapids: 21 vs 17
+    GB/s), and the native kernel's several streams a thread faster than torch.mv, so the ceiling takes the best.
     """
     torch.set_num_threads(threads)
     x = torch.ones(mib * 2**20 // 4)
     m = x.view(-1, 8192)  # [32768, 8192] at 1 GiB
     v = torch.ones(8192)
-    best = {"reduction": math.inf, "matrix-vector": math.inf}
+    reads = {"reduction": x.sum, "matrix-vector": lambda: torch.mv(m, v)}
+    if native.available():
+        reads["native matrix-vector"] = lambda: native.linear(v[None], m, wtype=0, out_features=m.shape[0])
+    best = dict.fromkeys(reads, math.inf)
     for _ in range(repeats):
-        for kind, read in (("reduction", x.sum), ("matrix-vector", lambda: torch.mv(m, v))):
+        for kind, read in reads.items():
             t = time.perf_counter()
             read()
             best[kind] = min(best[kind], time.perf_counter() - t)
@@ -433,10 +438,9 @@ def main() -> None:
             f"batch 1, medians of {args.repeats}; decode tokens/s over {args.tokens} new tokens "
             f"({max(8, args.tokens // 8)} for --no-kv-cache), prefill excluded\n"
             f"read bandwidth ({args.threads} threads, 1 GiB, best of 2, before each repeat's rows; GB/s reduction / "
-            "fp32 matrix-vector): "
+            "fp32 matrix-vector by torch.mv / by gptmini's kernel): "
             + "; ".join(
-                f"{name} "
-                + ", ".join(f"{r['reduction']:.1f} / {r['matrix-vector']:.1f}" for r in shape_reads)
+                f"{name} " + ", ".join(" / ".join(f"{gb:.1f}" for gb in r.values()) for r in shape_reads)
                 for name, shape_reads in reads.items()
             )
             + "; ceiling = the median of each repeat's better read / weight bytes per token\n"

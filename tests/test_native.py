@@ -56,6 +56,19 @@ def test_linear_equals_the_float64_product_and_a_row_alone_equals_its_batch(wtyp
             assert torch.equal(alone[0], got[i])
 
 
+def every_format(x: torch.Tensor, w: torch.Tensor, int4_inputs: int) -> list[tuple]:
+    """(activations, weight, wtype, extra arguments) of `w` in each format: fp32, bf16, int8 (random row scales)
+    and int4 (its first `int4_inputs` columns, a multiple of 32)."""
+    n = w.shape[0]
+    codes, scale, zero = native.pack_int4(*int4_quantize(w[:, :int4_inputs], 32))
+    return [
+        (x, w, native.WEIGHT_TYPES[torch.float32], {}),
+        (x, w.bfloat16(), native.WEIGHT_TYPES[torch.bfloat16], {}),
+        (x, w.to(torch.int8), native.INT8, {"scale": torch.rand(n)}),
+        (x[:, :int4_inputs].contiguous(), codes, native.INT4, {"scale": scale, "zero": zero}),
+    ]
+
+
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="builds for an x86-64 level without AVX-512")
 def test_the_plain_c_loops_compute_the_same_products(tmp_path):
     """Built for x86-64-v2 (no AVX-512), the fallback loops: int8's exact integer sums give the same bits as the
@@ -66,15 +79,7 @@ def test_the_plain_c_loops_compute_the_same_products(tmp_path):
     n, k = 40, 200
     x = torch.randn(3, k)  # 200 inputs: a masked tail for the float and int8 loops
     w = torch.randn(n, k)
-    q, s, z = int4_quantize(w[:, :192], 32)  # int4: 6 groups, padded to 8
-    int4 = native.pack_int4(q, s, z)
-    cases = [
-        (x, w, native.WEIGHT_TYPES[torch.float32], {}),
-        (x, w.bfloat16(), native.WEIGHT_TYPES[torch.bfloat16], {}),
-        (x, w.to(torch.int8), native.INT8, {"scale": torch.rand(n)}),
-        (x[:, :192].contiguous(), int4[0], native.INT4, {"scale": int4[1], "zero": int4[2]}),
-    ]
-    for inputs, weight, wtype, extra in cases:
+    for inputs, weight, wtype, extra in every_format(x, w, 192):  # int4: 6 groups, padded to 8
         fast = native.linear(inputs, weight, wtype=wtype, out_features=n, **extra)
         slow = native.linear(inputs, weight, wtype=wtype, out_features=n, lib=plain, **extra)
         if wtype == native.INT8:
@@ -92,15 +97,7 @@ def test_one_weight_stream_a_thread_gives_the_same_bits(tmp_path):
     torch.manual_seed(2)
     n, k = 203, 300  # rows not a multiple of threads × streams; inputs with a masked tail
     x, w = torch.randn(3, k), torch.randn(n, k)
-    q, s, z = int4_quantize(w[:, :256], 32)
-    int4 = native.pack_int4(q, s, z)
-    cases = [
-        (x, w, native.WEIGHT_TYPES[torch.float32], {}),
-        (x, w.bfloat16(), native.WEIGHT_TYPES[torch.bfloat16], {}),
-        (x, w.to(torch.int8), native.INT8, {"scale": torch.rand(n)}),
-        (x[:, :256].contiguous(), int4[0], native.INT4, {"scale": int4[1], "zero": int4[2]}),
-    ]
-    for inputs, weight, wtype, extra in cases:
+    for inputs, weight, wtype, extra in every_format(x, w, 256):
         for rows in (1, 3):
             args = dict(wtype=wtype, out_features=n, bias=torch.randn(n), **extra)
             a = native.linear(inputs[:rows], weight, lib=one, **args)
