@@ -3,8 +3,8 @@
  * Decoding one token multiplies one activation row by every weight matrix, so its speed is the rate at which the
  * weights stream from memory. These loops read each weight row once per call, prefetched AHEAD bytes in advance
  * (Sapphire Rapids' own prefetchers fall behind), against up to XROWS activation rows at once; the output rows are
- * split between the threads, and with one activation row each thread reads its rows as STREAMS sequential streams
- * side by side (see run_product). Every (m, n) dot product is summed in the same order whatever the number of rows, so
+ * split between the threads, and each thread reads its rows as STREAMS sequential streams side by side (two with
+ * several activation rows; see run_product). Every (m, n) dot product is summed in the same order whatever the number of rows, so
  * a row computed alone gets the bits it gets inside a batch (a cached decode equals its recompute).
  *
  * Weight formats (`wtype`):
@@ -39,7 +39,8 @@
 #ifndef STREAMS
 #define STREAMS 4 /* weight rows per pass with one activation row (native.py sets 1 on AMD: see run_product) */
 #endif
-#define LANES (XROWS > STREAMS ? XROWS : STREAMS) /* sums per dot-product call */
+#define BATCH_STREAMS (STREAMS > 1 ? 2 : 1) /* weight rows per pass with several activation rows */
+#define LANES (XROWS * BATCH_STREAMS > STREAMS ? XROWS * BATCH_STREAMS : STREAMS) /* sums per dot-product call */
 #define INT8 2
 #define INT4 3
 #define UNROLL 2 /* independent sums per float dot product: 2 fastest here (Zen 4), 4 and 8 slower */
@@ -66,8 +67,8 @@ INLINE float activate(float a, int act) {
 
 /* ---- fp32 / bf16 weights ------------------------------------------------------------------------------------ */
 
-/* The dot products below compute acc[m + j] = Σ_k x[m, k]·row_j[k] for m < XR activation rows and j < NR weight
- * rows, one of XR and NR being 1 (both constants after inlining: each shape gets its own loop). Activation rows
+/* The dot products below compute acc[m·NR + j] = Σ_k x[m, k]·row_j[k] for m < XR activation rows and j < NR weight
+ * rows (XR·NR ≤ LANES, both constants after inlining: each shape gets its own loop). Activation rows
  * past mr repeat row 0, unused. Every (m, j) sum runs in the same order whatever XR and NR. */
 
 #ifdef __AVX512F__
@@ -83,7 +84,7 @@ INLINE void dot_float(const float *x, int XR, int64_t mr, int NR, int64_t K, con
     const int64_t wsize = wtype == 0 ? 4 : 2;
     __m512 a[UNROLL][LANES];
     for (int u = 0; u < UNROLL; u++)
-        for (int c = 0; c < XR + NR - 1; c++) a[u][c] = _mm512_setzero_ps();
+        for (int c = 0; c < XR * NR; c++) a[u][c] = _mm512_setzero_ps();
     const float *xs[XROWS];
     for (int m = 0; m < XR; m++) xs[m] = x + (m < mr ? m : 0) * K;
     int64_t k = 0;
@@ -95,7 +96,7 @@ INLINE void dot_float(const float *x, int XR, int64_t mr, int NR, int64_t K, con
             for (int j = 0; j < NR; j++) {
                 _mm_prefetch((const char *)rows[j] + i * wsize + AHEAD, _MM_HINT_T0);
                 __m512 w = load16(rows[j], wtype, i, (__mmask16)0xFFFF);
-                for (int m = 0; m < XR; m++) a[u][m + j] = _mm512_fmadd_ps(w, xv[m], a[u][m + j]);
+                for (int m = 0; m < XR; m++) a[u][m * NR + j] = _mm512_fmadd_ps(w, xv[m], a[u][m * NR + j]);
             }
         }
     for (; k < K; k += 16) {
@@ -104,10 +105,10 @@ INLINE void dot_float(const float *x, int XR, int64_t mr, int NR, int64_t K, con
         for (int m = 0; m < XR; m++) xv[m] = _mm512_maskz_loadu_ps(mask, xs[m] + k);
         for (int j = 0; j < NR; j++) {
             __m512 w = load16(rows[j], wtype, k, mask);
-            for (int m = 0; m < XR; m++) a[0][m + j] = _mm512_fmadd_ps(w, xv[m], a[0][m + j]);
+            for (int m = 0; m < XR; m++) a[0][m * NR + j] = _mm512_fmadd_ps(w, xv[m], a[0][m * NR + j]);
         }
     }
-    for (int c = 0; c < XR + NR - 1; c++) {
+    for (int c = 0; c < XR * NR; c++) {
         __m512 s = a[0][c];
         for (int u = 1; u < UNROLL; u++) s = _mm512_add_ps(s, a[u][c]);
         acc[c] = _mm512_reduce_add_ps(s);
@@ -122,7 +123,7 @@ INLINE void dot_float(const float *x, int XR, int64_t mr, int NR, int64_t K, con
             float s = 0.0f;
             for (int64_t k = 0; k < K; k++)
                 s += xm[k] * (wtype == 0 ? ((const float *)rows[j])[k] : bf16_to_f32(((const uint16_t *)rows[j])[k]));
-            acc[m + j] = s;
+            acc[m * NR + j] = s;
         }
 }
 #endif
@@ -207,7 +208,7 @@ INLINE void dot_i8(const Int8Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
     }
     __m512i lo[UNROLL][LANES], hi[UNROLL][LANES];
     for (int u = 0; u < UNROLL; u++)
-        for (int c = 0; c < XR + NR - 1; c++) lo[u][c] = hi[u][c] = _mm512_setzero_si512();
+        for (int c = 0; c < XR * NR; c++) lo[u][c] = hi[u][c] = _mm512_setzero_si512();
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     int64_t k = 0;
     for (; k + 64 * UNROLL <= K; k += 64 * UNROLL)
@@ -221,8 +222,8 @@ INLINE void dot_i8(const Int8Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
                 __m512i w = _mm512_loadu_si512((const void *)(rows[j] + i));
                 __m512i wu = _mm512_xor_si512(w, flip); /* w + 128 as unsigned bytes */
                 for (int m = 0; m < XR; m++) {
-                    lo[u][m + j] = _mm512_dpbusd_epi32(lo[u][m + j], xl[m], w);
-                    hi[u][m + j] = _mm512_dpbusd_epi32(hi[u][m + j], wu, xh[m]);
+                    lo[u][m * NR + j] = _mm512_dpbusd_epi32(lo[u][m * NR + j], xl[m], w);
+                    hi[u][m * NR + j] = _mm512_dpbusd_epi32(hi[u][m * NR + j], wu, xh[m]);
                 }
             }
         }
@@ -235,22 +236,22 @@ INLINE void dot_i8(const Int8Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
             __m512i w = _mm512_maskz_loadu_epi8(mask, rows[j] + k);
             __m512i wu = _mm512_xor_si512(w, flip);
             for (int m = 0; m < XR; m++) {
-                lo[0][m + j] = _mm512_dpbusd_epi32(lo[0][m + j], xl[m], w);
-                hi[0][m + j] = _mm512_dpbusd_epi32(hi[0][m + j], wu, xh[m]);
+                lo[0][m * NR + j] = _mm512_dpbusd_epi32(lo[0][m * NR + j], xl[m], w);
+                hi[0][m * NR + j] = _mm512_dpbusd_epi32(hi[0][m * NR + j], wu, xh[m]);
             }
         }
     }
     for (int u = 1; u < UNROLL; u++)
-        for (int c = 0; c < XR + NR - 1; c++)
+        for (int c = 0; c < XR * NR; c++)
             lo[0][c] = _mm512_add_epi32(lo[0][c], lo[u][c]), hi[0][c] = _mm512_add_epi32(hi[0][c], hi[u][c]);
     for (int m = 0; m < XR; m++)
         for (int j = 0; j < NR; j++) {
-            uint32_t h = (uint32_t)_mm512_reduce_add_epi32(hi[0][m + j]) - 128u * (uint32_t)xr->hsum[m0 + (m < mr ? m : 0)];
-            acc[m + j] = (int32_t)(256u * h + (uint32_t)_mm512_reduce_add_epi32(lo[0][m + j]));
+            uint32_t h = (uint32_t)_mm512_reduce_add_epi32(hi[0][m * NR + j]) - 128u * (uint32_t)xr->hsum[m0 + (m < mr ? m : 0)];
+            acc[m * NR + j] = (int32_t)(256u * h + (uint32_t)_mm512_reduce_add_epi32(lo[0][m * NR + j]));
         }
 }
 #else
-/* int8: acc[m + j] = Σ_k xq[m, k]·row_j[k], exactly */
+/* int8: acc[m·NR + j] = Σ_k xq[m, k]·row_j[k], exactly */
 INLINE void dot_i8(const Int8Rows *xr, int64_t m0, int XR, int64_t mr, int NR, int64_t K, const int8_t *const *rows,
                    int32_t acc[LANES]) {
     const int16_t *xs[XROWS];
@@ -258,24 +259,24 @@ INLINE void dot_i8(const Int8Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
 #ifdef INT_KERNELS
     __m512i a[UNROLL][LANES];
     for (int u = 0; u < UNROLL; u++)
-        for (int c = 0; c < XR + NR - 1; c++) a[u][c] = _mm512_setzero_si512();
+        for (int c = 0; c < XR * NR; c++) a[u][c] = _mm512_setzero_si512();
     int64_t k = 0;
     for (; k + 32 * UNROLL <= K; k += 32 * UNROLL)
         for (int u = 0; u < UNROLL; u++)
             for (int j = 0; j < NR; j++) {
                 __m512i w = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(rows[j] + k + 32 * u)));
                 for (int m = 0; m < XR; m++)
-                    a[u][m + j] = madd16(a[u][m + j], w, _mm512_loadu_si512((const void *)(xs[m] + k + 32 * u)));
+                    a[u][m * NR + j] = madd16(a[u][m * NR + j], w, _mm512_loadu_si512((const void *)(xs[m] + k + 32 * u)));
             }
     for (; k < K; k += 32) {
         __mmask32 mask = K - k >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (K - k)) - 1);
         for (int j = 0; j < NR; j++) {
             __m512i w = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mask, rows[j] + k));
             for (int m = 0; m < XR; m++)
-                a[0][m + j] = madd16(a[0][m + j], w, _mm512_maskz_loadu_epi16(mask, xs[m] + k));
+                a[0][m * NR + j] = madd16(a[0][m * NR + j], w, _mm512_maskz_loadu_epi16(mask, xs[m] + k));
         }
     }
-    for (int c = 0; c < XR + NR - 1; c++) {
+    for (int c = 0; c < XR * NR; c++) {
         __m512i t = a[0][c];
         for (int u = 1; u < UNROLL; u++) t = _mm512_add_epi32(t, a[u][c]);
         acc[c] = _mm512_reduce_add_epi32(t);
@@ -285,7 +286,7 @@ INLINE void dot_i8(const Int8Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
         for (int j = 0; j < NR; j++) {
             int32_t s = 0;
             for (int64_t k = 0; k < K; k++) s += (int32_t)xs[m][k] * rows[j][k];
-            acc[m + j] = s;
+            acc[m * NR + j] = s;
         }
 #endif
 }
@@ -298,7 +299,7 @@ typedef struct {
     float *sxb, *xsum;
 } Int4Rows;
 
-/* int4 against 8-bit activations: acc[m + j] = Σ_g s_g·sxb[m, g]·Σ_{k∈g} x8[m, k]·q_k + Σ_g (z_g − 8·s_g)·xsum[m, g]
+/* int4 against 8-bit activations: acc[m·NR + j] = Σ_g s_g·sxb[m, g]·Σ_{k∈g} x8[m, k]·q_k + Σ_g (z_g − 8·s_g)·xsum[m, g]
  * over row j's Kp/32 groups (K rounded up to 256; the padding holds zero codes, scales and activations). Codes and
  * activations are in the block order (see the header): 32-bit lane l of each 64-byte vector holds four inputs of
  * group l mod 8, so a block's four vpdpbusd sum into one vector of per-group integers, converted and scaled once. */
@@ -313,7 +314,7 @@ INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
     }
 #ifdef INT_KERNELS
     __m512 f[LANES], fz[LANES];
-    for (int c = 0; c < XR + NR - 1; c++) f[c] = fz[c] = _mm512_setzero_ps();
+    for (int c = 0; c < XR * NR; c++) f[c] = fz[c] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(15);
     for (int64_t gb = 0; gb < Gp; gb += 16) { /* 16 groups (2 blocks): their scales and zeros in one vector each */
         int64_t ng = Gp - gb < 16 ? Gp - gb : 16;
@@ -324,8 +325,8 @@ INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
             __m512 zv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(gm, z[j] + gb)), 16));
             __m512 cv = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sv, zv);
             for (int m = 0; m < XR; m++) {
-                fz[m + j] = _mm512_fmadd_ps(cv, _mm512_maskz_loadu_ps(gm, xt[m] + gb), fz[m + j]);
-                svm[m + j] = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(gm, sb[m] + gb));
+                fz[m * NR + j] = _mm512_fmadd_ps(cv, _mm512_maskz_loadu_ps(gm, xt[m] + gb), fz[m * NR + j]);
+                svm[m * NR + j] = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(gm, sb[m] + gb));
             }
         }
         for (int64_t b = 0; b < ng / 8; b++) { /* blocks of 256 inputs = 8 groups = two 64-byte loads of codes */
@@ -348,14 +349,14 @@ INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
                     p = dot4(p, lo1, x2[m]);
                     p = dot4(p, hi1, x3[m]);
                     /* lanes l and l + 8 scale by group l's s·sxb: this block's half of svm, in both halves */
-                    __m512 sc = b == 0 ? _mm512_shuffle_f32x4(svm[m + j], svm[m + j], 0x44)
-                                       : _mm512_shuffle_f32x4(svm[m + j], svm[m + j], 0xEE);
-                    f[m + j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, f[m + j]);
+                    __m512 sc = b == 0 ? _mm512_shuffle_f32x4(svm[m * NR + j], svm[m * NR + j], 0x44)
+                                       : _mm512_shuffle_f32x4(svm[m * NR + j], svm[m * NR + j], 0xEE);
+                    f[m * NR + j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, f[m * NR + j]);
                 }
             }
         }
     }
-    for (int c = 0; c < XR + NR - 1; c++) acc[c] = _mm512_reduce_add_ps(_mm512_add_ps(f[c], fz[c]));
+    for (int c = 0; c < XR * NR; c++) acc[c] = _mm512_reduce_add_ps(_mm512_add_ps(f[c], fz[c]));
 #else
     for (int m = 0; m < XR; m++)
         for (int j = 0; j < NR; j++) {
@@ -372,7 +373,7 @@ INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
                 float sg = bf16_to_f32(s[j][g]), zg = bf16_to_f32(z[j][g]);
                 total += sg * sb[m][g] * (float)sum + (zg - 8.0f * sg) * xt[m][g];
             }
-            acc[m + j] = total;
+            acc[m * NR + j] = total;
         }
 #endif
 }
@@ -445,7 +446,7 @@ typedef struct {
     Int4Rows i4; /* and for int4 */
 } Product;
 
-/* outputs of activation rows m0.. m0+mr-1 against weight rows n[0..NR-1] (XR, NR constants, one of them 1) */
+/* outputs of activation rows m0.. m0+mr-1 against weight rows n[0..NR-1] (XR, NR constants) */
 INLINE void product_block(const Product *p, const int64_t *n, int XR, int NR, int64_t m0, int64_t mr) {
     const int64_t K = p->K;
     float out[LANES];
@@ -464,7 +465,7 @@ INLINE void product_block(const Product *p, const int64_t *n, int XR, int NR, in
         dot_i8(&p->i8, m0, XR, mr, NR, K, rows, acc);
         const float *scale = p->scale;
         for (int m = 0; m < XR; m++)
-            for (int j = 0; j < NR; j++) out[m + j] = (float)acc[m + j] * (p->i8.sx[m0 + (m < mr ? m : 0)] * scale[n[j]]);
+            for (int j = 0; j < NR; j++) out[m * NR + j] = (float)acc[m * NR + j] * (p->i8.sx[m0 + (m < mr ? m : 0)] * scale[n[j]]);
     } else {
         const int64_t Kp = (K + 255) / 256 * 256, Gp = Kp / GROUP;
         const uint8_t *codes[STREAMS];
@@ -477,28 +478,39 @@ INLINE void product_block(const Product *p, const int64_t *n, int XR, int NR, in
     }
     for (int64_t m = 0; m < mr; m++)
         for (int j = 0; j < NR; j++)
-            p->y[(m0 + m) * p->ldy + n[j]] = activate(out[m + j] + (p->bias ? p->bias[n[j]] : 0.0f), p->act);
+            p->y[(m0 + m) * p->ldy + n[j]] = activate(out[m * NR + j] + (p->bias ? p->bias[n[j]] : 0.0f), p->act);
 }
 
 static void product_rows(const Product *p, const int64_t *n, int nr) {
     for (int64_t m0 = 0; m0 < p->M; m0 += XROWS) {
         int64_t mr = p->M - m0 < XROWS ? p->M - m0 : XROWS;
-        if (nr > 1)
+        /* 1, 2 or XROWS activation rows at once: rows past mr would repeat row 0's arithmetic for nothing */
+        if (nr == 1) {
+            if (mr == 1)
+                product_block(p, n, 1, 1, m0, 1);
+            else if (mr == 2)
+                product_block(p, n, 2, 1, m0, 2);
+            else
+                product_block(p, n, XROWS, 1, m0, mr);
+        } else if (p->M == 1)
             product_block(p, n, 1, STREAMS, m0, 1);
         else if (mr == 1)
-            product_block(p, n, 1, 1, m0, 1);
+            product_block(p, n, 1, BATCH_STREAMS, m0, 1);
+        else if (mr == 2)
+            product_block(p, n, 2, BATCH_STREAMS, m0, 2);
         else
-            product_block(p, n, XROWS, 1, m0, mr);
+            product_block(p, n, XROWS, BATCH_STREAMS, m0, mr);
     }
 }
 
-/* Each thread takes a contiguous range of output rows. With one activation row it reads its range as STREAMS
- * sub-ranges side by side (rows i, i + q, i + 2q, … of it together, the activation loads shared): one sequential
- * stream per sub-range, where a single stream a core leaves Sapphire Rapids' memory bandwidth unused (1.2–1.3×
- * on GPT-2 small's matrices; adjacent rows side by side gained nothing). */
+/* Each thread takes a contiguous range of output rows and reads it as S sub-ranges side by side (rows i, i + q,
+ * i + 2q, … of it together, the activation loads shared): one sequential stream per sub-range, where a single
+ * stream a core leaves Sapphire Rapids' memory bandwidth unused (1.2–1.3× with one activation row on GPT-2
+ * small's matrices; adjacent rows side by side gained nothing). S = STREAMS for one activation row, BATCH_STREAMS
+ * for more (1.2–1.4× at 2–16 fp32 / bf16 rows; 4 × 4 sums would not fit the registers). */
 static void run_product(const Product *p, int threads) {
     const int64_t N = p->N;
-    const int T = threads > 1 && N > 1 ? threads : 1, S = p->M == 1 ? STREAMS : 1;
+    const int T = threads > 1 && N > 1 ? threads : 1, S = p->M == 1 ? STREAMS : BATCH_STREAMS;
 #pragma omp parallel for schedule(static, 1) num_threads(T) if (T > 1)
     for (int t = 0; t < T; t++) {
         const int64_t n0 = N * t / T, n1 = N * (t + 1) / T, q = (n1 - n0) / S;

@@ -42,7 +42,7 @@ def test_linear_equals_the_float64_product_and_a_row_alone_equals_its_batch(wtyp
         used = ((x / step).round() * step).double()
         assert (used - x).abs().max() <= 0.5 * step.max() * 1.0001
     expected = used @ deq.T + bias.double()
-    for rows in (1, 3, 4, 5, 16):
+    for rows in (1, 2, 3, 4, 5, 16):
         got = native.linear(
             x[:rows], w, wtype=native.WEIGHT_TYPES[wtype], out_features=n, bias=bias, scale=scale
         )
@@ -98,7 +98,7 @@ def test_one_weight_stream_a_thread_gives_the_same_bits(tmp_path):
     n, k = 203, 300  # rows not a multiple of threads × streams; inputs with a masked tail
     x, w = torch.randn(3, k), torch.randn(n, k)
     for inputs, weight, wtype, extra in every_format(x, w, 256):
-        for rows in (1, 3):
+        for rows in (1, 2, 3, 6):
             args = dict(wtype=wtype, out_features=n, bias=torch.randn(n), **extra)
             a = native.linear(inputs[:rows], weight, lib=one, **args)
             b = native.linear(inputs[:rows], weight, lib=many, **args)
