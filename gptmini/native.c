@@ -642,6 +642,83 @@ static inline float dot_cached(const float *q, const void *c, int bf16, int64_t 
     return s;
 }
 
+#ifdef __AVX512F__
+/* The lane sums of n ≤ 4 vectors, each by _mm512_reduce_add_ps's tree (lanes i + 8, then i + 4, then 0 + 2 and
+ * 1 + 3, then both), the shuffles shared four at a time: the same bits as that intrinsic. */
+static inline void sum_lanes4(const __m512 v[4], float out[4]) {
+    __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44), _mm512_shuffle_f32x4(v[0], v[1], 0xEE));
+    __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x44), _mm512_shuffle_f32x4(v[2], v[3], 0xEE));
+    __m512 s4 = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+    __m512 t = _mm512_add_ps(s4, _mm512_permute_ps(s4, 0x4E));
+    __m512 u = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));
+    float lanes[16];
+    _mm512_storeu_ps(lanes, u);
+    out[0] = lanes[0], out[1] = lanes[4], out[2] = lanes[8], out[3] = lanes[12];
+}
+#endif
+
+/* p[t] = q · key t · scale for the n cached keys from `base` (each as dot_cached sums it, four keys at a time where
+ * D allows); returns the largest. */
+static float attention_scores(const float *q, const void *k, int bf16, int64_t base, int64_t n, int64_t D,
+                              float scale, float *p) {
+    float top = -INFINITY;
+    int64_t t = 0;
+#ifdef __AVX512F__
+    if (D % 16 == 0)
+        for (; t + 4 <= n; t += 4) {
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t i = 0; i < D; i += 16) {
+                __m512 qv = _mm512_loadu_ps(q + i);
+                for (int r = 0; r < 4; r++) {
+                    int64_t at = base + (t + r) * D;
+                    __m512 kv = bf16 ? load16((const uint16_t *)k + at, 1, i, (__mmask16)0xFFFF)
+                                     : _mm512_loadu_ps((const float *)k + at + i);
+                    acc[r] = _mm512_fmadd_ps(qv, kv, acc[r]);
+                }
+            }
+            float dots[4];
+            sum_lanes4(acc, dots);
+            for (int r = 0; r < 4; r++) {
+                p[t + r] = dots[r] * scale;
+                if (p[t + r] > top) top = p[t + r];
+            }
+        }
+#endif
+    for (; t < n; t++) {
+        p[t] = dot_cached(q, k, bf16, base + t * D, D) * scale;
+        if (p[t] > top) top = p[t];
+    }
+    return top;
+}
+
+/* out[i] = Σ_t (p[t] / sum)·value t [i] over the n cached values from `base`, t in order (a product, then a sum,
+ * as the plain loop compiles without contraction), 16 lanes at a time where D allows. */
+static void attention_values(const float *p, float sum, const void *v, int bf16, int64_t base, int64_t n, int64_t D,
+                             float *out) {
+#ifdef __AVX512F__
+    if (D % 16 == 0 && D <= 256) {
+        __m512 o[16];
+        for (int64_t c = 0; c < D / 16; c++) o[c] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n; t++) {
+            __m512 w = _mm512_set1_ps(p[t] / sum);
+            int64_t at = base + t * D;
+            for (int64_t c = 0; c < D / 16; c++) {
+                __m512 vv = bf16 ? load16((const uint16_t *)v + at, 1, 16 * c, (__mmask16)0xFFFF)
+                                 : _mm512_loadu_ps((const float *)v + at + 16 * c);
+                o[c] = _mm512_add_ps(o[c], _mm512_mul_ps(w, vv));
+            }
+        }
+        for (int64_t c = 0; c < D / 16; c++) _mm512_storeu_ps(out + 16 * c, o[c]);
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
+    for (int64_t t = 0; t < n; t++) {
+        float w = p[t] / sum;
+        for (int64_t i = 0; i < D; i++) out[i] += w * cache_at(v, bf16, base + t * D + i);
+    }
+}
+
 /* logits [T, head.n_out] of `tokens` [T] at positions pos.. pos+T-1 (token j sees positions 0..pos+j); writes
  * their keys and values into the cache. `work`: T·10·n_embd + n_head·max_len floats. */
 void gm_decode(const GmModel *m, const int64_t *tokens, int64_t T, int64_t pos, float *logits, float *work,
@@ -684,19 +761,11 @@ void gm_decode(const GmModel *m, const int64_t *tokens, int64_t T, int64_t pos, 
             for (int64_t hd = 0; hd < H; hd++) {
                 /* softmax(q·Kᵀ/√D)·V, in fp32 */
                 const float *qh = qkv + j * 3 * C + hd * D;
-                float *p = probs + hd * L, top = -INFINITY, sum = 0.0f;
-                for (int64_t t = 0; t <= last; t++) {
-                    p[t] = dot_cached(qh, ly->k_cache, (int)m->cache_bf16, (hd * L + t) * D, D) * inv_sqrt_d;
-                    if (p[t] > top) top = p[t];
-                }
+                float *p = probs + hd * L, sum = 0.0f;
+                const int bf16 = (int)m->cache_bf16;
+                float top = attention_scores(qh, ly->k_cache, bf16, hd * L * D, last + 1, D, inv_sqrt_d, p);
                 for (int64_t t = 0; t <= last; t++) sum += (p[t] = expf(p[t] - top));
-                float *out = att + j * C + hd * D;
-                for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
-                for (int64_t t = 0; t <= last; t++) {
-                    float w = p[t] / sum;
-                    int64_t base = (hd * L + t) * D;
-                    for (int64_t i = 0; i < D; i++) out[i] += w * cache_at(ly->v_cache, (int)m->cache_bf16, base + i);
-                }
+                attention_values(p, sum, ly->v_cache, bf16, hd * L * D, last + 1, D, att + j * C + hd * D);
             }
         }
         apply_linear(&ly->attn_proj, att, T, h, 0, threads);
