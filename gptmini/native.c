@@ -295,6 +295,7 @@ INLINE void dot_i8(const Int8Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
 /* int4's activations: x8 [M, Kp] as int8 per group of 32 inputs against the group's largest value (llama.cpp's
  * Q8_0), in the block order; the groups' steps sxb [M, Kp/32] and their sums in real units xsum = sxb·Σ x8. */
 typedef struct {
+    int64_t Kp; /* K rounded up to a whole block */
     int8_t *x8;
     float *sxb, *xsum;
 } Int4Rows;
@@ -467,7 +468,7 @@ INLINE void product_block(const Product *p, const int64_t *n, int XR, int NR, in
         for (int m = 0; m < XR; m++)
             for (int j = 0; j < NR; j++) out[m * NR + j] = (float)acc[m * NR + j] * (p->i8.sx[m0 + (m < mr ? m : 0)] * scale[n[j]]);
     } else {
-        const int64_t Kp = (K + 255) / 256 * 256, Gp = Kp / GROUP;
+        const int64_t Kp = p->i4.Kp, Gp = Kp / GROUP;
         const uint8_t *codes[STREAMS];
         const uint16_t *s[STREAMS], *z[STREAMS];
         for (int j = 0; j < NR; j++) {
@@ -536,7 +537,8 @@ static void linear_act(const float *x, int64_t M, int64_t K, const void *W, int 
         split_bytes(&p.i8, M, K);
 #endif
     } else if (wtype == INT4) {
-        const int64_t Kp = (K + 255) / 256 * 256, Gp = Kp / GROUP;
+        const int64_t Kp = (K + 255) / 256 * 256, Gp = Kp / GROUP; /* blocks of 256 inputs */
+        p.i4.Kp = Kp;
         p.i4.x8 = aligned_alloc(64, (size_t)(M * Kp));
         p.i4.sxb = malloc((size_t)(M * Gp) * sizeof(float)), p.i4.xsum = malloc((size_t)(M * Gp) * sizeof(float));
         quantize_blocks(x, M, K, Kp, p.i4.x8, p.i4.sxb, p.i4.xsum);
@@ -643,7 +645,7 @@ static inline float dot_cached(const float *q, const void *c, int bf16, int64_t 
 }
 
 #ifdef __AVX512F__
-/* The lane sums of n ≤ 4 vectors, each by _mm512_reduce_add_ps's tree (lanes i + 8, then i + 4, then 0 + 2 and
+/* The lane sums of four vectors, each by _mm512_reduce_add_ps's tree (lanes i + 8, then i + 4, then 0 + 2 and
  * 1 + 3, then both), the shuffles shared four at a time: the same bits as that intrinsic. */
 static inline void sum_lanes4(const __m512 v[4], float out[4]) {
     __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44), _mm512_shuffle_f32x4(v[0], v[1], 0xEE));
