@@ -96,7 +96,7 @@ def test_one_weight_stream_a_thread_gives_the_same_bits(tmp_path):
     one, many = native.load(tmp_path / "one.so"), native.load(tmp_path / "many.so")
     torch.manual_seed(2)
     n, k = 203, 300  # rows not a multiple of threads × streams; inputs with a masked tail
-    x, w = torch.randn(3, k), torch.randn(n, k)
+    x, w = torch.randn(6, k), torch.randn(n, k)
     for inputs, weight, wtype, extra in every_format(x, w, 256):
         for rows in (1, 2, 3, 6):
             args = dict(wtype=wtype, out_features=n, bias=torch.randn(n), **extra)
