@@ -45,24 +45,32 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_signature() -> str:
-    """What `-march=native` depends on: the CPU's model and feature flags."""
+def _cpuinfo() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo ({} where there is none)."""
+    fields: dict[str, str] = {}
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
-        return "\n".join(lines)
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, sep, value = line.partition(":")
+            if not sep:
+                if fields:
+                    break  # the blank line after the first CPU
+                continue
+            fields.setdefault(name.strip(), value.strip())
     except OSError:
+        pass
+    return fields
+
+
+def _cpu_signature() -> str:
+    """What the build depends on: the CPU's vendor (the streams a thread reads), model and feature flags."""
+    info = _cpuinfo()
+    if not info:
         return platform.processor() + platform.machine()
+    return "\n".join(info.get(k, "") for k in ("vendor_id", "model name", "flags"))
 
 
 def _cpu_vendor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return _cpuinfo().get("vendor_id", "")
 
 
 def build(
