@@ -13,9 +13,10 @@
  *     its own largest value (a step of 1/16383 of it), and the dot products are exact int32 sums of int8 × int16
  *     products, scaled once (with VNNI as two u8 × s8 vpdpbusd over the activations' high and low bytes, 64
  *     products each; without, widened to int16);
- *   3 int4: codes q ∈ 0…15 with a bf16 scale s and zero z per group of 32 inputs, w = (q − 8)·s + z, against
- *     activations rounded to int8 per group (llama.cpp's Q4 × Q8_0: u8 × s8 products, 64 per vpdpbusd),
- *     Σ_k x·w = Σ_g [s_g·sx_g·Σ_{k∈g} xq·q + (z_g − 8·s_g)·Σ_{k∈g} x]. Rows are padded to a multiple of 256
+ *   3 int4: codes q ∈ 0…15 with a bf16 scale s and zero z per group of G = 32, 64 or 128 inputs,
+ *     w = (q − 8)·s + z, against activations rounded to int8 per 32 inputs (llama.cpp's Q4 × Q8_0: u8 × s8
+ *     products, 64 per vpdpbusd), Σ_k x·w = Σ_b [s_g·sx_b·Σ_{k∈b} xq·q + (z_g − 8·s_g)·Σ_{k∈b} x] over the runs b
+ *     of 32 inputs, g the group holding b. Rows are padded to a multiple of 256
  *     inputs (zero codes, scales and activations). In the block order, each block of 256 inputs (8 groups) is
  *     32 runs of 4 inputs, transposed: run w of group g at position 8·w + g, so that 32-bit lane l of each of
  *     the block's four 64-byte vectors holds 4 inputs of group l mod 8. Codes and activations are stored in
@@ -44,7 +45,7 @@
 #define INT8 2
 #define INT4 3
 #define UNROLL 2 /* independent sums per float dot product: 2 fastest here (Zen 4), 4 and 8 slower */
-#define GROUP 32 /* int4 inputs per scale and zero */
+#define GROUP 32 /* int4 inputs per activation step; a weight group is 1, 2 or 4 of them */
 #define AHEAD 4096 /* bytes a stream prefetches ahead: 1.3× the read rate of none on Sapphire Rapids; 8192 2–5 % slower with 4 streams */
 #define XQ_MAX 16383.0f /* int16 activations: room for K up to 2^31 / (2·127·16383)·32 ≈ 16,500 inputs */
 #define INLINE static inline __attribute__((always_inline))
@@ -296,16 +297,18 @@ INLINE void dot_i8(const Int8Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
  * Q8_0), in the block order; the groups' steps sxb [M, Kp/32] and their sums in real units xsum = sxb·Σ x8. */
 typedef struct {
     int64_t Kp; /* K rounded up to a whole block */
+    int sh;     /* weight groups of 32 << sh inputs */
     int8_t *x8;
     float *sxb, *xsum;
 } Int4Rows;
 
-/* int4 against 8-bit activations: acc[m·NR + j] = Σ_g s_g·sxb[m, g]·Σ_{k∈g} x8[m, k]·q_k + Σ_g (z_g − 8·s_g)·xsum[m, g]
- * over row j's Kp/32 groups (K rounded up to 256; the padding holds zero codes, scales and activations). Codes and
- * activations are in the block order (see the header): 32-bit lane l of each 64-byte vector holds four inputs of
- * group l mod 8, so a block's four vpdpbusd sum into one vector of per-group integers, converted and scaled once. */
-INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, int64_t Kp, const uint8_t *const *codes,
-                   const uint16_t *const *s, const uint16_t *const *z, float acc[LANES]) {
+/* int4 against 8-bit activations: acc[m·NR + j] = Σ_b s_g·sxb[m, b]·Σ_{k∈b} x8[m, k]·q_k + Σ_b (z_g − 8·s_g)·xsum[m, b]
+ * over row j's Kp/32 runs b of 32 inputs, g = b >> sh the weight group (of 32 << sh inputs) holding b; K rounded
+ * up to 256, the padding holding zero codes, scales and activations. Codes and activations are in the block order
+ * (see the header): 32-bit lane l of each 64-byte vector holds four inputs of run l mod 8, so a block's four
+ * vpdpbusd sum into one vector of per-run integers, converted and scaled once. */
+INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, int64_t Kp, int sh,
+                   const uint8_t *const *codes, const uint32_t *const *sz, float acc[LANES]) {
     const int64_t Gp = Kp / GROUP;
     const int8_t *xs[XROWS];
     const float *sb[XROWS], *xt[XROWS];
@@ -317,13 +320,17 @@ INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
     __m512 f[LANES], fz[LANES];
     for (int c = 0; c < XR * NR; c++) f[c] = fz[c] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(15);
-    for (int64_t gb = 0; gb < Gp; gb += 16) { /* 16 groups (2 blocks): their scales and zeros in one vector each */
+    const __m512i run_group = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), sh);
+    for (int64_t gb = 0; gb < Gp; gb += 16) { /* 16 runs (2 blocks): their scales and zeros in one vector each */
         int64_t ng = Gp - gb < 16 ? Gp - gb : 16;
-        __mmask16 gm = (__mmask16)((1u << ng) - 1);
+        __mmask16 gm = (__mmask16)((1u << ng) - 1), wm = (__mmask16)((1u << (ng >> sh)) - 1);
         __m512 svm[LANES];
         for (int j = 0; j < NR; j++) {
-            __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(gm, s[j] + gb)), 16));
-            __m512 zv = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(gm, z[j] + gb)), 16));
+            /* lane l: the (scale, zero) pair of run gb + l's group, then each as fp32 (a bf16 is its top half) */
+            __m512i pair = _mm512_maskz_loadu_epi32(wm, sz[j] + (gb >> sh));
+            if (sh) pair = _mm512_permutexvar_epi32(run_group, pair);
+            __m512 sv = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+            __m512 zv = _mm512_castsi512_ps(_mm512_and_si512(pair, _mm512_set1_epi32((int)0xFFFF0000u)));
             __m512 cv = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sv, zv);
             for (int m = 0; m < XR; m++) {
                 fz[m * NR + j] = _mm512_fmadd_ps(cv, _mm512_maskz_loadu_ps(gm, xt[m] + gb), fz[m * NR + j]);
@@ -371,7 +378,7 @@ INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
                         uint8_t byte = codes[j][base / 2 + p / 128 * 64 + p % 64];
                         sum += (int32_t)xs[m][base + p] * (p / 64 % 2 ? byte >> 4 : byte & 15);
                     }
-                float sg = bf16_to_f32(s[j][g]), zg = bf16_to_f32(z[j][g]);
+                float sg = bf16_to_f32((uint16_t)sz[j][g >> sh]), zg = bf16_to_f32((uint16_t)(sz[j][g >> sh] >> 16));
                 total += sg * sb[m][g] * (float)sum + (zg - 8.0f * sg) * xt[m][g];
             }
             acc[m * NR + j] = total;
@@ -434,12 +441,13 @@ static void split_bytes(Int8Rows *xr, int64_t M, int64_t K) {
 /* ---- one product, its rows split between the threads ---------------------------------------------------------- */
 
 /* y [M, ldy] (row m's outputs at y + m·ldy) = x [M, K] · Wᵀ (W [N, K] in format wtype) + bias (may be NULL), with
- * the activation `act` fused into the store. int8: `scale` holds the fp32 row scales; int4: `scale` and `zero`
- * the bf16 [N, Kp/32] scales and zeros. */
+ * the activation `act` fused into the store. int8: `scale` holds the fp32 row scales; int4: `scale` the [N, Kp/G]
+ * (scale, zero) pairs of groups of G inputs, each a uint32 with the bf16 scale in its low half, the zero in its high
+ * (one load for both). */
 typedef struct {
     const float *x;
     int64_t M, K, N, ldy;
-    const void *W, *scale, *zero;
+    const void *W, *scale;
     int wtype, act;
     const float *bias;
     float *y;
@@ -468,14 +476,14 @@ INLINE void product_block(const Product *p, const int64_t *n, int XR, int NR, in
         for (int m = 0; m < XR; m++)
             for (int j = 0; j < NR; j++) out[m * NR + j] = (float)acc[m * NR + j] * (p->i8.sx[m0 + (m < mr ? m : 0)] * scale[n[j]]);
     } else {
-        const int64_t Kp = p->i4.Kp, Gp = Kp / GROUP;
+        const int64_t Kp = p->i4.Kp, Gw = Kp / GROUP >> p->i4.sh; /* weight groups a row */
         const uint8_t *codes[STREAMS];
-        const uint16_t *s[STREAMS], *z[STREAMS];
+        const uint32_t *sz[STREAMS];
         for (int j = 0; j < NR; j++) {
             codes[j] = (const uint8_t *)p->W + n[j] * (Kp / 2);
-            s[j] = (const uint16_t *)p->scale + n[j] * Gp, z[j] = (const uint16_t *)p->zero + n[j] * Gp;
+            sz[j] = (const uint32_t *)p->scale + n[j] * Gw;
         }
-        dot_i4(&p->i4, m0, XR, mr, NR, Kp, codes, s, z, out);
+        dot_i4(&p->i4, m0, XR, mr, NR, Kp, p->i4.sh, codes, sz, out);
     }
     for (int64_t m = 0; m < mr; m++)
         for (int j = 0; j < NR; j++)
@@ -525,8 +533,8 @@ static void run_product(const Product *p, int threads) {
 }
 
 static void linear_act(const float *x, int64_t M, int64_t K, const void *W, int wtype, int64_t N, const void *scale,
-                       const void *zero, const float *bias, float *y, int64_t ldy, int act, int threads) {
-    Product p = {x, M, K, N, ldy, W, scale, zero, wtype, act, bias, y, {0}, {0}};
+                       int64_t group, const float *bias, float *y, int64_t ldy, int act, int threads) {
+    Product p = {x, M, K, N, ldy, W, scale, wtype, act, bias, y, {0}, {0}};
     if (wtype == INT8) {
         p.i8.xq = aligned_alloc(64, ((size_t)(M * K) * sizeof(int16_t) + 63) / 64 * 64);
         p.i8.sx = malloc((size_t)M * sizeof(float));
@@ -539,6 +547,7 @@ static void linear_act(const float *x, int64_t M, int64_t K, const void *W, int 
     } else if (wtype == INT4) {
         const int64_t Kp = (K + 255) / 256 * 256, Gp = Kp / GROUP; /* blocks of 256 inputs */
         p.i4.Kp = Kp;
+        while (GROUP << p.i4.sh < group) p.i4.sh++;
         p.i4.x8 = aligned_alloc(64, (size_t)(M * Kp));
         p.i4.sxb = malloc((size_t)(M * Gp) * sizeof(float)), p.i4.xsum = malloc((size_t)(M * Gp) * sizeof(float));
         quantize_blocks(x, M, K, Kp, p.i4.x8, p.i4.sxb, p.i4.xsum);
@@ -548,17 +557,18 @@ static void linear_act(const float *x, int64_t M, int64_t K, const void *W, int 
     free(p.i4.x8), free(p.i4.sxb), free(p.i4.xsum);
 }
 
+/* `group`: int4's inputs per scale and zero (32, 64 or 128), else unused */
 void gm_linear(const float *x, int64_t M, int64_t K, const void *W, int wtype, int64_t N, const void *scale,
-               const void *zero, const float *bias, float *y, int64_t ldy, int threads) {
-    linear_act(x, M, K, W, wtype, N, scale, zero, bias, y, ldy, 0, threads);
+               int64_t group, const float *bias, float *y, int64_t ldy, int threads) {
+    linear_act(x, M, K, W, wtype, N, scale, group, bias, y, ldy, 0, threads);
 }
 
 /* ---- one whole decode step (batch 1, one token), for models whose every linear is in a format above ---------- */
 
 typedef struct {
     const void *w; /* [n_out, n_in] in format wtype */
-    int64_t wtype, n_out, n_in;
-    const void *scale, *zero; /* int8 / int4 scales, int4 zeros (see gm_linear), else NULL */
+    int64_t wtype, n_out, n_in, group; /* group: int4's inputs per scale and zero */
+    const void *scale;                  /* int8 scales, int4 (scale, zero) pairs (see gm_linear), else NULL */
     const float *bias;        /* or NULL */
 } GmLinear;
 
@@ -581,7 +591,7 @@ typedef struct {
 } GmModel;
 
 static void apply_linear(const GmLinear *l, const float *x, int64_t T, float *y, int act, int threads) {
-    linear_act(x, T, l->n_in, l->w, (int)l->wtype, l->n_out, l->scale, l->zero, l->bias, y, l->n_out, act, threads);
+    linear_act(x, T, l->n_in, l->w, (int)l->wtype, l->n_out, l->scale, l->group, l->bias, y, l->n_out, act, threads);
 }
 
 static void layer_norm(const float *x, int64_t n, const float *w, const float *b, double eps, float *out) {

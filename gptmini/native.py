@@ -28,7 +28,7 @@ import torch.nn.functional as F
 SOURCE = Path(__file__).with_name("native.c")
 WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 INT8, INT4 = 2, 3
-INT4_GROUP = 32  # inputs per int4 scale and zero in native.c
+INT4_GROUPS = (32, 64, 128)  # inputs per int4 scale and zero native.c takes
 # Up to this many activation rows use the kernels; more (a prefill) are matmul-bound: BLAS does them.
 MAX_ROWS = 16
 
@@ -119,7 +119,7 @@ def load(path: Path) -> ctypes.CDLL:
     """A built library with its functions' signatures declared."""
     lib = ctypes.CDLL(str(path))
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.gm_linear.argtypes = [p, i64, i64, p, i32, i64, p, p, p, p, i64, i32]
+    lib.gm_linear.argtypes = [p, i64, i64, p, i32, i64, p, i64, p, p, i64, i32]
     lib.gm_linear.restype = None
     lib.gm_decode.argtypes = [p, p, i64, i64, p, p, i32]
     lib.gm_decode.restype = None
@@ -142,12 +142,12 @@ def linear(
     out_features: int,
     bias: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
-    zero: torch.Tensor | None = None,
     lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
     """`x [..., K]` (fp32) times the stored weight: fp32 `[..., out_features]`. All tensors contiguous, on the CPU.
 
-    int8: `scale` holds the fp32 scale of each output row. int4: `weight`, `scale` and `zero` are `pack_int4`'s.
+    int8: `scale` holds the fp32 scale of each output row. int4: `weight` and `scale` are `pack_int4`'s codes and
+    (scale, zero) pairs (the group size follows from their shapes).
     """
     lib = lib or library()
     rows = x.reshape(-1, x.shape[-1])
@@ -162,7 +162,7 @@ def linear(
         wtype,
         out_features,
         _ptr(scale),
-        _ptr(zero),
+        int4_group(weight, scale) if wtype == INT4 else 0,
         _ptr(bias),
         y.data_ptr(),
         out_features,
@@ -171,24 +171,28 @@ def linear(
     return y.view(*x.shape[:-1], out_features)
 
 
-def pack_int4(
-    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Codes `q` (uint8 0…15, `[N, K]`, K a multiple of 32) and their per-32 scales and zeros (`[N, K/32]`) in
-    `native.c`'s int4 layout: rows padded with zeros to a multiple of 256 inputs, each block of 256 in the block order
-    (its 8 groups' runs of 4 codes transposed, run w of group g at 8·w + g), two codes per byte (byte j of a block's
-    128 holds codes j and j + 64 of its half), scales and zeros as bf16."""
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes `q` (uint8 0…15, `[N, K]`) and the scales and zeros of their groups of G inputs (`[N, K/G]`, G one of
+    `INT4_GROUPS`, K a multiple of G) in `native.c`'s int4 layout: rows padded with zeros to a multiple of 256
+    inputs, each block of 256 in the block order (its 8 runs of 32 inputs cut into 4-code pieces and transposed,
+    piece w of run r at 8·w + r), two codes per byte (byte j of a block's 128 holds codes j and j + 64 of its half),
+    and each group's scale and zero as one int32 `[N, Kp/G]`: the bf16 scale in its low half, the zero in its high."""
     n, k = q.shape
+    group = k // scale.shape[1]
+    if group not in INT4_GROUPS or k % group:
+        raise ValueError(f"int4 groups of {group} inputs over {k}: the kernel takes {INT4_GROUPS}")
     kp = -(-k // 256) * 256
-    runs = F.pad(q, (0, kp - k)).reshape(n, kp // 256, 8, 8, 4)  # [row, block, group, run, 4 codes]
+    runs = F.pad(q, (0, kp - k)).reshape(n, kp // 256, 8, 8, 4)  # [row, block, run, piece, 4 codes]
     ordered = runs.transpose(2, 3).reshape(n, kp // 256, 2, 2, 64)  # [row, block, half, nibble, 64]
     codes = (ordered[..., 0, :] | (ordered[..., 1, :] << 4)).reshape(n, kp // 2).contiguous()
-    pad = (0, (kp - k) // INT4_GROUP)
-    return (
-        codes,
-        F.pad(scale.float(), pad).bfloat16().contiguous(),
-        F.pad(zero.float(), pad).bfloat16().contiguous(),
-    )
+    pad = (0, (kp - k) // group)
+    bits = [F.pad(t.float(), pad).bfloat16().view(torch.int16).int() & 0xFFFF for t in (scale, zero)]
+    return codes, (bits[0] | (bits[1] << 16)).contiguous()
+
+
+def int4_group(codes: torch.Tensor, scale: torch.Tensor) -> int:
+    """The group size of `pack_int4`'s packed codes and scales (rows of Kp/2 bytes, Kp/G scales)."""
+    return codes.shape[-1] * 2 // scale.shape[-1]
 
 
 # ---- the whole decode step ------------------------------------------------------------------------------------
@@ -200,8 +204,8 @@ class _Linear(ctypes.Structure):
         ("wtype", ctypes.c_int64),
         ("n_out", ctypes.c_int64),
         ("n_in", ctypes.c_int64),
+        ("group", ctypes.c_int64),
         ("scale", ctypes.c_void_p),
-        ("zero", ctypes.c_void_p),
         ("bias", ctypes.c_void_p),
     ]
 
@@ -231,16 +235,17 @@ class _Model(ctypes.Structure):
 
 def _weights_of(
     module: torch.nn.Module,
-) -> tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor | None] | None:
-    """(weight, format, scales, zeros) of a linear the C step can run, else None."""
+) -> tuple[torch.Tensor, int, torch.Tensor | None] | None:
+    """(weight, format, scales: int8's per row, int4's (scale, zero) pairs) of a linear the C step can run, else
+    None."""
     from gptmini.quantize import Int4Linear, Int8Linear, NativeLinear
 
     if isinstance(module, Int8Linear):
-        return (module.qweight, INT8, module.scale, None) if module._native else None
+        return (module.qweight, INT8, module.scale) if module._native else None
     if isinstance(module, Int4Linear):
-        return (module.codes, INT4, module.scales, module.zeros) if module._native else None
+        return (module.codes, INT4, module.scale_zero) if module._native else None
     if isinstance(module, (NativeLinear, torch.nn.Linear)) and module.weight.dtype in WEIGHT_TYPES:
-        return module.weight, WEIGHT_TYPES[module.weight.dtype], None, None
+        return module.weight, WEIGHT_TYPES[module.weight.dtype], None
     return None
 
 
@@ -260,7 +265,7 @@ class DecodeStep:
         f32 = lambda t: None if t is None else self._hold(t.detach().float().contiguous())  # noqa: E731
 
         def lin(module: torch.nn.Module) -> _Linear:
-            w, wtype, scale, zero = _weights_of(module)
+            w, wtype, scale = _weights_of(module)
             bias = getattr(module, "bias", None)
             hold = lambda t: None if t is None else self._hold(t)  # noqa: E731
             return _Linear(
@@ -268,8 +273,8 @@ class DecodeStep:
                 wtype,
                 module.out_features,
                 module.in_features,
+                int4_group(w, scale) if wtype == INT4 else 0,
                 hold(scale),
-                hold(zero),
                 f32(bias),
             )
 

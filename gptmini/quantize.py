@@ -162,17 +162,17 @@ class Int4Linear(nn.Module):
         self.activations = activations
         q, scale, zero = int4_quantize(linear.weight, group_size)
         self.bias = None if linear.bias is None else linear.bias.detach().float()
-        # The native kernel (groups of 32, activations as int8 per block of 32) takes every row count, so a token
+        # The native kernel (groups of 32-128, activations as int8 per 32) takes every row count, so a token
         # decoded alone gets the bits it gets in a prefill; `activations=torch.float32` asks for ATen's exact loop.
         self._native = (
-            native.available() and group_size == native.INT4_GROUP and activations == torch.bfloat16
+            native.available() and group_size in native.INT4_GROUPS and activations == torch.bfloat16
         )
         if self._native:
-            self.codes, self.scales, self.zeros = native.pack_int4(q, scale, zero)
+            self.codes, self.scale_zero = native.pack_int4(q, scale, zero)
         else:
             self._packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             # The kernel's layout: [K/group, N, (scale, zero)].
-            self._scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(activations)
+            self.scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(activations)
         if keep_weight:  # the tied LM head: the embedding lookup keeps the exact matrix
             self.weight = linear.weight
 
@@ -183,13 +183,12 @@ class Int4Linear(nn.Module):
                 self.codes,
                 wtype=native.INT4,
                 out_features=self.out_features,
-                scale=self.scales,
-                zero=self.zeros,
+                scale=self.scale_zero,
                 bias=self.bias,
             )
             return y.to(x.dtype)
         rows = x.reshape(-1, self.in_features).to(self.activations)
-        y = torch._weight_int4pack_mm_for_cpu(rows, self._packed, self.group_size, self._scale_zero)
+        y = torch._weight_int4pack_mm_for_cpu(rows, self._packed, self.group_size, self.scale_zero)
         # bf16 product + fp32 bias -> fp32 in one op (type promotion)
         y = y.float() if self.bias is None else torch.add(self.bias, y)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)

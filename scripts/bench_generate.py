@@ -215,7 +215,7 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
             total += module.in_features * module.out_features
         else:
             total += module.weight.nbytes
-        for name in ("_scale_zero", "scale", "scales", "zeros", "bias"):
+        for name in ("scale_zero", "scale", "bias"):
             t = getattr(module, name, None)
             if isinstance(t, torch.Tensor):
                 total += t.nbytes

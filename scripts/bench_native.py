@@ -35,10 +35,9 @@ from gptmini.quantize import prepare_for_decoding
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
-    for name in ("qweight", "codes"):  # int8 rows; int4 codes (+ their scales and zeros below)
+    for name in ("qweight", "codes"):  # int8 rows; int4 codes (+ their scales and zeros)
         if hasattr(module, name):
-            extra = sum(getattr(module, n).nbytes for n in ("scales", "zeros") if hasattr(module, n))
-            return getattr(module, name).nbytes + extra
+            return getattr(module, name).nbytes + getattr(module, "scale_zero", module.scale).nbytes
     return module.weight.nbytes
 
 

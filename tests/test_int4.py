@@ -38,7 +38,10 @@ def dequantize_by_hand(w: torch.Tensor, group: int) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("k, n, group", [(64, 48, 32), (256, 96, 64), (256, 32, 128), (512, 16, 256)])
+# 384 and 768 inputs: several blocks of 256, the last padded or a half of the kernel's 16-run step
+@pytest.mark.parametrize(
+    "k, n, group", [(64, 48, 32), (256, 96, 64), (384, 48, 64), (768, 32, 128), (512, 16, 256)]
+)
 @pytest.mark.parametrize("rows", [1, 5])
 def test_int4_linear_is_the_dequantized_product(k, n, group, rows):
     torch.manual_seed(k + n + rows)

@@ -56,16 +56,16 @@ def test_linear_equals_the_float64_product_and_a_row_alone_equals_its_batch(wtyp
             assert torch.equal(alone[0], got[i])
 
 
-def every_format(x: torch.Tensor, w: torch.Tensor, int4_inputs: int) -> list[tuple]:
+def every_format(x: torch.Tensor, w: torch.Tensor, int4_inputs: int, group: int = 32) -> list[tuple]:
     """(activations, weight, wtype, extra arguments) of `w` in each format: fp32, bf16, int8 (random row scales)
-    and int4 (its first `int4_inputs` columns, a multiple of 32)."""
+    and int4 (its first `int4_inputs` columns, a multiple of `group`)."""
     n = w.shape[0]
-    codes, scale, zero = native.pack_int4(*int4_quantize(w[:, :int4_inputs], 32))
+    codes, scale_zero = native.pack_int4(*int4_quantize(w[:, :int4_inputs], group))
     return [
         (x, w, native.WEIGHT_TYPES[torch.float32], {}),
         (x, w.bfloat16(), native.WEIGHT_TYPES[torch.bfloat16], {}),
         (x, w.to(torch.int8), native.INT8, {"scale": torch.rand(n)}),
-        (x[:, :int4_inputs].contiguous(), codes, native.INT4, {"scale": scale, "zero": zero}),
+        (x[:, :int4_inputs].contiguous(), codes, native.INT4, {"scale": scale_zero}),
     ]
 
 
@@ -79,7 +79,8 @@ def test_the_plain_c_loops_compute_the_same_products(tmp_path):
     n, k = 40, 200
     x = torch.randn(3, k)  # 200 inputs: a masked tail for the float and int8 loops
     w = torch.randn(n, k)
-    for inputs, weight, wtype, extra in every_format(x, w, 192):  # int4: 6 groups, padded to 8
+    # int4: 6 runs of 32 padded to 8, as groups of 32 and of 64
+    for inputs, weight, wtype, extra in [*every_format(x, w, 192), every_format(x, w, 192, group=64)[-1]]:
         fast = native.linear(inputs, weight, wtype=wtype, out_features=n, **extra)
         slow = native.linear(inputs, weight, wtype=wtype, out_features=n, lib=plain, **extra)
         if wtype == native.INT8:
@@ -97,7 +98,7 @@ def test_one_weight_stream_a_thread_gives_the_same_bits(tmp_path):
     torch.manual_seed(2)
     n, k = 203, 300  # rows not a multiple of threads × streams; inputs with a masked tail
     x, w = torch.randn(6, k), torch.randn(n, k)
-    for inputs, weight, wtype, extra in every_format(x, w, 256):
+    for inputs, weight, wtype, extra in [*every_format(x, w, 256), every_format(x, w, 256, group=128)[-1]]:
         for rows in (1, 2, 3, 6):
             args = dict(wtype=wtype, out_features=n, bias=torch.randn(n), **extra)
             a = native.linear(inputs[:rows], weight, lib=one, **args)
