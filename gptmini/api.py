@@ -190,8 +190,8 @@ def load(
 ) -> LM:
     """Load a gptmini checkpoint directory or a Hugging Face GPT-2 directory, ready to generate.
 
-    `quantize="int8"` / `"int4"` stores the linear layers and LM head as int8 / group-wise int4 (CPU only, see
-    `gptmini.quantize`); bf16 on a
+    `quantize="int8"` / `"int4"` stores the linear layers and LM head as int8 / group-wise int4 (`"int4-64"`,
+    `"int4-32"`: smaller groups; CPU only, see `gptmini.quantize`); bf16 on a
     CPU gets prepacked oneDNN linears; `compile=True` compiles the one-token decode step on first use.
     """
     if threads is not None:

@@ -101,7 +101,8 @@ def generate(
     quantize: Annotated[
         str,
         typer.Option(
-            help="none; int8 or int4 (CPU): 8- or 4-bit weights, faster decoding (int4: a larger quality cost)."
+            help="none; int8, int4 (CPU): 8- or 4-bit weights, faster decoding (int4: a larger quality cost; "
+            "int4-64 / int4-32: smaller groups, better quality, more bytes)."
         ),
     ] = "none",
     compile: Annotated[
@@ -584,7 +585,8 @@ def eval_cmd(
     dtype: Annotated[str, typer.Option(help="float32 (exact) or bfloat16/auto (faster).")] = "float32",
     encoding_errors: Annotated[str, typer.Option(help="strict or replace.")] = "strict",
     quantize: Annotated[
-        str, typer.Option(help="none; int8 or int4 (CPU): score the weights `generate --quantize` uses.")
+        str,
+        typer.Option(help="none; int8, int4, int4-64, int4-32 (CPU): score what `generate --quantize` runs."),
     ] = "none",
 ) -> None:
     """Loss, perplexity and bits per byte of a checkpoint on any text (every position scored)."""
@@ -955,7 +957,8 @@ def serve(
         str, typer.Option(help="auto (bf16 on CUDA, else fp32), float32, bfloat16, float16")
     ] = "auto",
     quantize: Annotated[
-        str, typer.Option(help="none; int8 or int4 (CPU): 8- or 4-bit weights, faster decoding.")
+        str,
+        typer.Option(help="none; int8, int4, int4-64, int4-32 (CPU): 8- or 4-bit weights, faster decoding."),
     ] = "none",
     threads: Annotated[int | None, typer.Option(help="CPU threads for the model (default: torch's).")] = None,
     drain_timeout: Annotated[
@@ -989,8 +992,9 @@ def serve(
         raise UserError("--drain-timeout must be >= 0 and --max-body >= 1")
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
-    if quantize not in ("none", "int8", "int4"):  # gptmini.quantize.QUANTIZE_CHOICES, without importing torch
-        raise UserError(f"unknown quantization {quantize!r}; choose none, int8 or int4")
+    from gptmini.config import check_quantize_name
+
+    check_quantize_name(quantize)
     from gptmini.lookup import check_lookup
 
     check_lookup(lookup)

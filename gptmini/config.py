@@ -166,6 +166,30 @@ class SamplingConfig:
             raise UserError(f"repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}")
 
 
+# ---- decoding -------------------------------------------------------------------------------------------------
+
+INT4_GROUPS = (32, 64, 128)  # inputs per int4 scale and zero that the kernels take
+INT4_DEFAULT_GROUP = 128  # gpt-fast's and torchao's default; llama.cpp's Q4_1 is 32
+QUANTIZE_CHOICES = ("none", "int8", "int4", *(f"int4-{g}" for g in INT4_GROUPS))
+
+
+def check_quantize_name(name: str | None) -> str | None:
+    """A `--quantize` value (None or "none": no quantisation, returned as None)."""
+    if name in (None, "none"):
+        return None
+    if name not in QUANTIZE_CHOICES:
+        raise UserError(
+            f"unknown quantization {name!r}; choose none, int8, int4, or int4-32 / int4-64 / int4-128 "
+            f"(inputs per int4 scale; int4 alone means {INT4_DEFAULT_GROUP})"
+        )
+    return name
+
+
+def int4_group(name: str) -> int:
+    """The group size a valid int4 `--quantize` value asks for."""
+    return INT4_DEFAULT_GROUP if name == "int4" else int(name.removeprefix("int4-"))
+
+
 # ---- training -------------------------------------------------------------------------------------------------
 
 ENCODING_ERRORS = ("strict", "replace")

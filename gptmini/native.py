@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from gptmini.config import INT4_GROUPS
+
 SOURCE = Path(__file__).with_name("native.c")
 WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 INT8, INT4 = 2, 3
-INT4_GROUPS = (32, 64, 128)  # inputs per int4 scale and zero native.c takes
 # Up to this many activation rows use the kernels; more (a prefill) are matmul-bound: BLAS does them.
 MAX_ROWS = 16
 

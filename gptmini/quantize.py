@@ -14,8 +14,10 @@ weight bytes read per token divided by the memory bandwidth. Ways to read fewer 
   on the fly (per tensor, 8 bits), multiplied in int8 with int32 sums and rescaled to fp32. Embeddings, norms and
   attention stay in floating point.
 * `quantize_int4`: every linear and the LM head as 4-bit codes with an asymmetric scale and zero per group of
-  `INT4_GROUP_SIZE` inputs (`w ≈ (q − 8)·scale + zero`, q ∈ 0…15, as gpt-fast's int4 and llama.cpp's Q4_1), ⅛ of
-  the fp32 bytes plus 4 bytes of bf16 scale and zero per group. With the native kernels the activations are
+  G inputs (`w ≈ (q − 8)·scale + zero`, q ∈ 0…15, as gpt-fast's int4 and llama.cpp's Q4_1), ⅛ of the fp32 bytes
+  plus 4 bytes of bf16 scale and zero per group. `--quantize int4` is G = 128 (gpt-fast's and torchao's default:
+  0.53 bytes a weight), `int4-64` and `int4-32` (llama.cpp's block: 0.625 bytes a weight) cost more bytes and less
+  quality; a linear whose inputs are no multiple of G takes the largest of G/2, G/4… (down to 32) that divides them. With the native kernels the activations are
   rounded to int8 per block of 32 (llama.cpp's Q8_0) and multiplied exactly (u8 × s8 VNNI products), for every
   row count. Without them it is ATen's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, gpt-fast's and torchao's
   CPU path), vectorised for bf16 activations only (fp32 ones take a scalar loop, ~25× slower), so each linear
@@ -37,23 +39,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gptmini import native
+from gptmini.config import INT4_DEFAULT_GROUP, check_quantize_name, int4_group
 from gptmini.errors import UserError
 
-QUANTIZE_CHOICES = ("none", "int8", "int4")
-INT4_GROUP_SIZE = 32  # inputs per scale and zero: llama.cpp's Q4 block; the kernel takes 32, 64, 128 or 256
+INT4_GROUP_SIZE = INT4_DEFAULT_GROUP  # inputs per scale and zero; ATen's kernel also takes 256
 
 
 def check_quantize(name: str | None, device: torch.device) -> str | None:
-    """Validate a `--quantize` value; None / "none" mean no quantisation."""
-    if name in (None, "none"):
+    """Validate a `--quantize` value (see `gptmini.config.QUANTIZE_CHOICES`); None / "none" mean none."""
+    name = check_quantize_name(name)
+    if name is None:
         return None
-    if name not in QUANTIZE_CHOICES:
-        raise UserError(f"unknown quantization {name!r}; choose none, int8 or int4")
     if device.type != "cpu":
         raise UserError(
             f"--quantize {name} is for CPU decoding; add --device cpu (or use --dtype bfloat16 on a GPU)"
         )
-    if name == "int4" and not (native.available() or int4_supported()):
+    if name.startswith("int4") and not (native.available() or int4_supported()):
         raise UserError(
             "--quantize int4 needs PyTorch's CPU int4 kernel (torch >= 2.5), which this build lacks"
         )
@@ -284,13 +285,17 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def quantize_int4(model: nn.Module, *, group_size: int = INT4_GROUP_SIZE) -> nn.Module:
-    """Swap every linear (LM head included) for an `Int4Linear`, in place; one the kernel cannot take (see
+    """Swap every linear (LM head included) for an `Int4Linear` with groups of `group_size` inputs (or the largest
+    of its halves down to 32 that divides the linear's inputs), in place; one the kernel cannot take (see
     `int4_packable`) becomes an `Int8Linear`. The KV cache is bf16, as for int8."""
     model.kv_cache_dtype = torch.bfloat16
 
     def make(linear: nn.Linear, *, keep_weight: bool = False) -> nn.Module:
-        if int4_packable(linear, group_size):
-            return Int4Linear(linear, keep_weight=keep_weight, group_size=group_size)
+        group = group_size
+        while linear.in_features % group and group > 32:
+            group //= 2
+        if int4_packable(linear, group):
+            return Int4Linear(linear, keep_weight=keep_weight, group_size=group)
         return Int8Linear(linear, keep_weight=keep_weight)
 
     return _swap_linears(model, make)
@@ -320,6 +325,6 @@ def prepare_for_decoding(
     model.eval()
     if quantize == "int8":
         return quantize_int8(model)
-    if quantize == "int4":
-        return quantize_int4(model)
+    if quantize is not None and quantize.startswith("int4"):
+        return quantize_int4(model, group_size=int4_group(quantize))
     return model if compile else pack_linears(model)

