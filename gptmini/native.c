@@ -57,13 +57,48 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-/* The activation fused into a linear's store (its outputs are written once, by the thread that computed them):
- * 0 none, 1 GELU (tanh form, as the model's), 2 ReLU². */
-INLINE float activate(float a, int act) {
-    /* 0.5·a·(1 + tanh u) = a / (1 + e^(−2u)): one expf, several times faster than tanhf, and no cancellation */
-    if (act == 1) return a / (1.0f + expf(-1.5957691216057308f * (a + 0.044715f * a * a * a)));
-    if (act == 2) return a > 0.0f ? a * a : 0.0f;
-    return a;
+#ifdef __AVX512F__
+/* e^x in 16 lanes: Cephes' expf (x = n·ln 2 + r, a degree-5 polynomial in r, then ·2^n), within 2 ulp of the
+ * exact value; e^x over- and underflows where expf does. glibc's scalar expf took 2–4 % of a decode step. */
+INLINE __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_set1_ps(88.73f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x)); /* a NaN stays NaN */
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* y[i] = act(y[i]) for i < n: 0 none, 1 GELU (tanh form, as the model's), 2 ReLU². GELU as 0.5·a·(1 + tanh u) =
+ * a / (1 + e^(−2u)): one exponential, no tanh, no cancellation. The same loop for every row count. */
+static void activate(float *y, int64_t n, int act) {
+    const float k = -1.5957691216057308f, c = 0.044715f;
+    int64_t i = 0;
+    if (act == 0) return;
+#ifdef __AVX512F__
+    for (; i < n; i += 16) {
+        __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 a = _mm512_maskz_loadu_ps(m, y + i), b;
+        if (act == 1) {
+            __m512 u = _mm512_mul_ps(_mm512_set1_ps(k), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(c), a), _mm512_mul_ps(a, a), a));
+            b = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(u)));
+        } else
+            b = _mm512_mul_ps(_mm512_max_ps(a, _mm512_setzero_ps()), _mm512_max_ps(a, _mm512_setzero_ps()));
+        _mm512_mask_storeu_ps(y + i, m, b);
+    }
+#endif
+    for (; i < n; i++) {
+        float a = y[i];
+        y[i] = act == 1 ? a / (1.0f + expf(k * (a + c * a * a * a))) : a > 0.0f ? a * a : 0.0f;
+    }
 }
 
 /* ---- fp32 / bf16 weights ------------------------------------------------------------------------------------ */
@@ -487,7 +522,7 @@ INLINE void product_block(const Product *p, const int64_t *n, int XR, int NR, in
     }
     for (int64_t m = 0; m < mr; m++)
         for (int j = 0; j < NR; j++)
-            p->y[(m0 + m) * p->ldy + n[j]] = activate(out[m * NR + j] + (p->bias ? p->bias[n[j]] : 0.0f), p->act);
+            p->y[(m0 + m) * p->ldy + n[j]] = out[m * NR + j] + (p->bias ? p->bias[n[j]] : 0.0f);
 }
 
 static void product_rows(const Product *p, const int64_t *n, int nr) {
@@ -529,6 +564,7 @@ static void run_product(const Product *p, int threads) {
             product_rows(p, n, S);
         }
         for (int64_t r = n0 + S * q; r < n1; r++) product_rows(p, &r, 1);
+        for (int64_t m = 0; m < p->M; m++) activate(p->y + m * p->ldy + n0, n1 - n0, p->act); /* this thread's outputs */
     }
 }
 
@@ -703,6 +739,24 @@ static float attention_scores(const float *q, const void *k, int bf16, int64_t b
     return top;
 }
 
+/* p[t] = e^(p[t] − top) for t < n; returns their sum */
+static float softmax_numerators(float *p, int64_t n, float top) {
+    float sum = 0.0f;
+    int64_t t = 0;
+#ifdef __AVX512F__
+    __m512 s = _mm512_setzero_ps();
+    for (; t < n; t += 16) {
+        __mmask16 m = n - t >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - t)) - 1);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + t), _mm512_set1_ps(top)));
+        _mm512_mask_storeu_ps(p + t, m, e);
+        s = _mm512_add_ps(s, _mm512_maskz_mov_ps(m, e));
+    }
+    sum = _mm512_reduce_add_ps(s);
+#endif
+    for (; t < n; t++) sum += (p[t] = expf(p[t] - top));
+    return sum;
+}
+
 /* out[i] = Σ_t (p[t] / sum)·value t [i] over the n cached values from `base`, t in order (a product, then a sum,
  * as the plain loop compiles without contraction), 16 lanes at a time where D allows. */
 static void attention_values(const float *p, float sum, const void *v, int bf16, int64_t base, int64_t n, int64_t D,
@@ -776,7 +830,7 @@ void gm_decode(const GmModel *m, const int64_t *tokens, int64_t T, int64_t pos, 
                 float *p = probs + hd * L, sum = 0.0f;
                 const int bf16 = (int)m->cache_bf16;
                 float top = attention_scores(qh, ly->k_cache, bf16, hd * L * D, last + 1, D, inv_sqrt_d, p);
-                for (int64_t t = 0; t <= last; t++) sum += (p[t] = expf(p[t] - top));
+                sum = softmax_numerators(p, last + 1, top);
                 attention_values(p, sum, ly->v_cache, bf16, hd * L * D, last + 1, D, att + j * C + hd * D);
             }
         }

@@ -37,7 +37,8 @@ from gptmini.quantize import prepare_for_decoding
 def weight_bytes(module: torch.nn.Module) -> int:
     for name in ("qweight", "codes"):  # int8 rows; int4 codes (+ their scales and zeros)
         if hasattr(module, name):
-            return getattr(module, name).nbytes + getattr(module, "scale_zero", module.scale).nbytes
+            scales = module.scale_zero if hasattr(module, "scale_zero") else module.scale
+            return getattr(module, name).nbytes + scales.nbytes
     return module.weight.nbytes
 
 
