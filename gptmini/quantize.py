@@ -15,18 +15,18 @@ weight bytes read per token divided by the memory bandwidth. Ways to read fewer 
   attention stay in floating point.
 * `quantize_int4`: every linear and the LM head as 4-bit codes with an asymmetric scale and zero per group of
   G inputs (`w ≈ (q − 8)·scale + zero`, q ∈ 0…15, as gpt-fast's int4 and llama.cpp's Q4_1), ⅛ of the fp32 bytes
-  plus 4 bytes of bf16 scale and zero per group. `--quantize int4` is G = 128 (gpt-fast's and torchao's default:
-  0.53 bytes a weight), `int4-64` and `int4-32` (llama.cpp's block: 0.625 bytes a weight) cost more bytes and less
-  quality; a linear whose inputs are no multiple of G takes the largest of G/2, G/4… (down to 32) that divides them. With the native kernels the activations are
-  rounded to int8 per block of 32 (llama.cpp's Q8_0) and multiplied exactly (u8 × s8 VNNI products), for every
-  row count. Without them it is ATen's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`, gpt-fast's and torchao's
-  CPU path), vectorised for bf16 activations only (fp32 ones take a scalar loop, ~25× slower), so each linear
-  rounds its input to bf16 and returns fp32. A linear neither takes (outputs not a multiple of 16, inputs not a
-  multiple of the group) stays int8.
+  plus 4 bytes of bf16 scale and zero per group. `--quantize int4` is G = 128 (gpt-fast's and torchao's default,
+  0.53 bytes a weight); `int4-64` and `int4-32` (llama.cpp's block, 0.625 bytes a weight) read more bytes for
+  less error. A linear whose inputs are no multiple of G takes the largest of G/2, G/4… (down to 32) that divides
+  them. With the native kernels the activations are rounded to int8 per 32 inputs (llama.cpp's Q8_0) and
+  multiplied exactly (u8 × s8 VNNI products), for every row count. Without them it is ATen's CPU int4 kernel
+  (`_weight_int4pack_mm_for_cpu`, gpt-fast's and torchao's CPU path), vectorised for bf16 activations only (fp32
+  ones take a scalar loop, ~25× slower), so each linear rounds its input to bf16 and returns fp32. A linear
+  neither takes (outputs not a multiple of 16, inputs not a multiple of 32) stays int8.
 
 All swap `nn.Linear` modules in place for inference only (the model can no longer be trained or saved); the tied
 LM head keeps pointing at the embedding matrix as `.weight`, so code that asks for the model's dtype still works.
-With fp32, bf16 or int8 linears a batch-1 decode step runs as one native call (`gptmini.native.DecodeStep`).
+With fp32, bf16, int8 or int4 linears a batch-1 decode step runs as one native call (`gptmini.native.DecodeStep`).
 """
 
 from __future__ import annotations
