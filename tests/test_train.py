@@ -495,7 +495,7 @@ def test_plot_writes_a_png_of_both_curves(saved_run, tmp_path, capsys):
         (["--dtype", "float16"], "float16"),
         (["--encoding-errors", "bogus"], "encoding-errors must be strict or replace, got 'bogus'"),
         (["--device", "tpu"], "unknown device 'tpu'"),
-        (["--quantize", "int3"], "unknown quantization 'int3'; choose none, int8 or int4"),
+        (["--quantize", "int3"], "unknown quantization 'int3'; choose none, int8, int4, or int4-32"),
         (["--bogus"], "No such option: --bogus"),
         (["NOFILES"], "no text given; pass FILES (or --split val"),
         (["/no/such.txt"], "does not exist"),
