@@ -17,9 +17,9 @@
  *     w = (q − 8)·s + z, against activations rounded to int8 per 32 inputs (llama.cpp's Q4 × Q8_0: u8 × s8
  *     products, 64 per vpdpbusd), Σ_k x·w = Σ_b [s_g·sx_b·Σ_{k∈b} xq·q + (z_g − 8·s_g)·Σ_{k∈b} x] over the runs b
  *     of 32 inputs, g the group holding b. Rows are padded to a multiple of 256
- *     inputs (zero codes, scales and activations). In the block order, each block of 256 inputs (8 groups) is
- *     32 runs of 4 inputs, transposed: run w of group g at position 8·w + g, so that 32-bit lane l of each of
- *     the block's four 64-byte vectors holds 4 inputs of group l mod 8. Codes and activations are stored in
+ *     inputs (zero codes, scales and activations). In the block order, each block of 256 inputs (8 runs of 32) is
+ *     32 pieces of 4 inputs, transposed: piece w of run r at position 8·w + r, so that 32-bit lane l of each of
+ *     the block's four 64-byte vectors holds 4 inputs of run l mod 8. Codes and activations are stored in
  *     that order; byte j of the block's codes holds code j (low nibble) and code j + 64 (high nibble) of its
  *     first 128, byte 64 + j codes 128 + j and 192 + j.
  *
@@ -90,8 +90,10 @@ static void activate(float *y, int64_t n, int act) {
         if (act == 1) {
             __m512 u = _mm512_mul_ps(_mm512_set1_ps(k), _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(c), a), _mm512_mul_ps(a, a), a));
             b = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(u)));
-        } else
-            b = _mm512_mul_ps(_mm512_max_ps(a, _mm512_setzero_ps()), _mm512_max_ps(a, _mm512_setzero_ps()));
+        } else {
+            __m512 r = _mm512_max_ps(a, _mm512_setzero_ps());
+            b = _mm512_mul_ps(r, r);
+        }
         _mm512_mask_storeu_ps(y + i, m, b);
     }
 #endif
@@ -372,7 +374,7 @@ INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
                 svm[m * NR + j] = _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(gm, sb[m] + gb));
             }
         }
-        for (int64_t b = 0; b < ng / 8; b++) { /* blocks of 256 inputs = 8 groups = two 64-byte loads of codes */
+        for (int64_t b = 0; b < ng / 8; b++) { /* blocks of 256 inputs = 8 runs = two 64-byte loads of codes */
             const int64_t k = (gb + 8 * b) * GROUP;
             __m512i x0[XROWS], x1[XROWS], x2[XROWS], x3[XROWS];
             for (int m = 0; m < XR; m++) {
@@ -405,9 +407,9 @@ INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
         for (int j = 0; j < NR; j++) {
             float total = 0.0f;
             for (int64_t g = 0; g < Gp; g++) {
-                const int64_t base = g / 8 * 256; /* the group's block */
+                const int64_t base = g / 8 * 256; /* the run's block */
                 int32_t sum = 0;
-                for (int64_t w = 0; w < 8; w++)       /* its 8 runs of 4 inputs, at p in the block order */
+                for (int64_t w = 0; w < 8; w++)       /* its 8 pieces of 4 inputs, at p in the block order */
                     for (int64_t i = 0; i < 4; i++) { /* code p: byte p / 128·64 + p % 64, nibble p / 64 % 2 */
                         int64_t p = (w * 8 + g % 8) * 4 + i;
                         uint8_t byte = codes[j][base / 2 + p / 128 * 64 + p % 64];
@@ -449,7 +451,7 @@ static void quantize_blocks(const float *x, int64_t M, int64_t K, int64_t Kp, in
             } else
                 memset(q, 0, GROUP);
             int8_t *block = x8 + m * Kp + g / 8 * 256;
-            for (int w = 0; w < 8; w++) memcpy(block + (w * 8 + g % 8) * 4, q + 4 * w, 4); /* run w of group g */
+            for (int w = 0; w < 8; w++) memcpy(block + (w * 8 + g % 8) * 4, q + 4 * w, 4); /* piece w of run g */
             sxb[m * Gp + g] = step;
             xsum[m * Gp + g] = step * (float)t;
         }
@@ -476,7 +478,7 @@ static void split_bytes(Int8Rows *xr, int64_t M, int64_t K) {
 /* ---- one product, its rows split between the threads ---------------------------------------------------------- */
 
 /* y [M, ldy] (row m's outputs at y + m·ldy) = x [M, K] · Wᵀ (W [N, K] in format wtype) + bias (may be NULL), with
- * the activation `act` fused into the store. int8: `scale` holds the fp32 row scales; int4: `scale` the [N, Kp/G]
+ * the activation `act` applied by each thread to its outputs after its products. int8: `scale` holds the fp32 row scales; int4: `scale` the [N, Kp/G]
  * (scale, zero) pairs of groups of G inputs, each a uint32 with the bf16 scale in its low half, the zero in its high
  * (one load for both). */
 typedef struct {
@@ -827,10 +829,10 @@ void gm_decode(const GmModel *m, const int64_t *tokens, int64_t T, int64_t pos, 
             for (int64_t hd = 0; hd < H; hd++) {
                 /* softmax(q·Kᵀ/√D)·V, in fp32 */
                 const float *qh = qkv + j * 3 * C + hd * D;
-                float *p = probs + hd * L, sum = 0.0f;
+                float *p = probs + hd * L;
                 const int bf16 = (int)m->cache_bf16;
                 float top = attention_scores(qh, ly->k_cache, bf16, hd * L * D, last + 1, D, inv_sqrt_d, p);
-                sum = softmax_numerators(p, last + 1, top);
+                float sum = softmax_numerators(p, last + 1, top);
                 attention_values(p, sum, ly->v_cache, bf16, hd * L * D, last + 1, D, att + j * C + hd * D);
             }
         }

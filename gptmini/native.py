@@ -163,7 +163,7 @@ def linear(
         wtype,
         out_features,
         _ptr(scale),
-        int4_group(weight, scale) if wtype == INT4 else 0,
+        packed_int4_group(weight, scale) if wtype == INT4 else 0,
         _ptr(bias),
         y.data_ptr(),
         out_features,
@@ -191,7 +191,7 @@ def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple
     return codes, (bits[0] | (bits[1] << 16)).contiguous()
 
 
-def int4_group(codes: torch.Tensor, scale: torch.Tensor) -> int:
+def packed_int4_group(codes: torch.Tensor, scale: torch.Tensor) -> int:
     """The group size of `pack_int4`'s packed codes and scales (rows of Kp/2 bytes, Kp/G scales)."""
     return codes.shape[-1] * 2 // scale.shape[-1]
 
@@ -274,7 +274,7 @@ class DecodeStep:
                 wtype,
                 module.out_features,
                 module.in_features,
-                int4_group(w, scale) if wtype == INT4 else 0,
+                packed_int4_group(w, scale) if wtype == INT4 else 0,
                 hold(scale),
                 f32(bias),
             )

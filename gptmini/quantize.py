@@ -42,8 +42,6 @@ from gptmini import native
 from gptmini.config import INT4_DEFAULT_GROUP, check_quantize_name, int4_group
 from gptmini.errors import UserError
 
-INT4_GROUP_SIZE = INT4_DEFAULT_GROUP  # inputs per scale and zero; ATen's kernel also takes 256
-
 
 def check_quantize(name: str | None, device: torch.device) -> str | None:
     """Validate a `--quantize` value (see `gptmini.config.QUANTIZE_CHOICES`); None / "none" mean none."""
@@ -131,7 +129,7 @@ def int4_quantize(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q.clamp(0, 15).to(torch.uint8).reshape(n, k), scale, zero
 
 
-def int4_packable(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:
+def int4_packable(linear: nn.Linear, group_size: int = INT4_DEFAULT_GROUP) -> bool:
     """Whether the CPU int4 kernel takes this linear: outputs a multiple of 16, inputs a multiple of the group."""
     return linear.out_features % 16 == 0 and linear.in_features % group_size == 0
 
@@ -148,7 +146,7 @@ class Int4Linear(nn.Module):
         linear: nn.Linear,
         *,
         keep_weight: bool = False,
-        group_size: int = INT4_GROUP_SIZE,
+        group_size: int = INT4_DEFAULT_GROUP,
         activations: torch.dtype = torch.bfloat16,
     ) -> None:
         super().__init__()
@@ -284,7 +282,7 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def quantize_int4(model: nn.Module, *, group_size: int = INT4_GROUP_SIZE) -> nn.Module:
+def quantize_int4(model: nn.Module, *, group_size: int = INT4_DEFAULT_GROUP) -> nn.Module:
     """Swap every linear (LM head included) for an `Int4Linear` with groups of `group_size` inputs (or the largest
     of its halves down to 32 that divides the linear's inputs), in place; one the kernel cannot take (see
     `int4_packable`) becomes an `Int8Linear`. The KV cache is bf16, as for int8."""
