@@ -4,7 +4,7 @@
  * weights stream from memory. These loops read each weight row once per call, prefetched AHEAD bytes in advance
  * (Sapphire Rapids' own prefetchers fall behind), against up to XROWS activation rows at once; the output rows are
  * split between the threads, and each thread reads its rows as STREAMS sequential streams side by side (two with
- * several activation rows; see run_product). Every (m, n) dot product is summed in the same order whatever the number of rows, so
+ * several activation rows, one for the integer formats past two rows; see run_product). Every (m, n) dot product is summed in the same order whatever the number of rows, so
  * a row computed alone gets the bits it gets inside a batch (a cached decode equals its recompute).
  *
  * Weight formats (`wtype`):
@@ -38,7 +38,7 @@
 
 #define XROWS 4  /* activation rows per pass over a weight row */
 #ifndef STREAMS
-#define STREAMS 4 /* weight rows per pass with one activation row (native.py sets 1 on AMD: see run_product) */
+#define STREAMS 4 /* weight rows per pass with one activation row (native.py sets 2 on AMD: see run_product) */
 #endif
 #define BATCH_STREAMS (STREAMS > 1 ? 2 : 1) /* weight rows per pass with several activation rows */
 #define LANES (XROWS * BATCH_STREAMS > STREAMS ? XROWS * BATCH_STREAMS : STREAMS) /* sums per dot-product call */
@@ -551,12 +551,15 @@ static void product_rows(const Product *p, const int64_t *n, int nr) {
 
 /* Each thread takes a contiguous range of output rows and reads it as S sub-ranges side by side (rows i, i + q,
  * i + 2q, … of it together, the activation loads shared): one sequential stream per sub-range, where a single
- * stream a core leaves Sapphire Rapids' memory bandwidth unused (1.2–1.3× with one activation row on GPT-2
- * small's matrices; adjacent rows side by side gained nothing). S = STREAMS for one activation row, BATCH_STREAMS
- * for more (1.2–1.4× at 2–16 fp32 / bf16 rows; 4 × 4 sums would not fit the registers). */
+ * stream a core leaves the memory bandwidth unused (on GPT-2 small's matrices with one activation row: 4 streams
+ * 1.2–1.3× one on Sapphire Rapids; 2 streams 1.1–1.3× one on Zen 4, where 4 read slower than 2; adjacent rows side
+ * by side gained nothing on the first and lost 1.3–1.6× on the second). S = STREAMS for one activation row,
+ * BATCH_STREAMS for more (1.2–1.4× at 2–16 fp32 / bf16 rows; 4 × 4 sums would not fit the registers), one for the
+ * integer formats past 2 rows, whose 4 × 2 sums spill registers (1.3× slower at 4 and 8 rows on Zen 4). */
 static void run_product(const Product *p, int threads) {
     const int64_t N = p->N;
-    const int T = threads > 1 && N > 1 ? threads : 1, S = p->M == 1 ? STREAMS : BATCH_STREAMS;
+    const int T = threads > 1 && N > 1 ? threads : 1;
+    const int S = p->M == 1 ? STREAMS : p->wtype >= INT8 && p->M > 2 ? 1 : BATCH_STREAMS;
 #pragma omp parallel for schedule(static, 1) num_threads(T) if (T > 1)
     for (int t = 0; t < T; t++) {
         const int64_t n0 = N * t / T, n1 = N * (t + 1) / T, q = (n1 - n0) / S;

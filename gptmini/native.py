@@ -79,11 +79,11 @@ def build(
 ) -> None:
     """Compile `source` into `target`, atomically (a temporary file renamed into place). `march` other than
     "native" builds for another CPU level (the tests build `x86-64-v2`, without AVX-512, to check the plain loops);
-    `streams` sets the weight streams a thread reads side by side (default: 1 on AMD, 4 elsewhere)."""
+    `streams` sets the weight streams a thread reads side by side (default: 2 on AMD, 4 elsewhere)."""
     if streams is None:
-        # One stream a thread on AMD: interleaved weight rows read 1.5-2x slower on Zen 4 (measured there with
-        # adjacent rows; the spread streams that gain 1.2-1.3x on Sapphire Rapids are unmeasured on it).
-        streams = 1 if _cpu_vendor() == "AuthenticAMD" else 4
+        # Zen 4 reads 2 spread streams a thread fastest (int4 1.2-1.3x, fp32 1.1x one stream; 4 streams 5-10 %
+        # slower than 2); Sapphire Rapids reads 4 fastest (see run_product in native.c).
+        streams = 2 if _cpu_vendor() == "AuthenticAMD" else 4
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
