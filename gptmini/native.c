@@ -27,6 +27,7 @@
  * AVX-512 is missing (same sums for the integer formats, fp32 sums in another order for the float ones).
  */
 #include <math.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -47,6 +48,7 @@
 #define UNROLL 2 /* independent sums per float dot product: 2 fastest here (Zen 4), 4 and 8 slower */
 #define GROUP 32 /* int4 inputs per activation step; a weight group is 1, 2 or 4 of them */
 #define AHEAD 4096 /* bytes a stream prefetches ahead: 1.3× the read rate of none on Sapphire Rapids; 8192 2–5 % slower with 4 streams */
+#define CLAIM_BYTES 16384 /* weight bytes a stream reads per claimed piece of a thread's rows (see run_product) */
 #define XQ_MAX 16383.0f /* int16 activations: room for K up to 2^31 / (2·127·16383)·32 ≈ 16,500 inputs */
 #define INLINE static inline __attribute__((always_inline))
 
@@ -549,28 +551,67 @@ static void product_rows(const Product *p, const int64_t *n, int nr) {
     }
 }
 
+/* Rows n0 + j·q + i of the S streams j, for i in [a, b), then their activation. */
+static void product_piece(const Product *p, int S, int64_t n0, int64_t q, int64_t a, int64_t b) {
+    int64_t n[STREAMS];
+    for (int64_t i = a; i < b; i++) {
+        for (int j = 0; j < S; j++) n[j] = n0 + j * q + i;
+        product_rows(p, n, S);
+    }
+    for (int j = 0; j < S; j++)
+        for (int64_t m = 0; m < p->M; m++) activate(p->y + m * p->ldy + n0 + j * q + a, b - a, p->act);
+}
+
+/* A thread's range cut into pieces, front (low 32 bits) and back (high 32 bits) of those not yet claimed in one
+ * word: the owner claims from the front, a thread done with its own range from the back. */
+typedef struct {
+    _Alignas(64) _Atomic uint64_t span;
+} Claims;
+
+static int64_t claim(Claims *c, int from_back) {
+    uint64_t old = atomic_load_explicit(&c->span, memory_order_relaxed), next;
+    do {
+        uint32_t front = (uint32_t)old, back = (uint32_t)(old >> 32);
+        if (front >= back) return -1;
+        next = from_back ? (uint64_t)(back - 1) << 32 | front : (uint64_t)back << 32 | (front + 1);
+    } while (!atomic_compare_exchange_weak_explicit(&c->span, &old, next, memory_order_relaxed, memory_order_relaxed));
+    return from_back ? (int64_t)(old >> 32) - 1 : (int64_t)(uint32_t)old;
+}
+
 /* Each thread takes a contiguous range of output rows and reads it as S sub-ranges side by side (rows i, i + q,
  * i + 2q, … of it together, the activation loads shared): one sequential stream per sub-range, where a single
  * stream a core leaves the memory bandwidth unused (on GPT-2 small's matrices with one activation row: 4 streams
  * 1.2–1.3× one on Sapphire Rapids; 2 streams 1.1–1.3× one on Zen 4, where 4 read slower than 2; adjacent rows side
  * by side gained nothing on the first and lost 1.3–1.6× on the second). S = STREAMS for one activation row,
  * BATCH_STREAMS for more (1.2–1.4× at 2–16 fp32 / bf16 rows; 4 × 4 sums would not fit the registers), one for the
- * integer formats past 2 rows, whose 4 × 2 sums spill registers (1.3× slower at 4 and 8 rows on Zen 4). */
+ * integer formats past 2 rows, whose 4 × 2 sums spill registers (1.3× slower at 4 and 8 rows on Zen 4).
+ * The ranges are equal, the cores not: on a shared machine one ran 1.2–1.5× slower than the other for whole
+ * minutes, and the other waited for it. So each range is read in pieces of CLAIM_BYTES a stream, claimed in
+ * order by its owner, and a thread done with its own takes the last pieces of the others' (work stealing). A row's
+ * sum does not depend on who computes it. */
 static void run_product(const Product *p, int threads) {
     const int64_t N = p->N;
     const int T = threads > 1 && N > 1 ? threads : 1;
     const int S = p->M == 1 ? STREAMS : p->wtype >= INT8 && p->M > 2 ? 1 : BATCH_STREAMS;
+    const int64_t row_bytes = p->wtype == INT4 ? p->i4.Kp / 2 : p->K * (p->wtype == 0 ? 4 : p->wtype == 1 ? 2 : 1);
+    const int64_t piece = row_bytes >= CLAIM_BYTES ? 1 : CLAIM_BYTES / row_bytes; /* rows a stream per claim */
+    Claims *claims = aligned_alloc(64, (size_t)T * sizeof(Claims));
+    for (int t = 0; t < T; t++) {
+        const int64_t q = (N * (t + 1) / T - N * t / T) / S;
+        atomic_init(&claims[t].span, (uint64_t)((q + piece - 1) / piece) << 32);
+    }
 #pragma omp parallel for schedule(static, 1) num_threads(T) if (T > 1)
     for (int t = 0; t < T; t++) {
-        const int64_t n0 = N * t / T, n1 = N * (t + 1) / T, q = (n1 - n0) / S;
-        int64_t n[STREAMS];
-        for (int64_t i = 0; i < q; i++) {
-            for (int j = 0; j < S; j++) n[j] = n0 + j * q + i;
-            product_rows(p, n, S);
+        for (int v = 0; v < T; v++) { /* its own range first, from the front; then the others', from the back */
+            const int u = (t + v) % T;
+            const int64_t n0 = N * u / T, q = (N * (u + 1) / T - n0) / S;
+            for (int64_t c; (c = claim(&claims[u], v > 0)) >= 0;)
+                product_piece(p, S, n0, q, c * piece, (c + 1) * piece < q ? (c + 1) * piece : q);
+            if (v == 0) /* the rows past S·q, fewer than S */
+                for (int64_t r = n0 + S * q, n1 = N * (u + 1) / T; r < n1; r++) product_piece(p, 1, r, 0, 0, 1);
         }
-        for (int64_t r = n0 + S * q; r < n1; r++) product_rows(p, &r, 1);
-        for (int64_t m = 0; m < p->M; m++) activate(p->y + m * p->ldy + n0, n1 - n0, p->act); /* this thread's outputs */
     }
+    free(claims);
 }
 
 static void linear_act(const float *x, int64_t M, int64_t K, const void *W, int wtype, int64_t N, const void *scale,
@@ -828,7 +869,8 @@ void gm_decode(const GmModel *m, const int64_t *tokens, int64_t T, int64_t pos, 
         }
         for (int64_t j = 0; j < T; j++) {
             const int64_t last = pos + j; /* this query sees keys 0..last */
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && last > 64)
+            /* heads claimed one at a time: a slower core takes fewer (see run_product) */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && last > 64)
             for (int64_t hd = 0; hd < H; hd++) {
                 /* softmax(q·Kᵀ/√D)·V, in fp32 */
                 const float *qh = qkv + j * 3 * C + hd * D;
