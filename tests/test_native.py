@@ -106,6 +106,29 @@ def test_one_weight_stream_a_thread_gives_the_same_bits(tmp_path):
             assert torch.equal(a, b), (wtype, rows)
 
 
+def test_every_thread_count_gives_the_same_bits():
+    """Threads claim pieces of each other's rows as they finish (work stealing): whichever thread computes a row,
+    every row is computed, once, with the same bits as one thread alone. Eight threads on fewer cores get
+    descheduled mid-product, so the others take over their pieces."""
+    torch.manual_seed(3)
+    n, k = 5003, 300  # many pieces per thread; rows not a multiple of threads × streams
+    x, w = torch.randn(3, k), torch.randn(n, k)
+    before = torch.get_num_threads()
+    try:
+        for inputs, weight, wtype, extra in every_format(x, w, 256):
+            args = dict(wtype=wtype, out_features=n, bias=torch.randn(n), **extra)
+            for rows in (1, 3):
+                torch.set_num_threads(1)
+                alone = native.linear(inputs[:rows], weight, **args)
+                for threads in (2, 3, 8):
+                    torch.set_num_threads(threads)
+                    for _ in range(3):
+                        got = native.linear(inputs[:rows], weight, **args)
+                        assert torch.equal(got, alone), (wtype, rows, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
 MODELS = {
     "gpt2": dict(),
     "sinusoidal": dict(pos_embedding="sinusoidal"),
