@@ -11,8 +11,10 @@ is what the kernels leave on the table.
     flock /tmp/gptmini-heavy.lock python scripts/bench_native.py              # fp32, bf16, int8, int4
     python scripts/bench_native.py --formats fp32,int8 --repeats 5
     git show HEAD~1:gptmini/native.c > /tmp/old.c && python scripts/bench_native.py --baseline /tmp/old.c
+    python scripts/bench_native.py --baseline-streams 4     # this native.c with 4 weight streams a thread
 
-`--baseline` builds another native.c and adds its step rows, interleaved with this one's (before/after a change).
+`--baseline` builds another native.c (default: this one) and adds its step rows, interleaved with this one's
+(before/after a change); `--baseline-streams` builds it with that many weight streams a thread.
 """
 
 from __future__ import annotations
@@ -60,13 +62,17 @@ def main() -> None:
     parser.add_argument(
         "--baseline", type=Path, help="another native.c whose decode step is timed beside this one"
     )
+    parser.add_argument(
+        "--baseline-streams", type=int, help="build the baseline with this many weight streams a thread"
+    )
     args = parser.parse_args()
     if not native.available():
         raise SystemExit("the native kernels cannot be built here (no C compiler, or GPTMINI_NATIVE=0)")
     baseline = None
-    if args.baseline is not None:
+    if args.baseline is not None or args.baseline_streams is not None:
         target = Path(tempfile.mkdtemp()) / "baseline.so"
-        native.build(native._compiler(), target, source=args.baseline)
+        source = args.baseline or native.SOURCE
+        native.build(native._compiler(), target, streams=args.baseline_streams, source=source)
         baseline = native.load(target)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
