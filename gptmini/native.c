@@ -2,7 +2,7 @@
  *
  * Decoding one token multiplies one activation row by every weight matrix, so its speed is the rate at which the
  * weights stream from memory. These loops read each weight row once per call, prefetched AHEAD bytes in advance
- * (Sapphire Rapids' own prefetchers fall behind), against up to XROWS activation rows at once; the output rows are
+ * where the CPU's own prefetchers fall behind (Sapphire Rapids'), against up to XROWS activation rows at once; the output rows are
  * split between the threads, and each thread reads its rows as STREAMS sequential streams side by side (two with
  * several activation rows, one for the integer formats past two rows; see run_product). Every (m, n) dot product is summed in the same order whatever the number of rows, so
  * a row computed alone gets the bits it gets inside a batch (a cached decode equals its recompute).
@@ -47,7 +47,16 @@
 #define INT4 3
 #define UNROLL 2 /* independent sums per float dot product: 2 fastest here (Zen 4), 4 and 8 slower */
 #define GROUP 32 /* int4 inputs per activation step; a weight group is 1, 2 or 4 of them */
-#define AHEAD 4096 /* bytes a stream prefetches ahead: 1.3× the read rate of none on Sapphire Rapids; 8192 2–5 % slower with 4 streams */
+#ifndef AHEAD
+/* bytes a stream prefetches ahead, 0 for none: 4096 reads 1.3× faster than none on Sapphire Rapids, 8192 2–5 %
+ * slower with 4 streams; native.py sets 0 on AMD, where Zen 4's own prefetchers do better alone (a step 4–11 %
+ * faster for fp32, bf16 and int8 without, int4 the same) */
+#define AHEAD 4096
+#endif
+#define PREFETCH(p)                                                                                                \
+    do {                                                                                                           \
+        if (AHEAD) _mm_prefetch((const char *)(p) + AHEAD, _MM_HINT_T0);                                           \
+    } while (0)
 #define CLAIM_BYTES 16384 /* weight bytes a stream reads per claimed piece of a thread's rows (see run_product) */
 #define XQ_MAX 16383.0f /* int16 activations: room for K up to 2^31 / (2·127·16383)·32 ≈ 16,500 inputs */
 #define INLINE static inline __attribute__((always_inline))
@@ -134,7 +143,7 @@ INLINE void dot_float(const float *x, int XR, int64_t mr, int NR, int64_t K, con
             __m512 xv[XROWS];
             for (int m = 0; m < XR; m++) xv[m] = _mm512_loadu_ps(xs[m] + i);
             for (int j = 0; j < NR; j++) {
-                _mm_prefetch((const char *)rows[j] + i * wsize + AHEAD, _MM_HINT_T0);
+                PREFETCH((const char *)rows[j] + i * wsize);
                 __m512 w = load16(rows[j], wtype, i, (__mmask16)0xFFFF);
                 for (int m = 0; m < XR; m++) a[u][m * NR + j] = _mm512_fmadd_ps(w, xv[m], a[u][m * NR + j]);
             }
@@ -258,7 +267,7 @@ INLINE void dot_i8(const Int8Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
             for (int m = 0; m < XR; m++)
                 xl[m] = _mm512_loadu_si512((const void *)(ls[m] + i)), xh[m] = _mm512_loadu_si512((const void *)(hs[m] + i));
             for (int j = 0; j < NR; j++) {
-                _mm_prefetch((const char *)(rows[j] + i + AHEAD), _MM_HINT_T0);
+                PREFETCH(rows[j] + i);
                 __m512i w = _mm512_loadu_si512((const void *)(rows[j] + i));
                 __m512i wu = _mm512_xor_si512(w, flip); /* w + 128 as unsigned bytes */
                 for (int m = 0; m < XR; m++) {
@@ -384,8 +393,8 @@ INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
                 x2[m] = _mm512_loadu_si512((const void *)(xs[m] + k + 128)), x3[m] = _mm512_loadu_si512((const void *)(xs[m] + k + 192));
             }
             for (int j = 0; j < NR; j++) {
-                _mm_prefetch((const char *)(codes[j] + k / 2 + AHEAD), _MM_HINT_T0);
-                _mm_prefetch((const char *)(codes[j] + k / 2 + 64 + AHEAD), _MM_HINT_T0);
+                PREFETCH(codes[j] + k / 2);
+                PREFETCH(codes[j] + k / 2 + 64);
                 __m512i b0 = _mm512_loadu_si512((const void *)(codes[j] + k / 2));
                 __m512i b1 = _mm512_loadu_si512((const void *)(codes[j] + k / 2 + 64));
                 __m512i lo0 = _mm512_and_si512(b0, low), hi0 = _mm512_and_si512(_mm512_srli_epi16(b0, 4), low);

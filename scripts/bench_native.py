@@ -12,9 +12,11 @@ is what the kernels leave on the table.
     python scripts/bench_native.py --formats fp32,int8 --repeats 5
     git show HEAD~1:gptmini/native.c > /tmp/old.c && python scripts/bench_native.py --baseline /tmp/old.c
     python scripts/bench_native.py --baseline-streams 4     # this native.c with 4 weight streams a thread
+    python scripts/bench_native.py --baseline-ahead 4096    # … with each stream prefetched 4 KiB ahead
 
 `--baseline` builds another native.c (default: this one) and adds its step rows, interleaved with this one's
-(before/after a change); `--baseline-streams` builds it with that many weight streams a thread.
+(before/after a change); `--baseline-streams` and `--baseline-ahead` build it with that many weight streams a
+thread and bytes prefetched ahead (0: none) instead of this CPU's defaults.
 """
 
 from __future__ import annotations
@@ -65,14 +67,23 @@ def main() -> None:
     parser.add_argument(
         "--baseline-streams", type=int, help="build the baseline with this many weight streams a thread"
     )
+    parser.add_argument(
+        "--baseline-ahead", type=int, help="build the baseline prefetching this many bytes ahead (0: none)"
+    )
     args = parser.parse_args()
     if not native.available():
         raise SystemExit("the native kernels cannot be built here (no C compiler, or GPTMINI_NATIVE=0)")
     baseline = None
-    if args.baseline is not None or args.baseline_streams is not None:
+    if any(v is not None for v in (args.baseline, args.baseline_streams, args.baseline_ahead)):
         target = Path(tempfile.mkdtemp()) / "baseline.so"
         source = args.baseline or native.SOURCE
-        native.build(native._compiler(), target, streams=args.baseline_streams, source=source)
+        native.build(
+            native._compiler(),
+            target,
+            streams=args.baseline_streams,
+            source=source,
+            ahead=args.baseline_ahead,
+        )
         baseline = native.load(target)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
