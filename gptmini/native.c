@@ -1,11 +1,13 @@
 /* gptmini's CPU kernels for few-row products, y[m, n] = Σ_k x[m, k]·W[n, k] + bias[n], and a whole decode step.
  *
  * Decoding one token multiplies one activation row by every weight matrix, so its speed is the rate at which the
- * weights stream from memory. These loops read each weight row once per call, prefetched AHEAD bytes in advance
- * where the CPU's own prefetchers fall behind (Sapphire Rapids'), against up to XROWS activation rows at once; the output rows are
- * split between the threads, and each thread reads its rows as STREAMS sequential streams side by side (two with
- * several activation rows, one for the integer formats past two rows; see run_product). Every (m, n) dot product is summed in the same order whatever the number of rows, so
- * a row computed alone gets the bits it gets inside a batch (a cached decode equals its recompute).
+ * weights stream from memory. These loops read each weight row once per call (prefetched AHEAD bytes in advance
+ * where the CPU's own prefetchers fall behind: Sapphire Rapids') against up to XROWS activation rows at once. The
+ * output rows are split between the threads (a thread done with its share takes pieces of the others'), and each
+ * thread reads its rows as STREAMS sequential streams side by side (two with several activation rows, one for the
+ * integer formats past two rows; see run_product). Every (m, n) dot product is summed in the same order whatever
+ * the number of rows or threads, so a row computed alone gets the bits it gets inside a batch (a cached decode
+ * equals its recompute).
  *
  * Weight formats (`wtype`):
  *   0 fp32, 1 bf16: widened to fp32 in registers, fp32 sums against fp32 activations;
