@@ -505,12 +505,17 @@ typedef struct {
     Int4Rows i4; /* and for int4 */
 } Product;
 
+/* bytes of one weight row in the product's format (int4: codes only, padded to Kp inputs) */
+static inline int64_t weight_row_bytes(const Product *p) {
+    return p->wtype == INT4 ? p->i4.Kp / 2 : p->K * (p->wtype == 0 ? 4 : p->wtype == 1 ? 2 : 1);
+}
+
 /* outputs of activation rows m0.. m0+mr-1 against weight rows n[0..NR-1] (XR, NR constants) */
 INLINE void product_block(const Product *p, const int64_t *n, int XR, int NR, int64_t m0, int64_t mr) {
     const int64_t K = p->K;
     float out[LANES];
     if (p->wtype <= 1) {
-        const size_t row_bytes = (size_t)K * (p->wtype == 0 ? 4 : 2);
+        const int64_t row_bytes = weight_row_bytes(p);
         const void *rows[STREAMS];
         for (int j = 0; j < NR; j++) rows[j] = (const char *)p->W + n[j] * row_bytes;
         if (p->wtype == 0)
@@ -573,10 +578,12 @@ static void product_piece(const Product *p, int S, int64_t n0, int64_t q, int64_
         for (int64_t m = 0; m < p->M; m++) activate(p->y + m * p->ldy + n0 + j * q + a, b - a, p->act);
 }
 
-/* A thread's range cut into pieces, front (low 32 bits) and back (high 32 bits) of those not yet claimed in one
- * word: the owner claims from the front, a thread done with its own range from the back. */
+/* A thread's range of rows [n0, n1) as S streams of q rows (n0 + j·q + i) plus the rows past S·q, the streams cut
+ * into pieces; front (low 32 bits) and back (high 32 bits) of the pieces not yet claimed in one word: the owner
+ * claims from the front, a thread done with its own range from the back. */
 typedef struct {
     _Alignas(64) _Atomic uint64_t span;
+    int64_t n0, n1, q;
 } Claims;
 
 static int64_t claim(Claims *c, int from_back) {
@@ -604,22 +611,22 @@ static void run_product(const Product *p, int threads) {
     const int64_t N = p->N;
     const int T = threads > 1 && N > 1 ? threads : 1;
     const int S = p->M == 1 ? STREAMS : p->wtype >= INT8 && p->M > 2 ? 1 : BATCH_STREAMS;
-    const int64_t row_bytes = p->wtype == INT4 ? p->i4.Kp / 2 : p->K * (p->wtype == 0 ? 4 : p->wtype == 1 ? 2 : 1);
+    const int64_t row_bytes = weight_row_bytes(p);
     const int64_t piece = row_bytes >= CLAIM_BYTES ? 1 : CLAIM_BYTES / row_bytes; /* rows a stream per claim */
     Claims *claims = aligned_alloc(64, (size_t)T * sizeof(Claims));
     for (int t = 0; t < T; t++) {
-        const int64_t q = (N * (t + 1) / T - N * t / T) / S;
-        atomic_init(&claims[t].span, (uint64_t)((q + piece - 1) / piece) << 32);
+        Claims *c = &claims[t];
+        c->n0 = N * t / T, c->n1 = N * (t + 1) / T, c->q = (c->n1 - c->n0) / S;
+        atomic_init(&c->span, (uint64_t)((c->q + piece - 1) / piece) << 32);
     }
 #pragma omp parallel for schedule(static, 1) num_threads(T) if (T > 1)
     for (int t = 0; t < T; t++) {
         for (int v = 0; v < T; v++) { /* its own range first, from the front; then the others', from the back */
-            const int u = (t + v) % T;
-            const int64_t n0 = N * u / T, q = (N * (u + 1) / T - n0) / S;
-            for (int64_t c; (c = claim(&claims[u], v > 0)) >= 0;)
-                product_piece(p, S, n0, q, c * piece, (c + 1) * piece < q ? (c + 1) * piece : q);
+            Claims *c = &claims[(t + v) % T];
+            for (int64_t k; (k = claim(c, v > 0)) >= 0;)
+                product_piece(p, S, c->n0, c->q, k * piece, (k + 1) * piece < c->q ? (k + 1) * piece : c->q);
             if (v == 0) /* the rows past S·q, fewer than S */
-                for (int64_t r = n0 + S * q, n1 = N * (u + 1) / T; r < n1; r++) product_piece(p, 1, r, 0, 0, 1);
+                for (int64_t r = c->n0 + S * c->q; r < c->n1; r++) product_piece(p, 1, r, 0, 0, 1);
         }
     }
     free(claims);
