@@ -29,6 +29,7 @@
  * AVX-512 is missing (same sums for the integer formats, fp32 sums in another order for the float ones).
  */
 #include <math.h>
+#include <omp.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -663,7 +664,8 @@ void gm_linear(const float *x, int64_t M, int64_t K, const void *W, int wtype, i
     linear_act(x, M, K, W, wtype, N, scale, group, bias, y, ldy, 0, threads);
 }
 
-/* ---- one whole decode step (batch 1, one token), for models whose every linear is in a format above ---------- */
+/* ---- one whole decode step (tokens of several cache rows, each at its own position), for models whose every
+ * linear is in a format above --------------------------------------------------------------------------------- */
 
 typedef struct {
     const void *w; /* [n_out, n_in] in format wtype */
@@ -676,7 +678,7 @@ typedef struct {
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b; /* fp32; a bias may be NULL */
     const float *q_norm, *k_norm;               /* QK-norm weights [head_dim], or NULL */
     GmLinear attn, attn_proj, fc, proj;
-    void *k_cache, *v_cache; /* this layer's [n_head, max_len, head_dim], fp32 or bf16 */
+    void *k_cache, *v_cache; /* this layer's [rows, n_head, max_len, head_dim], fp32 or bf16 */
 } GmLayer;
 
 typedef struct {
@@ -849,18 +851,24 @@ static void attention_values(const float *p, float sum, const void *v, int bf16,
     }
 }
 
-/* logits [T, head.n_out] of `tokens` [T] at positions pos.. pos+T-1 (token j sees positions 0..pos+j); writes
- * their keys and values into the cache. `work`: T·10·n_embd + n_head·max_len floats. */
-void gm_decode(const GmModel *m, const int64_t *tokens, int64_t T, int64_t pos, float *logits, float *work,
-               int threads) {
-    const int64_t C = m->n_embd, H = m->n_head, D = C / H, L = m->max_len;
+/* logits [T, head.n_out] of `tokens` [T], token j at position positions[j] of cache row rows[j] (it sees that row's
+ * positions 0..positions[j]); writes their keys and values into the cache first, so several tokens of one row (a
+ * prefill, a lookup verify pass) must come in increasing positions. A token's arithmetic never depends on the others
+ * in the call: its products sum in one order whatever the rows beside it (see run_product), its integer activations
+ * are quantised on their own, and its attention reads its own row only. `work`: T·10·n_embd + threads·max_len
+ * floats. */
+void gm_decode(const GmModel *m, const int64_t *tokens, const int64_t *rows, const int64_t *positions, int64_t T,
+               float *logits, float *work, int threads) {
+    const int64_t C = m->n_embd, H = m->n_head, D = C / H, L = m->max_len, R = H * L * D; /* R: a cache row */
     float *x = work, *h = x + T * C, *qkv = h + T * C, *att = qkv + 3 * T * C, *ff = att + T * C;
-    float *probs = ff + 4 * T * C;
+    float *probs = ff + 4 * T * C; /* threads · L: one softmax row per thread */
+    int64_t keys = 0;              /* (query, key) pairs a layer's attention reads */
+    for (int64_t j = 0; j < T; j++) keys += positions[j] + 1;
     for (int64_t j = 0; j < T; j++)
         for (int64_t i = 0; i < C; i++) {
             int64_t at = tokens[j] * C + i;
             float e = m->wte_bf16 ? bf16_to_f32(((const uint16_t *)m->wte)[at]) : ((const float *)m->wte)[at];
-            x[j * C + i] = e + (m->pos_add ? m->pos_add[(pos + j) * C + i] : 0.0f);
+            x[j * C + i] = e + (m->pos_add ? m->pos_add[positions[j] * C + i] : 0.0f);
         }
     const float inv_sqrt_d = 1.0f / sqrtf((float)D);
     for (int64_t layer = 0; layer < m->n_layer; layer++) {
@@ -869,7 +877,8 @@ void gm_decode(const GmModel *m, const int64_t *tokens, int64_t T, int64_t pos, 
         apply_linear(&ly->attn, h, T, qkv, 0, threads);
         for (int64_t j = 0; j < T; j++) {
             float *q = qkv + j * 3 * C, *k = q + C, *v = q + 2 * C;
-            const float *cos_ = m->rope ? m->rope + (pos + j) * D : NULL;
+            const int64_t pos = positions[j], row = rows[j] * R;
+            const float *cos_ = m->rope ? m->rope + pos * D : NULL;
             for (int64_t hd = 0; hd < H; hd++) {
                 if (ly->q_norm) {
                     rms_norm(q + hd * D, D, ly->q_norm, m->eps);
@@ -880,24 +889,22 @@ void gm_decode(const GmModel *m, const int64_t *tokens, int64_t T, int64_t pos, 
                     rotate(k + hd * D, D, cos_, cos_ + D / 2);
                 }
                 for (int64_t i = 0; i < D; i++) {
-                    cache_put(ly->k_cache, (int)m->cache_bf16, (hd * L + pos + j) * D + i, k[hd * D + i]);
-                    cache_put(ly->v_cache, (int)m->cache_bf16, (hd * L + pos + j) * D + i, v[hd * D + i]);
+                    cache_put(ly->k_cache, (int)m->cache_bf16, row + (hd * L + pos) * D + i, k[hd * D + i]);
+                    cache_put(ly->v_cache, (int)m->cache_bf16, row + (hd * L + pos) * D + i, v[hd * D + i]);
                 }
             }
         }
-        for (int64_t j = 0; j < T; j++) {
-            const int64_t last = pos + j; /* this query sees keys 0..last */
-            /* heads claimed one at a time: a slower core takes fewer (see run_product) */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && last > 64)
-            for (int64_t hd = 0; hd < H; hd++) {
-                /* softmax(q·Kᵀ/√D)·V, in fp32 */
-                const float *qh = qkv + j * 3 * C + hd * D;
-                float *p = probs + hd * L;
-                const int bf16 = (int)m->cache_bf16;
-                float top = attention_scores(qh, ly->k_cache, bf16, hd * L * D, last + 1, D, inv_sqrt_d, p);
-                float sum = softmax_numerators(p, last + 1, top);
-                attention_values(p, sum, ly->v_cache, bf16, hd * L * D, last + 1, D, att + j * C + hd * D);
-            }
+        /* every (token, head) pair on its own, claimed one at a time: a slower core takes fewer (see run_product) */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && keys > 64)
+        for (int64_t jh = 0; jh < T * H; jh++) {
+            /* softmax(q·Kᵀ/√D)·V over keys 0..positions[j] of the token's row, in fp32 */
+            const int64_t j = jh / H, hd = jh % H, last = positions[j], base = rows[j] * R + hd * L * D;
+            const float *qh = qkv + j * 3 * C + hd * D;
+            float *p = probs + (int64_t)omp_get_thread_num() * L;
+            const int bf16 = (int)m->cache_bf16;
+            float top = attention_scores(qh, ly->k_cache, bf16, base, last + 1, D, inv_sqrt_d, p);
+            float sum = softmax_numerators(p, last + 1, top);
+            attention_values(p, sum, ly->v_cache, bf16, base, last + 1, D, att + j * C + hd * D);
         }
         apply_linear(&ly->attn_proj, att, T, h, 0, threads);
         for (int64_t i = 0; i < T * C; i++) x[i] += h[i];

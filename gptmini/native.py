@@ -133,7 +133,7 @@ def load(path: Path) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.gm_linear.argtypes = [p, i64, i64, p, i32, i64, p, i64, p, p, i64, i32]
     lib.gm_linear.restype = None
-    lib.gm_decode.argtypes = [p, p, i64, i64, p, p, i32]
+    lib.gm_decode.argtypes = [p, p, p, p, i64, p, p, i32]
     lib.gm_decode.restype = None
     return lib
 
@@ -262,13 +262,17 @@ def _weights_of(
 
 
 class DecodeStep:
-    """`GPT.forward` for one token of a batch-1 cache in one C call (`gm_decode`): embeddings, every block, the
-    final norm and the head, with the keys and values written into `cache` at `pos`, as the PyTorch path does.
+    """`GPT.forward` for a few tokens in one C call (`gm_decode`): embeddings, every block, the final norm and the
+    head, each token in its own row of `cache` at its own position, its keys and values written there as the
+    PyTorch path writes them. One call serves a batch of rows decoding one token each (the weights read once for
+    all of them), a prefill or lookup-verify pass of one row, or both at once.
 
     Python and ~30 ATen calls per layer cost more than a small model's arithmetic (the default model's step was 2 ms
     for 6 MFLOP); here a step is the weight reads and a few loops. Everything is in fp32 (bf16 weights and caches
-    are widened), so a bf16 model's step rounds less often than its PyTorch twin. Build one with `DecodeStep.for_model`,
-    which returns None where the step does not apply (no kernels, a GPU, batch > 1, a linear in another format).
+    are widened), so a bf16 model's step rounds less often than its PyTorch twin. A token's logits do not depend on
+    the other tokens of the call (the kernels sum in a fixed order and quantise each row on its own). Build one with
+    `DecodeStep.for_model`, which returns None where the step does not apply (no kernels, a GPU, a linear in
+    another format).
     """
 
     def __init__(self, model: torch.nn.Module, cache) -> None:
@@ -304,8 +308,8 @@ class DecodeStep:
                 lin(attn.c_proj),
                 lin(block.mlp.c_fc),
                 lin(block.mlp.c_proj),
-                self._hold(cache.k_layers[i][0]),
-                self._hold(cache.v_layers[i][0]),
+                self._hold(cache.k_layers[i]),
+                self._hold(cache.v_layers[i]),
             )
         self._layers = layers
         wte = model.transformer.wte.weight
@@ -315,8 +319,10 @@ class DecodeStep:
             pos_add, rope = None, f32(model.pos_table)
         else:
             pos_add, rope = f32(model.pos_table), None
-        self._sizes = (10 * c.n_embd, c.n_head * cache.max_len, model.lm_head.out_features)
-        self._buffers(1)
+        self._sizes = (10 * c.n_embd, cache.max_len, model.lm_head.out_features)
+        self.batch_size = cache.batch_size
+        self.max_len = cache.max_len
+        self._buffers(1, 1)
         self.vocab_size = c.vocab_size
         self._model = _Model(
             c.n_layer,
@@ -345,7 +351,7 @@ class DecodeStep:
     @classmethod
     def for_model(cls, model: torch.nn.Module, cache) -> DecodeStep | None:
         weight = model.transformer.wte.weight
-        if library() is None or weight.device.type != "cpu" or cache.batch_size != 1:
+        if library() is None or weight.device.type != "cpu":
             return None
         if weight.dtype not in (torch.float32, torch.bfloat16) or cache.k.dtype not in (
             torch.float32,
@@ -355,35 +361,46 @@ class DecodeStep:
         linears = [model.lm_head] + [
             m for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)
         ]
-        if any(_weights_of(m) is None for m in linears) or not cache.k_layers[0][0].is_contiguous():
+        if any(_weights_of(m) is None for m in linears) or not cache.k_layers[0].is_contiguous():
             return None
         return cls(model, cache)
 
-    def _buffers(self, rows: int) -> None:
-        per_row, shared, vocab = self._sizes
-        self._rows = rows
-        self._work = torch.empty(rows * per_row + shared)
+    def _buffers(self, rows: int, threads: int) -> None:
+        per_row, per_thread, vocab = self._sizes
+        self._rows, self._threads = rows, threads
+        self._work = torch.empty(rows * per_row + threads * per_thread)
         self._logits = torch.empty(rows, vocab)
-        self._tokens = (ctypes.c_int64 * rows)()
+        self._tokens = (ctypes.c_int64 * (3 * rows))()  # tokens, then their cache rows, then their positions
 
-    def forward(self, tokens: list[int], pos: int) -> torch.Tensor:
-        """Logits `[len(tokens), vocab]` (fp32; a view of a buffer the next call overwrites) of `tokens` at positions
-        pos.., each seeing the cache before it and the tokens before it: `GPT.forward(..., start_pos=pos)`."""
-        if len(tokens) > self._rows:
-            self._buffers(len(tokens))
-        for i, t in enumerate(tokens):
-            self._tokens[i] = t
+    def rows(self, tokens: list[int], rows: list[int], positions: list[int]) -> torch.Tensor:
+        """Logits `[len(tokens), vocab]` (fp32; a view of a buffer the next call overwrites): token j at position
+        `positions[j]` of cache row `rows[j]`, seeing that row's cached positions before it and the tokens of the
+        call before it in the same row (which must come in increasing positions)."""
+        n, threads = len(tokens), torch.get_num_threads()
+        if not len(rows) == len(positions) == n:
+            raise ValueError("tokens, rows and positions must have one entry each per token")
+        if any(not 0 <= r < self.batch_size for r in rows) or any(not 0 <= p < self.max_len for p in positions):
+            raise ValueError(f"a row outside 0..{self.batch_size - 1} or a position outside 0..{self.max_len - 1}")
+        if n > self._rows or threads > self._threads:
+            self._buffers(max(n, self._rows), max(threads, self._threads))
+        self._tokens[: 3 * n] = [*tokens, *rows, *positions]
+        at = ctypes.addressof(self._tokens)
         self._lib.gm_decode(
             ctypes.byref(self._model),
-            self._tokens,
-            len(tokens),
-            pos,
+            at,
+            at + 8 * n,
+            at + 16 * n,
+            n,
             self._logits.data_ptr(),
             self._work.data_ptr(),
-            torch.get_num_threads(),
+            threads,
         )
-        return self._logits[: len(tokens), : self.vocab_size]
+        return self._logits[:n, : self.vocab_size]
+
+    def forward(self, tokens: list[int], pos: int, row: int = 0) -> torch.Tensor:
+        """Logits of `tokens` of one cache row at positions pos..: `GPT.forward(..., start_pos=pos)` (see `rows`)."""
+        return self.rows(tokens, [row] * len(tokens), list(range(pos, pos + len(tokens))))
 
     def __call__(self, token: int, pos: int) -> torch.Tensor:
-        """Logits `[1, vocab]` of one `token` at position `pos` (see `forward`)."""
+        """Logits `[1, vocab]` of one `token` at position `pos` of row 0 (see `rows`)."""
         return self.forward([token], pos)

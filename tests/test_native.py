@@ -217,9 +217,57 @@ def test_int8_decoding_equals_its_recompute_and_stays_close_to_fp32():
     assert run(q, [1, 2, 3], 40)[0] == run(q, [1, 2, 3], 40, use_cache=False)[0]
 
 
-def test_step_does_not_apply_to_batches():
+@pytest.mark.parametrize("form", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("name", ["gpt2", "modern"])
+@torch.no_grad()
+def test_a_row_gets_the_same_bits_alone_and_batched_with_rows_at_other_positions(name, form):
+    """One call over rows each at its own position: every row's logits and cached keys are the bits it gets alone
+    (prefill, a decode step, a verify pass), so a request's text cannot depend on its neighbours."""
+    model = random_gpt(std=0.2, vocab_size=700, **MODELS[name])
+    if form == "bf16":
+        model = model.to(torch.bfloat16)
+    prepare_for_decoding(model, quantize=form if form in ("int8", "int4") else None)
+    lengths = [3, 17, 9, 30, 1]  # a different prompt length per row
+    prompts = [torch.randint(0, 700, (n + 6,)).tolist() for n in lengths]
+    alone = [KVCache.for_model(model, batch_size=1) for _ in lengths]
+    batched = KVCache.for_model(model, batch_size=len(lengths))
+    steps = [DecodeStep.for_model(model, c) for c in alone]
+    together = DecodeStep.for_model(model, batched)
+    expected = []
+    for step, ids, n in zip(steps, prompts, lengths, strict=True):
+        step.forward(ids[:n], 0)
+        expected.append([step.forward([t], n + i).clone() for i, t in enumerate(ids[n:-3])])
+        expected[-1].append(step.forward(ids[-3:], len(ids) - 3).clone())  # a verify pass of 3 tokens
+    # All prefills in one call, then the decode steps of every row in one call each, then the verify passes.
+    tokens = [t for ids, n in zip(prompts, lengths, strict=True) for t in ids[:n]]
+    rows = [r for r, n in enumerate(lengths) for _ in range(n)]
+    together.rows(tokens, rows, [p for n in lengths for p in range(n)])
+    for i in range(3):
+        got = together.rows(
+            [ids[n + i] for ids, n in zip(prompts, lengths, strict=True)],
+            list(range(5)),
+            [n + i for n in lengths],
+        ).clone()
+        for r in range(5):
+            assert torch.equal(got[r : r + 1], expected[r][i]), (r, i)
+    verify = together.rows(
+        [t for ids in prompts for t in ids[-3:]],
+        [r for r in range(5) for _ in range(3)],
+        [len(ids) - 3 + j for ids in prompts for j in range(3)],
+    )
+    for r in range(5):
+        assert torch.equal(verify[3 * r : 3 * r + 3], expected[r][-1]), r
+        assert torch.equal(batched.k[:, r : r + 1], alone[r].k)
+        assert torch.equal(batched.v[:, r : r + 1], alone[r].v)
+
+
+def test_the_step_refuses_rows_and_positions_outside_its_cache():
     model = prepare_for_decoding(random_gpt())
-    assert DecodeStep.for_model(model, KVCache.for_model(model, batch_size=2)) is None
+    step = DecodeStep.for_model(model, KVCache.for_model(model, batch_size=2))
+    with pytest.raises(ValueError, match="row"):
+        step.rows([1], [2], [0])
+    with pytest.raises(ValueError, match="position"):
+        step.rows([1], [0], [model.config.block_size])
 
 
 def test_no_compiler_or_opt_out_falls_back_to_pytorch(monkeypatch, tmp_path):
