@@ -379,8 +379,12 @@ class DecodeStep:
         n, threads = len(tokens), torch.get_num_threads()
         if not len(rows) == len(positions) == n:
             raise ValueError("tokens, rows and positions must have one entry each per token")
-        if any(not 0 <= r < self.batch_size for r in rows) or any(not 0 <= p < self.max_len for p in positions):
-            raise ValueError(f"a row outside 0..{self.batch_size - 1} or a position outside 0..{self.max_len - 1}")
+        if any(not 0 <= r < self.batch_size for r in rows) or any(
+            not 0 <= p < self.max_len for p in positions
+        ):
+            raise ValueError(
+                f"a row outside 0..{self.batch_size - 1} or a position outside 0..{self.max_len - 1}"
+            )
         if n > self._rows or threads > self._threads:
             self._buffers(max(n, self._rows), max(threads, self._threads))
         self._tokens[: 3 * n] = [*tokens, *rows, *positions]
