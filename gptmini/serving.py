@@ -6,14 +6,18 @@ row of one preallocated KV cache (`[n_layer, parallel, n_head, block_size, head_
   1. cancelled requests leave (their row is free at once);
   2. waiting requests are admitted into free rows: their prompt is prefilled into the row in one pass and their
      first token sampled, so they join the batch at this very step;
-  3. one batched decode step runs over the active rows, each at its own position (`GPT.decode_step` with a
-     position per row), reading only as many cache positions as the longest of them uses; a request with
-     `lookup` first verifies its prompt-lookup draft in a pass over its own row, which may decide several tokens;
-  4. each row samples its next token with its own settings and its own seeded `torch.Generator`, so a request's
-     text does not depend on what else is running; finished rows leave at once.
+  3. one batched step runs over the active rows, each in its own cache row at its own position: on the CPU one
+     native call (`gptmini.native.DecodeStep.rows`) that reads the weights once for every row, in which a request
+     with `lookup` feeds its prompt-lookup draft beside its next token (a verify pass that may decide several
+     tokens); elsewhere `GPT.decode_step` with a position per row, reading only as many cache positions as the
+     longest row uses, and a verify pass per drafting row;
+  4. each row samples its next token with its own settings and its own seeded `torch.Generator`; finished rows
+     leave at once.
 
-Active requests are kept packed in rows 0..n-1 (a leaving row is refilled by the last one, a copy of its cached
-positions), so a step over n requests is one batch of n rows, and a lone request runs as a batch of one.
+A row's arithmetic never depends on its neighbours on the native step (its sums run in a fixed order and its
+integer activations are quantised on their own), so at temperature 0 a request gets the same tokens alone or in a
+batch. The native step reads any cache row, so a request keeps its row until it leaves; the PyTorch step batches
+rows 0..n-1, so there a leaving row is refilled by the last one (a copy of its cached positions).
 
 The window policy is `gptmini generate`'s: a row whose window is full drops its oldest quarter and re-prefills
 the rest at positions 0.. before the step. Text comes out through the same streaming decoder (no split UTF-8
@@ -45,8 +49,6 @@ from gptmini.sampling import make_generator, sample_next
 from gptmini.tokenizer import StreamDecoder
 
 log = logging.getLogger("gptmini.serving")
-
-SMALL_MODEL_BYTES = 16 * 2**20  # weights this small stay in a last-level cache: each row decodes on its own
 
 MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's API allows
 
@@ -130,10 +132,11 @@ class Handle:
 class _Row:
     """An active request's decoding state."""
 
-    def __init__(self, handle: Handle, tokenizer, device: torch.device, vocab_size: int) -> None:
+    def __init__(self, handle: Handle, slot: int, tokenizer, device: torch.device, vocab_size: int) -> None:
         req = handle.request
         self.handle = handle
         self.req = req
+        self.slot = slot  # its row of the KV cache
         self.window: list[int] = []  # tokens whose keys/values are in the cache, positions 0..len-1
         self.next_tok = -1  # sampled, not yet in the cache
         self.generator = make_generator(req.sampling.seed, device)
@@ -179,16 +182,9 @@ class Engine:
         self.max_queue = max_queue
         self.metrics = metrics or EngineMetrics()
         self.cache = KVCache.for_model(self.model, batch_size=parallel)
-        # Native steps, one per cache row (rows stay packed: a lone active row is row 0). A lone row decodes in one
-        # native call, as `gptmini generate` does; so does every row of a model whose weights fit in a last-level
-        # cache, one call each, since there a batched PyTorch step costs more in per-op overhead than the rows'
-        # arithmetic. Larger models batch their rows through `decode_step`, reading the weights once per step.
-        self._row_steps: list[DecodeStep] = []
-        first = DecodeStep.for_model(self.model, self.cache.view(0))
-        if first is not None:
-            small = sum(p.nbytes for p in self.model.parameters()) <= SMALL_MODEL_BYTES
-            rows = range(1, parallel) if small else ()
-            self._row_steps = [first, *(DecodeStep.for_model(self.model, self.cache.view(i)) for i in rows)]
+        # One native call decodes every active row (None where the kernels do not apply: then PyTorch's batched
+        # `decode_step`, over packed rows).
+        self._native = DecodeStep.for_model(self.model, self.cache)
         self.eos_id = self.tokenizer.eot_id
         self._waiting: collections.deque[Handle] = collections.deque()
         self._rows: list[_Row] = []
@@ -328,16 +324,19 @@ class Engine:
                     handle, "error", len(handle.request.prompt_ids), error=f"{type(e).__name__}: {e}"
                 )
 
+    def _free_slot(self) -> int:
+        used = {r.slot for r in self._rows}
+        return next(i for i in range(self.parallel) if i not in used)
+
     def _prefill(self, handle: Handle) -> None:
         req = handle.request
-        row = _Row(handle, self.tokenizer, self.device, self.vocab_size)
+        row = _Row(handle, self._free_slot(), self.tokenizer, self.device, self.vocab_size)
         self.metrics.admitted(len(req.prompt_ids), time.perf_counter() - handle.submitted)
-        index = len(self._rows)
         self._rows.append(row)
         row.window = list(req.prompt_ids)
         ids = torch.tensor([row.window], dtype=torch.long, device=self.device)
         scored = req.prompt_logprobs and req.logprobs is not None
-        logits = self.model(ids, cache=self.cache.view(index), start_pos=0, last_only=not scored)[0][0]
+        logits = self.model(ids, cache=self.cache.view(row.slot), start_pos=0, last_only=not scored)[0][0]
         first = Output(prompt_tokens=len(req.prompt_ids))
         if scored:
             first.prompt_logprobs = [TokenLogprob(req.prompt_ids[0], None)] + self._logprobs(
@@ -355,53 +354,81 @@ class Engine:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        # Rows with a prompt-lookup draft first verify it in a pass of their own, which may decide several tokens
-        # (and finish the row); then every row takes the batched step as usual.
-        for row in [r for r in self._rows if r.drafter is not None]:
-            room = min(self.block - 1 - len(row.window), row.req.max_new_tokens - row.generated - 1)
-            draft = row.drafter.draft(room)
-            if draft and self._verify(self._rows.index(row), row, draft):
-                self._remove_row(self._rows.index(row))
-        if not self._rows:
-            return
-        t_batch = time.perf_counter()
         # Rows whose window is full slide it first: the oldest quarter leaves and the rest is re-prefilled, so
         # the token about to be decoded lands at position block - shift - 1 (gptmini generate's policy).
-        for i, row in enumerate(self._rows):
+        for row in self._rows:
             if len(row.window) == self.block:
                 keep = self.block - window_shift(self.block)
                 row.window = row.window[len(row.window) - keep + 1 :]
                 ids = torch.tensor([row.window], dtype=torch.long, device=self.device)
-                self.model.hidden_states(ids, cache=self.cache.view(i), start_pos=0)
-        n = len(self._rows)
-        positions = [len(r.window) for r in self._rows]
-        if n <= len(self._row_steps):
-            steps = zip(self._row_steps, self._rows, positions, strict=False)
-            logits = torch.cat([step(row.next_tok, p) for step, row, p in steps])
-        else:
-            tokens = torch.tensor([[r.next_tok] for r in self._rows], dtype=torch.long, device=self.device)
-            pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-            logits = self.model.decode_step(tokens, pos, self.cache.view(slice(0, n), max(positions) + 1))
-        for row in self._rows:
-            row.window.append(row.next_tok)
-        self._sample_rows(list(self._rows), logits)
-        batch_s = time.perf_counter() - t_batch  # the step every row takes: what a pass must beat, per token
+                self.model.hidden_states(ids, cache=self.cache.view(row.slot), start_pos=0)
+        # Rows with a prompt-lookup draft feed it after their next token, in the same pass (one that fits the
+        # window, and decides no more tokens than are still to come).
+        drafts = {}
         for row in self._rows:
             if row.drafter is not None:
-                row.drafter.stepped(batch_s)
-        self.metrics.step(n, time.perf_counter() - t0)
-
-    def _verify(self, index: int, row: _Row, draft: list[int]) -> bool:
-        """Feed the row's next token and `draft` in one pass over its cache; take the tokens it decides (the kept
-        draft prefix and one token drawn by the model, as `gptmini.generation` does). True when the row is done."""
-        t0 = time.perf_counter()
-        if index < len(self._row_steps):
-            logits = self._row_steps[index].forward([row.next_tok, *draft], len(row.window))
+                room = min(self.block - 1 - len(row.window), row.req.max_new_tokens - row.generated - 1)
+                drafts[row.slot] = row.drafter.draft(room)
+        t_batch = time.perf_counter()
+        rows = list(self._rows)
+        if self._native is not None:
+            fed = [(row, [row.next_tok, *drafts.get(row.slot, ())]) for row in rows]
+            logits = self._native.rows(
+                [t for _, tokens in fed for t in tokens],
+                [row.slot for row, tokens in fed for _ in tokens],
+                [len(row.window) + j for row, tokens in fed for j in range(len(tokens))],
+            )
+            split = logits.split([len(tokens) for _, tokens in fed])
         else:
-            fed = torch.tensor([[row.next_tok, *draft]], dtype=torch.long, device=self.device)
-            logits = self.model(fed, cache=self.cache.view(index), start_pos=len(row.window))[0][0]
+            split = self._torch_step(rows, drafts)
+        batch_s = time.perf_counter() - t_batch
+        finished, plain, plain_logits = [], [], []
+        for row, out in zip(rows, split, strict=True):
+            draft = drafts.get(row.slot)
+            if draft:
+                if self._take_verified(row, out, draft, batch_s):
+                    finished.append(row)
+            else:
+                row.window.append(row.next_tok)
+                plain.append(row)
+                plain_logits.append(out)
+        if plain:
+            finished += self._sample_rows(plain, torch.cat(plain_logits), remove=False)
+        for row in finished:
+            self._remove_row(self._rows.index(row))
+        if not drafts or not any(drafts.values()):
+            for row in rows:
+                if row.drafter is not None:
+                    row.drafter.stepped(batch_s)  # a plain step: what a pass must beat, per token it decides
+        self.metrics.step(len(rows), time.perf_counter() - t0)
+
+    def _torch_step(self, rows: list[_Row], drafts: dict[int, list[int]]) -> list[torch.Tensor]:
+        """Each row's logits through PyTorch: a verify pass per drafting row, and a step for the others. On an
+        accelerator the steps are one batch over rows 0..n-1 (packed; it runs first, so a drafting row's pass
+        rewrites the position the batch wrote for it). On the CPU each row steps alone: PyTorch's batched kernels
+        may round a row differently in another batch, and a request's text must not depend on its company."""
+        out: dict[int, torch.Tensor] = {}
+        plain = [row for row in rows if not drafts.get(row.slot)]
+        if plain and self.device.type != "cpu":
+            ordered = sorted(rows, key=lambda r: r.slot)
+            tokens = torch.tensor([[r.next_tok] for r in ordered], device=self.device)
+            pos = torch.tensor([len(r.window) for r in ordered], device=self.device)
+            view = self.cache.view(slice(0, len(ordered)), int(pos.max()) + 1)
+            logits = self.model.decode_step(tokens, pos, view)
+            out = {r.slot: logits[i : i + 1] for i, r in enumerate(ordered)}
+        for row in rows:
+            fed = [row.next_tok, *drafts.get(row.slot, ())]
+            if len(fed) > 1 or row.slot not in out:
+                ids = torch.tensor([fed], dtype=torch.long, device=self.device)
+                view = self.cache.view(row.slot)
+                out[row.slot] = self.model(ids, cache=view, start_pos=len(row.window))[0][0]
+        return [out[row.slot] for row in rows]
+
+    def _take_verified(self, row: _Row, logits: torch.Tensor, draft: list[int], seconds: float) -> bool:
+        """Take the tokens a verify pass decides (the kept draft prefix and one token drawn by the model, as
+        `gptmini.generation.accept_draft` rules). True when the row is done."""
         decided = accept_draft(logits, draft, row.req.sampling, row.generator, row.seen)
-        row.drafter.verified(len(decided) - 1, time.perf_counter() - t0)
+        row.drafter.verified(len(decided) - 1, seconds)
         self.metrics.lookup(len(draft), len(decided) - 1)
         row.window.append(row.next_tok)
         for j, tok in enumerate(decided):
@@ -414,8 +441,9 @@ class Engine:
                 row.window.append(tok)  # a kept draft token: its keys and values are in the cache
         return False
 
-    def _sample_rows(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Sample each row's next token from its logits row, then hand the tokens to the rows' text."""
+    def _sample_rows(self, rows: list[_Row], logits: torch.Tensor, remove: bool = True) -> list[_Row]:
+        """Sample each row's next token from its logits row, then hand the tokens to the rows' text; returns the
+        rows that finished (removed already unless `remove` is False)."""
         picks = []
         for row, row_logits in zip(rows, logits, strict=True):
             picks.append(sample_next(row_logits[None], row.req.sampling, row.generator, row.seen))
@@ -428,8 +456,10 @@ class Engine:
                 info = None
             if self._accept(row, tok, info):
                 finished.append(row)
-        for row in finished:
-            self._remove_row(self._rows.index(row))
+        if remove:
+            for row in finished:
+                self._remove_row(self._rows.index(row))
+        return finished
 
     def _accept(self, row: _Row, tok: int, info: TokenLogprob | None) -> bool:
         """Take one sampled token into the row's text; True when the request is done."""
@@ -511,13 +541,13 @@ class Engine:
             handle.cancel()
 
     def _remove_row(self, index: int) -> None:
-        """Free row `index`, keeping the active rows packed: the last row moves into its place."""
-        last = len(self._rows) - 1
-        if index != last:
-            moved = self._rows[last]
-            self.cache.copy_row(last, index, len(moved.window))
-            self._rows[index] = moved
-        self._rows.pop()
+        """Free row `index`. The PyTorch step batches rows 0..n-1, so there the last row moves into its place."""
+        row = self._rows.pop(index)
+        if self._native is None and self._rows:
+            last = max(self._rows, key=lambda r: r.slot)
+            if last.slot > row.slot:
+                self.cache.copy_row(last.slot, row.slot, len(last.window))
+                last.slot = row.slot
 
     def _fail_all(self, message: str) -> None:
         rows, self._rows = self._rows, []

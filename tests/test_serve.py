@@ -682,11 +682,11 @@ def test_error_mid_stream_is_an_event_then_done(tmp_path, monkeypatch):
     import gptmini.serving
     from gptmini.server import ServeSettings, create_app
 
-    # Every step through `decode_step`, where the fault is planted (not the lone row's native step).
+    # Every step through PyTorch's forward, where the fault is planted (not the native step).
     monkeypatch.setattr(gptmini.serving.DecodeStep, "for_model", classmethod(lambda cls, *a: None))
 
     lm = gptmini.load(BASE_CKPT, device="cpu")
-    real_step, calls = lm.model.decode_step, {"n": 0}
+    real_step, calls = lm.model.forward, {"n": 0}
 
     def flaky_step(*args, **kwargs):
         calls["n"] += 1
@@ -694,7 +694,7 @@ def test_error_mid_stream_is_an_event_then_done(tmp_path, monkeypatch):
             raise RuntimeError("planted fault")
         return real_step(*args, **kwargs)
 
-    lm.model.decode_step = flaky_step
+    lm.model.forward = flaky_step
     port = free_port()
     app = create_app(ServeSettings(checkpoint=BASE_CKPT, parallel=2), lm=lm)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))

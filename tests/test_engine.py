@@ -1,0 +1,107 @@
+"""The decoding engine in process (no HTTP): a request's tokens and logprobs do not depend on its company."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_gpt
+
+import gptmini.native as native
+from gptmini.api import LM
+from gptmini.config import SamplingConfig
+from gptmini.quantize import prepare_for_decoding
+from gptmini.serving import Engine, Request
+from gptmini.tokenizer import Tokenizer
+
+FORMATS = ["fp32", "bf16", "int8", "int4"]
+
+
+def tiny_lm(form: str, arch: str = "gpt2") -> LM:
+    model = random_gpt(std=0.2, block_size=48, arch=arch)
+    if form == "bf16":
+        model = model.to(torch.bfloat16)
+    prepare_for_decoding(model, quantize=form if form in ("int8", "int4") else None)
+    return LM(model, Tokenizer(model.config.vocabulary))
+
+
+def requests(n: int, lookup: int = 0) -> list[Request]:
+    """`n` greedy requests of other prompt lengths and lengths of text (some slide their 48-token window), drafting
+    `lookup` tokens a pass."""
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        prompt = (
+            torch.randint(0, 50257, (1 + 5 * i % 40,), generator=gen).tolist() * 2
+        )  # repeats: drafts come
+        out.append(
+            Request(
+                prompt_ids=prompt[:48],
+                sampling=SamplingConfig(temperature=0.0),
+                max_new_tokens=8 + 7 * i % 60,
+                ignore_eos=True,
+                logprobs=2,
+                lookup=lookup,
+            )
+        )
+    return out
+
+
+def decode(engine: Engine, batch: list[Request]) -> list[tuple[list[int], list[float]]]:
+    """Every request's (token ids, logprobs), all submitted at once."""
+    import queue
+
+    outputs: list[queue.Queue] = [queue.Queue() for _ in batch]
+    engine.submit_many([(r, q.put) for r, q in zip(batch, outputs, strict=True)])
+    results = []
+    for q in outputs:
+        ids, logprobs = [], []
+        while True:
+            out = q.get(timeout=120)
+            ids += [t.id for t in out.tokens]
+            logprobs += [t.logprob for t in out.tokens]
+            if out.finish_reason is not None:
+                assert out.finish_reason == "length", out.error
+                break
+        results.append((ids, logprobs))
+    return results
+
+
+@pytest.mark.parametrize("path", ["native", "pytorch"])
+@pytest.mark.parametrize("form", FORMATS)
+def test_a_request_decodes_the_same_alone_and_batched_with_15_others(monkeypatch, form, path):
+    if path == "native" and not native.available():
+        pytest.skip("no C compiler: the native kernels cannot be built")
+    if path == "pytorch":
+        monkeypatch.setattr(native.DecodeStep, "for_model", classmethod(lambda cls, model, cache: None))
+    lm = tiny_lm(form)
+    batch = requests(16)
+    engine = Engine(lm, parallel=16).start()
+    try:
+        alone = [decode(engine, [r])[0] for r in batch]
+        together = decode(engine, batch)
+    finally:
+        engine.stop()
+    assert (engine._native is not None) == (path == "native")
+    for r, (a, b) in enumerate(zip(alone, together, strict=True)):
+        assert a[0] == b[0], f"request {r}: tokens differ"
+        # The native step gives a row the same bits in any batch; PyTorch's batched kernels may round the last bit
+        # of a logit differently.
+        tol = 0 if path == "native" else 1e-6
+        torch.testing.assert_close(torch.tensor(a[1]), torch.tensor(b[1]), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernels cannot be built")
+@pytest.mark.parametrize("form", ["fp32", "int8"])
+def test_lookup_rows_verify_inside_the_batch_and_keep_the_plain_tokens_and_logprobs(form):
+    """A verify pass feeds a row's draft beside the other rows' tokens in one native call; a token's arithmetic
+    does not depend on the tokens beside it, so the text and logprobs are plain decoding's, alone or batched."""
+    lm = tiny_lm(form, arch="modern")
+    engine = Engine(lm, parallel=8).start()
+    try:
+        plain = decode(engine, requests(8, lookup=0))
+        drafted = decode(engine, requests(8, lookup=4))
+        alone = [decode(engine, [r])[0] for r in requests(8, lookup=4)]
+    finally:
+        engine.stop()
+    assert drafted == plain
+    assert alone == plain
