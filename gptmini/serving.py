@@ -41,7 +41,7 @@ import torch
 
 from gptmini.api import LM
 from gptmini.config import SamplingConfig
-from gptmini.generation import StopMatcher, accept_draft, window_shift
+from gptmini.generation import GenerationStats, StopMatcher, accept_draft, window_shift
 from gptmini.kv_cache import KVCache
 from gptmini.lookup import Drafter
 from gptmini.native import DecodeStep
@@ -104,6 +104,7 @@ class Output:
     completion_tokens: int = 0
     error: str | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # on the first output, when asked for
+    stats: GenerationStats | None = None  # on the last output: timings, window slides, lookup counts
 
 
 class EngineMetrics:
@@ -137,6 +138,8 @@ class _Row:
         self.handle = handle
         self.req = req
         self.slot = slot  # its row of the KV cache
+        self.stats = GenerationStats(prompt_tokens=len(req.prompt_ids))
+        self.decode_from = 0.0  # when its first token was sampled (the decode time runs from there)
         self.window: list[int] = []  # tokens whose keys/values are in the cache, positions 0..len-1
         self.next_tok = -1  # sampled, not yet in the cache
         self.generator = make_generator(req.sampling.seed, device)
@@ -241,19 +244,26 @@ class Engine:
         return self.submit_many([(request, emit)])[0]
 
     def generate(self, request: Request) -> Iterator[Output]:
-        """Submit and yield the outputs as they come (closing the iterator cancels the request)."""
+        """Submit and yield the outputs as they come (closing the iterator cancels the request). Without a started
+        engine thread, the caller's thread runs the engine's steps (`gptmini generate`, `chat`, `LM.stream`)."""
         import queue
 
         outputs: queue.Queue[Output] = queue.Queue()
         handle = self.submit(request, outputs.put)
         try:
             while True:
+                if self._thread is None:
+                    with torch.inference_mode():
+                        while outputs.empty():
+                            self._run_once()
                 out = outputs.get()
                 yield out
                 if out.finish_reason is not None:
                     return
         finally:
             handle.cancel()
+            if self._thread is None:
+                self._drop_cancelled()
 
     def start(self) -> Engine:
         self._thread = threading.Thread(target=self._run, name="gptmini-engine", daemon=True)
@@ -284,14 +294,17 @@ class Engine:
                         self._wake.wait()
                     if self._stopping and not self._rows and not self._waiting:
                         return
-                try:
-                    self._drop_cancelled()
-                    self._admit()
-                    if self._rows:
-                        self._step()
-                except Exception as e:  # a failed step ends the requests in it, never the server
-                    log.error("engine step failed:\n%s", traceback.format_exc())
-                    self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+                self._run_once()
+
+    def _run_once(self) -> None:
+        try:
+            self._drop_cancelled()
+            self._admit()
+            if self._rows:
+                self._step()
+        except Exception as e:  # a failed step ends the requests in it, never the server
+            log.error("engine step failed:\n%s", traceback.format_exc())
+            self._fail_all(f"generation failed: {type(e).__name__}: {e}")
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -306,6 +319,7 @@ class Engine:
             self._finish_handle(row.handle, "cancelled", len(row.req.prompt_ids), row.generated)
 
     def _admit(self) -> None:
+        self._shared_prefill: tuple[list[int], int, torch.Tensor] | None = None
         while len(self._rows) < self.parallel:
             with self._lock:
                 if not self._waiting:
@@ -329,22 +343,34 @@ class Engine:
         return next(i for i in range(self.parallel) if i not in used)
 
     def _prefill(self, handle: Handle) -> None:
+        t0 = time.perf_counter()
         req = handle.request
         row = _Row(handle, self._free_slot(), self.tokenizer, self.device, self.vocab_size)
-        self.metrics.admitted(len(req.prompt_ids), time.perf_counter() - handle.submitted)
+        self.metrics.admitted(len(req.prompt_ids), t0 - handle.submitted)
         self._rows.append(row)
         row.window = list(req.prompt_ids)
-        ids = torch.tensor([row.window], dtype=torch.long, device=self.device)
         scored = req.prompt_logprobs and req.logprobs is not None
-        logits = self.model(ids, cache=self.cache.view(row.slot), start_pos=0, last_only=not scored)[0][0]
+        shared = self._shared_prefill
+        if shared is not None and shared[0] == req.prompt_ids and not scored:
+            # The same prompt as the request admitted just before (`n` choices, samples of one prompt): its
+            # cached keys and values are copied, not computed again.
+            self.cache.copy_row(shared[1], row.slot, len(row.window))
+            logits = shared[2]
+        else:
+            ids = torch.tensor([row.window], dtype=torch.long, device=self.device)
+            logits = self.model(ids, cache=self.cache.view(row.slot), start_pos=0, last_only=not scored)[0][0]
+            self._shared_prefill = (req.prompt_ids, row.slot, logits[-1:])
         first = Output(prompt_tokens=len(req.prompt_ids))
         if scored:
             first.prompt_logprobs = [TokenLogprob(req.prompt_ids[0], None)] + self._logprobs(
                 logits[:-1], req.prompt_ids[1:], req.logprobs
             )
+        row.decode_from = time.perf_counter()
+        row.stats.prefill_s = row.decode_from - t0
         if req.max_new_tokens == 0:
             self._rows.pop()
             first.finish_reason = "length"
+            first.stats = row.stats
             self._emit(handle, first)
             self.metrics.finished("length")
             return
@@ -362,6 +388,7 @@ class Engine:
                 row.window = row.window[len(row.window) - keep + 1 :]
                 ids = torch.tensor([row.window], dtype=torch.long, device=self.device)
                 self.model.hidden_states(ids, cache=self.cache.view(row.slot), start_pos=0)
+                row.stats.window_slides += 1
         # Rows with a prompt-lookup draft feed it after their next token, in the same pass (one that fits the
         # window, and decides no more tokens than are still to come).
         drafts = {}
@@ -430,6 +457,9 @@ class Engine:
         decided = accept_draft(logits, draft, row.req.sampling, row.generator, row.seen)
         row.drafter.verified(len(decided) - 1, seconds)
         self.metrics.lookup(len(draft), len(decided) - 1)
+        row.stats.lookup_passes += 1
+        row.stats.lookup_drafted += len(draft)
+        row.stats.lookup_accepted += len(decided) - 1
         row.window.append(row.next_tok)
         for j, tok in enumerate(decided):
             info = None
@@ -477,7 +507,7 @@ class Engine:
             row.seen[0, tok] = True
         if not row.req.ignore_eos and tok == self.eos_id:
             self._release(row, row.matcher.feed(row.decoder.flush()) + row.matcher.flush(), final=True)
-            return self._done(row, "stop")
+            return self._done(row, "stop", "eos")
         piece = row.decoder.push(tok)
         if info is not None:
             row.pending.append((row.text_len, row.text_len + len(piece), info))
@@ -485,10 +515,10 @@ class Engine:
         text = row.matcher.feed(piece)
         if row.matcher.done:
             self._release(row, text, final=True)
-            return self._done(row, "stop")
+            return self._done(row, "stop", "stop")
         if row.generated >= row.req.max_new_tokens:
             self._release(row, text + row.matcher.feed(row.decoder.flush()) + row.matcher.flush(), final=True)
-            return self._done(row, "length")
+            return self._done(row, "length", "max_new_tokens")
         self._release(row, text)
         return False
 
@@ -511,8 +541,11 @@ class Engine:
         if text or tokens:
             self._emit(row.handle, Output(text=text, tokens=tokens))
 
-    def _done(self, row: _Row, reason: str) -> bool:
-        self._finish_handle(row.handle, reason, len(row.req.prompt_ids), row.generated)
+    def _done(self, row: _Row, reason: str, stop_reason: str) -> bool:
+        row.stats.stop_reason = stop_reason
+        row.stats.new_tokens = row.generated
+        row.stats.decode_s = time.perf_counter() - row.decode_from
+        self._finish_handle(row.handle, reason, len(row.req.prompt_ids), row.generated, stats=row.stats)
         return True
 
     def _finish_handle(
@@ -522,6 +555,7 @@ class Engine:
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
         error: str | None = None,
+        stats: GenerationStats | None = None,
     ) -> None:
         self.metrics.finished(reason)
         self._emit(
@@ -531,6 +565,7 @@ class Engine:
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
                 error=error,
+                stats=stats,
             ),
         )
 

@@ -1,15 +1,18 @@
-"""Serving benchmark: `gptmini serve` under 1, 4, 8 and 16 concurrent streaming clients, beside
-`transformers serve --continuous-batching` on the same GPT-2 directory, in the same run.
+"""Serving benchmark: `gptmini serve` under 1, 4, 8 and 16 concurrent streaming clients, beside llama.cpp's
+`llama-server` (f32 and q8_0 GGUF converted from the same GPT-2 directory) and `transformers serve
+--continuous-batching`, in the same run.
 
 Each client is `openai.AsyncOpenAI` on loopback asking for 128 new tokens (greedy, EOS ignored where the server
 allows it). Per level: aggregate tokens/s (all tokens / wall time), time to first token p50/p99, inter-token
 latency p50/p99 (gaps between a stream's chunks). One client is also compared with `gptmini generate`'s decode
 tokens/s on the same model (the lone request must not pay for the batch), and the KV cache per slot is reported.
 
-    python scripts/bench_serve.py                       # GPT-2 small random fp32 + int8, the shipped model, transformers
+    python scripts/bench_serve.py --configs gptmini-fp32 llamacpp-f32 gptmini-int8 llamacpp-q8_0 --levels 1 8 16
     python scripts/bench_serve.py --configs gptmini-fp32 --levels 1 8
 
-`transformers serve` needs `pip install accelerate` besides transformers (bench-only; gptmini never imports it).
+llama.cpp is built and the GGUF files converted by `../shared/tools/llamacpp.sh` (cached outside the repo; set
+LLAMACPP_SH to another copy). `transformers serve` needs `pip install accelerate` besides transformers. Both are
+bench-only peers: gptmini never imports or ships them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,15 @@ import httpx
 import openai
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ("gptmini-fp32", "gptmini-int8", "gptmini-default", "transformers-cb")
+CONFIGS = (
+    "gptmini-fp32",
+    "gptmini-int8",
+    "gptmini-default",
+    "llamacpp-f32",
+    "llamacpp-q8_0",
+    "transformers-cb",
+)
+LLAMACPP_SH = Path(os.environ.get("LLAMACPP_SH", ROOT.parent / "shared" / "tools" / "llamacpp.sh"))
 PROMPT = "The history of the city begins in the valley where the river"
 
 
@@ -206,6 +217,14 @@ def generate_tokens_per_s(
     return statistics.median(rates), Engine(lm, parallel=1).cache_bytes_per_slot()
 
 
+def llamacpp_gguf(hf_dir: Path, kind: str) -> Path:
+    """The GGUF file of `hf_dir` in `kind` (f32 or q8_0), converted by llamacpp.sh once and kept beside it."""
+    out = hf_dir.with_name(f"{hf_dir.name}-{kind}.gguf")
+    if not out.exists():
+        subprocess.run(["bash", str(LLAMACPP_SH), "convert", str(hf_dir), str(out), kind], check=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -251,6 +270,13 @@ def main() -> None:
             ]
             cmd += ["--quantize", quantize] if quantize else []
             ready, model, extra = "/health", ckpt.name, {"ignore_eos": True}
+        elif name.startswith("llamacpp"):
+            ckpt, quantize = gpt2, None
+            gguf = llamacpp_gguf(gpt2, name.split("-")[1])
+            bin_dir = Path(subprocess.check_output(["bash", str(LLAMACPP_SH), "build"], text=True).strip())
+            cmd = [str(bin_dir / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+            cmd += ["-t", str(args.threads), "-np", str(args.parallel), "-c", str(1024 * args.parallel)]
+            ready, model, extra = "/health", gguf.name, {"ignore_eos": True}
         else:
             ckpt, quantize = gpt2, None
             cmd = [
@@ -317,12 +343,16 @@ def print_table(rows: list[dict]) -> None:
                 f"per slot; idle RSS {r['rss_idle_mib']:.0f} MiB"
             )
     by = {(r["config"], r.get("clients")): r["tokens_per_s"] for r in rows if "clients" in r}
+    pairs = [
+        ("gptmini-fp32", "llamacpp-f32"),
+        ("gptmini-int8", "llamacpp-q8_0"),
+        ("gptmini-fp32", "transformers-cb"),
+    ]
     for clients in sorted({r["clients"] for r in rows if "clients" in r}):
-        ours, theirs = by.get(("gptmini-fp32", clients)), by.get(("transformers-cb", clients))
-        if ours and theirs:
-            print(
-                f"{clients} clients: gptmini fp32 / transformers serve --continuous-batching = {ours / theirs:.2f}×"
-            )
+        for ours_name, peer in pairs:
+            ours, theirs = by.get((ours_name, clients)), by.get((peer, clients))
+            if ours and theirs:
+                print(f"{clients} clients: {ours_name} / {peer} = {ours / theirs:.2f}×")
 
 
 if __name__ == "__main__":
