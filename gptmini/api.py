@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,9 +12,10 @@ import torch
 
 from gptmini.checkpoint import load_checkpoint
 from gptmini.config import GPTConfig, SamplingConfig
+from gptmini.decoding import AttentionStep, GenerationStats
 from gptmini.devices import resolve_device, resolve_dtype
 from gptmini.errors import UserError
-from gptmini.generation import AttentionStep, GenerationStats, generate_texts, stream_text
+from gptmini.generation import generate_texts, make_engine, stream_text
 from gptmini.lookup import check_lookup
 from gptmini.model import GPT
 from gptmini.quantize import check_quantize, prepare_for_decoding
@@ -22,6 +23,7 @@ from gptmini.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from gptmini.inspect import Attention, HeadScores, LogitLens
+    from gptmini.serving import Engine
 
 DEFAULT_CHECKPOINT = Path("checkpoints/default")
 
@@ -67,7 +69,7 @@ class LM:
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | Sequence[int],
         sampling: SamplingConfig | None = None,
         *,
         max_new_tokens: int = 200,
@@ -78,7 +80,7 @@ class LM:
         lookup: int = 0,
         **sampling_fields: Any,
     ) -> Iterator[str]:
-        """Yield the completion (not the prompt) piece by piece as it is generated.
+        """Yield the completion (not the prompt: text, or token ids as they are) piece by piece as it is generated.
 
         Sampling is one `SamplingConfig`; its fields may also be given by name (`temperature=0`, `top_k=50`,
         `seed=1`, `stop=["."]`, …), which override the config's. `on_attention` receives what each step attended
@@ -89,8 +91,7 @@ class LM:
         sampling = sampling_config(sampling, **sampling_fields)
         _check_max_new_tokens(max_new_tokens)
         check_lookup(lookup)
-        stats = stats if stats is not None else GenerationStats()
-        ids = self.encode_prompt(prompt)
+        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         yield from stream_text(
             self.model,
             self.tokenizer,
@@ -98,11 +99,10 @@ class LM:
             max_new_tokens=max_new_tokens,
             sampling=sampling,
             ignore_eos=ignore_eos,
-            use_cache=use_cache,
-            compile=self.compile,
             stats=stats,
             on_attention=on_attention,
             lookup=lookup,
+            engine=self.engine(1, use_cache=use_cache, capture=on_attention is not None),
         )
 
     def generate(
@@ -125,25 +125,37 @@ class LM:
         options = dict(
             max_new_tokens=max_new_tokens,
             ignore_eos=ignore_eos,
-            use_cache=use_cache,
             stats=stats,
             on_attention=on_attention,
             lookup=lookup,
         )
         if num_samples is None:
-            return "".join(self.stream(prompt, sampling, **options))
+            return "".join(self.stream(prompt, sampling, use_cache=use_cache, **options))
         if num_samples < 1:
             raise UserError(f"num-samples must be >= 1, got {num_samples}")
         _check_max_new_tokens(max_new_tokens)
+        engine = self.engine(num_samples, use_cache=use_cache, capture=on_attention is not None)
         return generate_texts(
             self.model,
             self.tokenizer,
             self.encode_prompt(prompt),
             sampling=sampling,
             num_samples=num_samples,
-            compile=self.compile,
+            engine=engine,
             **options,
         )
+
+    def engine(self, rows: int = 1, *, use_cache: bool = True, capture: bool = False) -> Engine:
+        """The engine this model's generations decode on, with at least `rows` rows, driven by the calling thread:
+        kept between calls (its KV cache is allocated once), made anew only for more rows. `use_cache=False` (the
+        recompute reference) and `capture` (attention for `on_attention`) get an engine of their own each call."""
+        if not use_cache or capture:
+            return make_engine(self.model, self.tokenizer, rows, use_cache=use_cache, capture=capture)
+        engine = self.__dict__.get("_engine")
+        if engine is None or engine.parallel < rows:
+            engine = make_engine(self.model, self.tokenizer, rows, compile=self.compile)
+            self.__dict__["_engine"] = engine
+        return engine
 
     # ---- looking inside: thin wrappers of gptmini.inspect -----------------------------------------------------
 

@@ -253,7 +253,7 @@ class ChatSession:
 
         Closing the iterator early (Ctrl-C) keeps the partial reply in the history, so the conversation goes on.
         """
-        from gptmini.generation import GenerationStats, stream_text
+        from gptmini.decoding import GenerationStats
 
         s = self.settings
         self.conversation.add("user", text)
@@ -264,15 +264,7 @@ class ChatSession:
         self.replies += 1
         sampling = s.sampling(seed=seed, stop=self.template.stop)
         gen = GenerationStats()
-        pieces = stream_text(
-            self.lm.model,
-            self.lm.tokenizer,
-            ids,
-            max_new_tokens=s.max_new_tokens,
-            sampling=sampling,
-            stats=gen,
-            lookup=s.lookup,
-        )
+        pieces = self.lm.stream(ids, sampling, max_new_tokens=s.max_new_tokens, stats=gen, lookup=s.lookup)
         reply = []
         t0 = time.perf_counter()
         finished = False

@@ -144,7 +144,7 @@ def generate(
         _check_output_path(show_attention)
 
     import gptmini
-    from gptmini.generation import GenerationStats
+    from gptmini.decoding import GenerationStats
 
     text = _read_prompt(prompt)
     with warnings.catch_warnings(record=True) as caught:

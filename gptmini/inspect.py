@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from gptmini.decoding import AttentionStep
 from gptmini.errors import UserError
-from gptmini.generation import AttentionStep
 from gptmini.model import GPT
 from gptmini.tokenizer import Tokenizer
 

@@ -1,29 +1,25 @@
-"""The serving engine: many requests, one model, continuous batching over a static KV cache.
+"""The decoding engine: every generation in gptmini — `generate`, `chat`, the Python API, `serve` — runs here.
 
-One thread owns the model. Requests wait in a bounded queue; up to `parallel` of them are *active*, each in its own
-row of one preallocated KV cache (`[n_layer, parallel, n_head, block_size, head_dim]`). Every step:
+A request is one prompt to continue; the engine decodes many at once, each in its own row ("slot") of one KV cache.
+Requests wait in a bounded queue; up to `parallel` are *active*. Every step:
 
   1. cancelled requests leave (their row is free at once);
-  2. waiting requests are admitted into free rows: their prompt is prefilled into the row in one pass and their
-     first token sampled, so they join the batch at this very step;
-  3. one batched step runs over the active rows, each in its own cache row at its own position: on the CPU one
-     native call (`gptmini.native.DecodeStep.rows`) that reads the weights once for every row, in which a request
-     with `lookup` feeds its prompt-lookup draft beside its next token (a verify pass that may decide several
-     tokens); elsewhere `GPT.decode_step` with a position per row, reading only as many cache positions as the
-     longest row uses, and a verify pass per drafting row;
-  4. each row samples its next token with its own settings and its own seeded `torch.Generator`; finished rows
-     leave at once.
+  2. waiting requests are admitted into free rows: their prompt is prefilled in one pass (a prompt equal to the one
+     admitted just before copies its cached rows instead: `n` choices, samples of one prompt) and their first token
+     sampled, so they join the batch at this very step;
+  3. rows whose window is full slide it: the oldest quarter leaves, the rest is re-prefilled at positions 0..;
+  4. one forward pass runs over the active rows (`gptmini.steps.Passes`: on the CPU one native call that reads the
+     weights once for every row), each row feeding its next token at its own position — and a row with prompt
+     lookup its draft after it, verified in the same pass (`accept_draft`), which may decide several tokens;
+  5. each row samples with its own settings and its own seeded `torch.Generator`; its text goes through its own
+     streaming decoder (no split UTF-8 character) and stop matcher (no stop text, even split over tokens); finished
+     rows leave at once.
 
-A row's arithmetic never depends on its neighbours on the native step (its sums run in a fixed order and its
-integer activations are quantised on their own), so at temperature 0 a request gets the same tokens alone or in a
-batch. The native step reads any cache row, so a request keeps its row until it leaves; the PyTorch step batches
-rows 0..n-1, so there a leaving row is refilled by the last one (a copy of its cached positions).
-
-The window policy is `gptmini generate`'s: a row whose window is full drops its oldest quarter and re-prefills
-the rest at positions 0.. before the step. Text comes out through the same streaming decoder (no split UTF-8
-characters) and stop-string matcher (no stop text, even split over tokens) as `gptmini generate`.
-
-Nothing here knows about HTTP: a consumer submits a `Request` with a callback and receives `Output`s.
+On the native step a row's arithmetic never depends on its neighbours (its sums run in a fixed order, its integer
+activations are quantised on their own), so at temperature 0 a request gets the same tokens and logprobs alone or
+in any batch. `start()` runs the steps on an engine thread (the server); without it, the thread that iterates
+`generate` / `generate_many` runs them (`gptmini generate`, `chat`, `LM.stream`): a lone generation is a batch of
+one. Nothing here knows about HTTP: a consumer submits a `Request` with a callback and receives `Output`s.
 """
 
 from __future__ import annotations
@@ -36,16 +32,15 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from gptmini.api import LM
 from gptmini.config import SamplingConfig
-from gptmini.generation import GenerationStats, StopMatcher, accept_draft, window_shift
-from gptmini.kv_cache import KVCache
+from gptmini.decoding import AttentionStep, GenerationStats, StopMatcher, accept_draft, window_shift
 from gptmini.lookup import Drafter
-from gptmini.native import DecodeStep
 from gptmini.sampling import make_generator, sample_next
+from gptmini.steps import Fed, Passes
 from gptmini.tokenizer import StreamDecoder
 
 log = logging.getLogger("gptmini.serving")
@@ -81,6 +76,10 @@ class Request:
         False  # drop the reply's leading whitespace (the plain chat template's "Assistant: ")
     )
     lookup: int = 0  # prompt-lookup decoding: up to this many draft tokens verified per pass (0: off)
+    eos_id: int | None = None  # the token that ends the text (None: the tokenizer's <|endoftext|>)
+    # called with what each new token's pass attended to (an engine made with `capture=True`)
+    on_attention: Callable[[AttentionStep], None] | None = None
+    record_step_times: bool = False  # each step's seconds in the last output's `stats.step_times`
 
 
 @dataclass
@@ -95,10 +94,12 @@ class TokenLogprob:
 @dataclass
 class Output:
     """What a request receives, step after step: new text (maybe empty), the tokens released with it (when
-    logprobs were asked for), and on the last one `finish_reason` ("stop", "length", "cancelled" or "error")."""
+    logprobs were asked for), the ids decided since the last output (at once, whatever the text holds back), and
+    on the last one `finish_reason` ("stop", "length", "cancelled" or "error")."""
 
     text: str = ""
     tokens: list[TokenLogprob] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -133,7 +134,7 @@ class Handle:
 class _Row:
     """An active request's decoding state."""
 
-    def __init__(self, handle: Handle, slot: int, tokenizer, device: torch.device, vocab_size: int) -> None:
+    def __init__(self, handle: Handle, slot: int, engine: Engine) -> None:
         req = handle.request
         self.handle = handle
         self.req = req
@@ -141,16 +142,23 @@ class _Row:
         self.stats = GenerationStats(prompt_tokens=len(req.prompt_ids))
         self.decode_from = 0.0  # when its first token was sampled (the decode time runs from there)
         self.window: list[int] = []  # tokens whose keys/values are in the cache, positions 0..len-1
+        self.key_start = (
+            0  # tokens the window dropped when it slid (index of its first in prompt + generated)
+        )
         self.next_tok = -1  # sampled, not yet in the cache
-        self.generator = make_generator(req.sampling.seed, device)
+        self.generator = make_generator(req.sampling.seed, engine.device)
         self.seen: torch.Tensor | None = None
         if req.sampling.repetition_penalty != 1.0:
-            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
-            self.seen[0, torch.tensor(sorted(set(req.prompt_ids)), device=device)] = True
-        self.decoder: StreamDecoder = tokenizer.stream_decoder()
-        self.drafter = Drafter(req.prompt_ids, req.lookup) if req.lookup else None
+            self.seen = torch.zeros(1, engine.vocab_size, dtype=torch.bool, device=engine.device)
+            self.seen[0, torch.tensor(sorted(set(req.prompt_ids)), device=engine.device)] = True
+        tokenizer = engine.tokenizer
+        self.decoder: StreamDecoder | None = tokenizer.stream_decoder() if tokenizer is not None else None
+        self.eos_id = req.eos_id if req.eos_id is not None else getattr(tokenizer, "eot_id", None)
+        cached = engine.passes.cache is not None  # drafts save passes only where there is a cache
+        self.drafter = Drafter(req.prompt_ids, req.lookup) if req.lookup and cached else None
         self.matcher = StopMatcher(req.sampling.stop)
         self.generated = 0
+        self.new_ids: list[int] = []  # decided since the last output
         self.shown = ""  # for strip_leading_space: nothing shown yet
         self.started = False
         self.last_token_at = 0.0
@@ -164,12 +172,23 @@ class _Row:
 class Engine:
     """Continuous batching for one loaded model (see the module docstring).
 
-    `submit(request, emit)` queues a request; `emit` is called from the engine thread with each `Output`, the last
-    one carrying `finish_reason`. `generate(request)` is the same as a blocking iterator.
+    `lm` is a `gptmini.LM` (or anything with `model`, `tokenizer` — None for ids without text — `config` and
+    `device`). `step` picks the forward passes (`gptmini.steps`: auto, native, torch, recompute), `compile` the
+    compiled PyTorch step, `capture` the attention a request's `on_attention` receives. `submit(request, emit)`
+    queues a request; `emit` is called with each `Output`, the last one carrying `finish_reason`.
+    `generate(request)` is the same as a blocking iterator.
     """
 
     def __init__(
-        self, lm: LM, *, parallel: int = 4, max_queue: int = 64, metrics: EngineMetrics | None = None
+        self,
+        lm: Any,
+        *,
+        parallel: int = 4,
+        max_queue: int = 64,
+        metrics: EngineMetrics | None = None,
+        step: str = "auto",
+        compile: bool = False,
+        capture: bool = False,
     ) -> None:
         if parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {parallel}")
@@ -184,13 +203,10 @@ class Engine:
         self.parallel = parallel
         self.max_queue = max_queue
         self.metrics = metrics or EngineMetrics()
-        self.cache = KVCache.for_model(self.model, batch_size=parallel)
-        # One native call decodes every active row (None where the kernels do not apply: then PyTorch's batched
-        # `decode_step`, over packed rows).
-        self._native = DecodeStep.for_model(self.model, self.cache)
-        self.eos_id = self.tokenizer.eot_id
+        self.passes = Passes(self.model, parallel, kind=step, compile=compile, capture=capture)
         self._waiting: collections.deque[Handle] = collections.deque()
         self._rows: list[_Row] = []
+        self._shared_prefill: tuple[list[int], int, torch.Tensor] | None = None
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
@@ -207,7 +223,8 @@ class Engine:
         return len(self._waiting)
 
     def cache_bytes_per_slot(self) -> int:
-        return self.cache.nbytes() // self.parallel
+        cache = self.passes.cache
+        return 0 if cache is None else cache.nbytes() // self.parallel
 
     def check(self, request: Request) -> None:
         """Raise ContextLengthExceeded / ValueError for a request the engine cannot take."""
@@ -221,6 +238,8 @@ class Engine:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         if request.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
+        if request.on_attention is not None and not self.passes.capture:
+            raise ValueError("on_attention needs an engine made with capture=True")
         request.sampling.validate()
 
     def submit_many(self, requests: Sequence[tuple[Request, Callable[[Output], None]]]) -> list[Handle]:
@@ -244,26 +263,41 @@ class Engine:
         return self.submit_many([(request, emit)])[0]
 
     def generate(self, request: Request) -> Iterator[Output]:
-        """Submit and yield the outputs as they come (closing the iterator cancels the request). Without a started
-        engine thread, the caller's thread runs the engine's steps (`gptmini generate`, `chat`, `LM.stream`)."""
+        """Submit and yield the outputs as they come (closing the iterator cancels the request)."""
+        for _, out in self.generate_many([request]):
+            yield out
+
+    def generate_many(self, requests: Sequence[Request]) -> Iterator[tuple[int, Output]]:
+        """Submit `requests` together and yield (index, output) as they come, until all have finished (closing the
+        iterator cancels the rest). Without a started engine thread, the caller's thread runs the engine's steps:
+        `gptmini generate`, `chat` and `LM.stream` decode this way, a lone request as a batch of one."""
         import queue
 
-        outputs: queue.Queue[Output] = queue.Queue()
-        handle = self.submit(request, outputs.put)
+        outputs: queue.Queue[tuple[int, Output]] = queue.Queue()
+        emitters = [(r, lambda out, i=i: outputs.put((i, out))) for i, r in enumerate(requests)]
+        handles = self.submit_many(emitters)
+        running = len(handles)
         try:
-            while True:
-                if self._thread is None:
-                    with torch.inference_mode():
-                        while outputs.empty():
-                            self._run_once()
-                out = outputs.get()
-                yield out
-                if out.finish_reason is not None:
-                    return
+            while running:
+                while self._thread is None and outputs.empty():
+                    self.run_step()
+                i, out = outputs.get()
+                running -= out.finish_reason is not None
+                yield i, out
         finally:
-            handle.cancel()
+            for handle in handles:
+                handle.cancel()
             if self._thread is None:
-                self._drop_cancelled()
+                self.drop_cancelled()
+
+    def run_step(self) -> None:
+        """One engine step in the calling thread (an engine without a thread of its own)."""
+        with torch.inference_mode():
+            self._run_once()
+
+    def drop_cancelled(self) -> None:
+        """End the cancelled requests now (an engine without a thread of its own)."""
+        self._drop_cancelled()
 
     def start(self) -> Engine:
         self._thread = threading.Thread(target=self._run, name="gptmini-engine", daemon=True)
@@ -316,10 +350,10 @@ class Engine:
         for i in reversed([i for i, r in enumerate(self._rows) if r.handle.cancelled]):
             row = self._rows[i]
             self._remove_row(i)
-            self._finish_handle(row.handle, "cancelled", len(row.req.prompt_ids), row.generated)
+            self._done(row, "cancelled", "cancelled")
 
     def _admit(self) -> None:
-        self._shared_prefill: tuple[list[int], int, torch.Tensor] | None = None
+        self._shared_prefill = None
         while len(self._rows) < self.parallel:
             with self._lock:
                 if not self._waiting:
@@ -345,20 +379,19 @@ class Engine:
     def _prefill(self, handle: Handle) -> None:
         t0 = time.perf_counter()
         req = handle.request
-        row = _Row(handle, self._free_slot(), self.tokenizer, self.device, self.vocab_size)
+        row = _Row(handle, self._free_slot(), self)
         self.metrics.admitted(len(req.prompt_ids), t0 - handle.submitted)
         self._rows.append(row)
         row.window = list(req.prompt_ids)
         scored = req.prompt_logprobs and req.logprobs is not None
         shared = self._shared_prefill
-        if shared is not None and shared[0] == req.prompt_ids and not scored:
+        if shared is not None and shared[0] == req.prompt_ids and not scored and not self.passes.capture:
             # The same prompt as the request admitted just before (`n` choices, samples of one prompt): its
             # cached keys and values are copied, not computed again.
-            self.cache.copy_row(shared[1], row.slot, len(row.window))
+            self.passes.copy(shared[1], row.slot, len(row.window))
             logits = shared[2]
         else:
-            ids = torch.tensor([row.window], dtype=torch.long, device=self.device)
-            logits = self.model(ids, cache=self.cache.view(row.slot), start_pos=0, last_only=not scored)[0][0]
+            logits = self.passes.prefill(row.slot, row.window, every_position=scored)
             self._shared_prefill = (req.prompt_ids, row.slot, logits[-1:])
         first = Output(prompt_tokens=len(req.prompt_ids))
         if scored:
@@ -380,40 +413,32 @@ class Engine:
 
     def _step(self) -> None:
         t0 = time.perf_counter()
-        # Rows whose window is full slide it first: the oldest quarter leaves and the rest is re-prefilled, so
-        # the token about to be decoded lands at position block - shift - 1 (gptmini generate's policy).
         for row in self._rows:
             if len(row.window) == self.block:
+                # Window full: the oldest quarter leaves and the rest is re-prefilled, so the token about to be
+                # decoded lands at position block - shift - 1.
                 keep = self.block - window_shift(self.block)
+                row.key_start += len(row.window) - keep + 1
                 row.window = row.window[len(row.window) - keep + 1 :]
-                ids = torch.tensor([row.window], dtype=torch.long, device=self.device)
-                self.model.hidden_states(ids, cache=self.cache.view(row.slot), start_pos=0)
+                self.passes.slide(row.slot, row.window)
                 row.stats.window_slides += 1
         # Rows with a prompt-lookup draft feed it after their next token, in the same pass (one that fits the
         # window, and decides no more tokens than are still to come).
-        drafts = {}
+        fed = []
         for row in self._rows:
+            draft = []
             if row.drafter is not None:
                 room = min(self.block - 1 - len(row.window), row.req.max_new_tokens - row.generated - 1)
-                drafts[row.slot] = row.drafter.draft(room)
-        t_batch = time.perf_counter()
+                draft = row.drafter.draft(room)
+            fed.append(Fed(row.slot, row.window, [row.next_tok, *draft]))
         rows = list(self._rows)
-        if self._native is not None:
-            fed = [(row, [row.next_tok, *drafts.get(row.slot, ())]) for row in rows]
-            logits = self._native.rows(
-                [t for _, tokens in fed for t in tokens],
-                [row.slot for row, tokens in fed for _ in tokens],
-                [len(row.window) + j for row, tokens in fed for j in range(len(tokens))],
-            )
-            split = logits.split([len(tokens) for _, tokens in fed])
-        else:
-            split = self._torch_step(rows, drafts)
-        batch_s = time.perf_counter() - t_batch
+        t_pass = time.perf_counter()
+        logits = self.passes.forward(fed)
+        pass_s = time.perf_counter() - t_pass
         finished, plain, plain_logits = [], [], []
-        for row, out in zip(rows, split, strict=True):
-            draft = drafts.get(row.slot)
-            if draft:
-                if self._take_verified(row, out, draft, batch_s):
+        for row, f, out in zip(rows, fed, logits, strict=True):
+            if len(f.tokens) > 1:
+                if self._take_verified(row, out, f.tokens[1:], pass_s):
                     finished.append(row)
             else:
                 row.window.append(row.next_tok)
@@ -421,39 +446,20 @@ class Engine:
                 plain_logits.append(out)
         if plain:
             finished += self._sample_rows(plain, torch.cat(plain_logits), remove=False)
+        step_s = time.perf_counter() - t0
+        drafted = any(len(f.tokens) > 1 for f in fed)
+        for row in rows:
+            if row.drafter is not None and not drafted:
+                row.drafter.stepped(pass_s)  # a plain step: what a pass must beat, per token it decides
+            if row.req.record_step_times:
+                row.stats.step_times.append(step_s)
         for row in finished:
             self._remove_row(self._rows.index(row))
-        if not drafts or not any(drafts.values()):
-            for row in rows:
-                if row.drafter is not None:
-                    row.drafter.stepped(batch_s)  # a plain step: what a pass must beat, per token it decides
-        self.metrics.step(len(rows), time.perf_counter() - t0)
-
-    def _torch_step(self, rows: list[_Row], drafts: dict[int, list[int]]) -> list[torch.Tensor]:
-        """Each row's logits through PyTorch: a verify pass per drafting row, and a step for the others. On an
-        accelerator the steps are one batch over rows 0..n-1 (packed; it runs first, so a drafting row's pass
-        rewrites the position the batch wrote for it). On the CPU each row steps alone: PyTorch's batched kernels
-        may round a row differently in another batch, and a request's text must not depend on its company."""
-        out: dict[int, torch.Tensor] = {}
-        plain = [row for row in rows if not drafts.get(row.slot)]
-        if plain and self.device.type != "cpu":
-            ordered = sorted(rows, key=lambda r: r.slot)
-            tokens = torch.tensor([[r.next_tok] for r in ordered], device=self.device)
-            pos = torch.tensor([len(r.window) for r in ordered], device=self.device)
-            view = self.cache.view(slice(0, len(ordered)), int(pos.max()) + 1)
-            logits = self.model.decode_step(tokens, pos, view)
-            out = {r.slot: logits[i : i + 1] for i, r in enumerate(ordered)}
-        for row in rows:
-            fed = [row.next_tok, *drafts.get(row.slot, ())]
-            if len(fed) > 1 or row.slot not in out:
-                ids = torch.tensor([fed], dtype=torch.long, device=self.device)
-                view = self.cache.view(row.slot)
-                out[row.slot] = self.model(ids, cache=view, start_pos=len(row.window))[0][0]
-        return [out[row.slot] for row in rows]
+        self.metrics.step(len(rows), step_s)
 
     def _take_verified(self, row: _Row, logits: torch.Tensor, draft: list[int], seconds: float) -> bool:
         """Take the tokens a verify pass decides (the kept draft prefix and one token drawn by the model, as
-        `gptmini.generation.accept_draft` rules). True when the row is done."""
+        `gptmini.decoding.accept_draft` rules). True when the row is done."""
         decided = accept_draft(logits, draft, row.req.sampling, row.generator, row.seen)
         row.drafter.verified(len(decided) - 1, seconds)
         self.metrics.lookup(len(draft), len(decided) - 1)
@@ -491,6 +497,15 @@ class Engine:
                 self._remove_row(self._rows.index(row))
         return finished
 
+    def _report_attention(self, row: _Row, tok: int) -> None:
+        """What the pass that decided `tok` attended to: its query over the window (the keys), per layer."""
+        layers, first_query = self.passes.attention(row.slot)
+        keys = len(row.window)
+        query = keys - 1 - first_query
+        weights = [a[:, :, query, :keys] for a in layers]
+        window = torch.tensor([row.window], dtype=torch.long)
+        row.req.on_attention(AttentionStep(weights, window, row.key_start, torch.tensor([tok])))
+
     def _accept(self, row: _Row, tok: int, info: TokenLogprob | None) -> bool:
         """Take one sampled token into the row's text; True when the request is done."""
         now = time.perf_counter()
@@ -501,14 +516,17 @@ class Engine:
         row.last_token_at = now
         row.generated += 1
         row.next_tok = tok
+        row.new_ids.append(tok)
+        if row.req.on_attention is not None:
+            self._report_attention(row, tok)
         if row.drafter is not None:
             row.drafter.append(tok)
         if row.seen is not None:
             row.seen[0, tok] = True
-        if not row.req.ignore_eos and tok == self.eos_id:
-            self._release(row, row.matcher.feed(row.decoder.flush()) + row.matcher.flush(), final=True)
+        if not row.req.ignore_eos and tok == row.eos_id:
+            self._release(row, row.matcher.feed(self._flush(row)) + row.matcher.flush(), final=True)
             return self._done(row, "stop", "eos")
-        piece = row.decoder.push(tok)
+        piece = row.decoder.push(tok) if row.decoder is not None else ""
         if info is not None:
             row.pending.append((row.text_len, row.text_len + len(piece), info))
         row.text_len += len(piece)
@@ -517,7 +535,7 @@ class Engine:
             self._release(row, text, final=True)
             return self._done(row, "stop", "stop")
         if row.generated >= row.req.max_new_tokens:
-            self._release(row, text + row.matcher.feed(row.decoder.flush()) + row.matcher.flush(), final=True)
+            self._release(row, text + row.matcher.feed(self._flush(row)) + row.matcher.flush(), final=True)
             return self._done(row, "length", "max_new_tokens")
         self._release(row, text)
         return False
@@ -538,8 +556,13 @@ class Engine:
             else:
                 break
             row.pending.popleft()
-        if text or tokens:
-            self._emit(row.handle, Output(text=text, tokens=tokens))
+        if text or tokens or row.new_ids:
+            self._emit(row.handle, Output(text=text, tokens=tokens, ids=row.new_ids))
+            row.new_ids = []
+
+    @staticmethod
+    def _flush(row: _Row) -> str:
+        return row.decoder.flush() if row.decoder is not None else ""
 
     def _done(self, row: _Row, reason: str, stop_reason: str) -> bool:
         row.stats.stop_reason = stop_reason
@@ -576,12 +599,12 @@ class Engine:
             handle.cancel()
 
     def _remove_row(self, index: int) -> None:
-        """Free row `index`. The PyTorch step batches rows 0..n-1, so there the last row moves into its place."""
+        """Free row `index`. Where the passes batch slots 0..n-1, the last row moves into its place."""
         row = self._rows.pop(index)
-        if self._native is None and self._rows:
+        if self.passes.packed and self._rows:
             last = max(self._rows, key=lambda r: r.slot)
             if last.slot > row.slot:
-                self.cache.copy_row(last.slot, row.slot, len(last.window))
+                self.passes.copy(last.slot, row.slot, len(last.window))
                 last.slot = row.slot
 
     def _fail_all(self, message: str) -> None:

@@ -35,7 +35,8 @@ import torch
 
 from gptmini import native
 from gptmini.config import GPTConfig, SamplingConfig
-from gptmini.generation import GenerationStats, generate_tokens
+from gptmini.decoding import GenerationStats
+from gptmini.generation import generate_tokens
 from gptmini.hf import export_hf
 from gptmini.model import GPT
 from gptmini.quantize import prepare_for_decoding

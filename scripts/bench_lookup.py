@@ -30,7 +30,8 @@ import torch
 import gptmini
 from gptmini import lookup
 from gptmini.config import GPTConfig, SamplingConfig
-from gptmini.generation import GenerationStats, generate_tokens
+from gptmini.decoding import GenerationStats
+from gptmini.generation import generate_tokens
 from gptmini.kv_cache import KVCache
 from gptmini.model import GPT
 from gptmini.native import DecodeStep

@@ -203,7 +203,7 @@ def generate_tokens_per_s(
     import torch
 
     import gptmini
-    from gptmini.generation import GenerationStats
+    from gptmini.decoding import GenerationStats
 
     torch.set_num_threads(threads)
     lm = gptmini.load(checkpoint, device="cpu", quantize=quantize)

@@ -7,17 +7,11 @@ import pytest
 import torch
 from conftest import random_gpt
 
-import gptmini.generation as generation
 from gptmini import native
 from gptmini.api import LM
-from gptmini.config import SamplingConfig
-from gptmini.generation import (
-    GenerationStats,
-    StopMatcher,
-    generate_texts,
-    generate_tokens,
-    stream_text,
-)
+from gptmini.config import GPTConfig, SamplingConfig
+from gptmini.decoding import GenerationStats, StopMatcher
+from gptmini.generation import generate_texts, generate_tokens, stream_text
 from gptmini.kv_cache import KVCache
 from gptmini.quantize import _has_vnni, pack_linears, packing_supported, quantize_int8
 from gptmini.tokenizer import Tokenizer
@@ -175,29 +169,45 @@ def test_packed_linears_equal_plain(monkeypatch, kind, dtype, tol):
 # ---- text: stop strings, streaming, EOS -------------------------------------------------------------------------
 
 
+class Replay(torch.nn.Module):
+    """A stand-in model whose greedy text is `ids`: after a one-token prompt, position t predicts ids[t]."""
+
+    def __init__(self, ids):
+        super().__init__()
+        self.ids = list(ids)
+        self.config = GPTConfig(vocab_size=TOK.chat_vocab_size, block_size=512, n_layer=1, n_head=1, n_embd=8)
+        self.transformer = torch.nn.Module()
+        self.transformer.wte = torch.nn.Embedding(1, 1)
+
+    def forward(self, x, cache=None, start_pos=0, last_only=False):
+        assert cache is None  # the engine's cache-less passes: the whole window each time
+        logits = torch.zeros(1, x.shape[1], self.config.vocab_size)
+        for t in range(x.shape[1]):
+            logits[0, t, self.ids[min(t, len(self.ids) - 1)]] = 1.0
+        return (logits[:, -1:] if last_only else logits), None
+
+
 @pytest.fixture
-def replay(monkeypatch):
+def replay():
     """Make the engine emit chosen token ids, so the text pipeline can be tested on any text."""
-
-    def use(ids):
-        def fake_generate_tokens(model, prompt_ids, *, max_new_tokens, stats=None, eos_id=None, **kwargs):
-            for i, tok in enumerate(ids[:max_new_tokens]):
-                if stats is not None:
-                    stats.new_tokens = i + 1
-                yield [tok]
-                if tok == eos_id:
-                    return
-
-        monkeypatch.setattr(generation, "generate_tokens", fake_generate_tokens)
-
-    return use
+    return lambda ids: Replay(ids)
 
 
-def stream(ids, stops=(), ignore_eos=True):
+def stream(model, stops=(), ignore_eos=True):
     cfg = SamplingConfig(temperature=0.0, stop=list(stops))
     stats = GenerationStats()
+    n = len(model.ids)
     pieces = list(
-        stream_text(None, TOK, [0], max_new_tokens=len(ids), sampling=cfg, ignore_eos=ignore_eos, stats=stats)
+        stream_text(
+            model,
+            TOK,
+            [0],
+            max_new_tokens=n,
+            sampling=cfg,
+            ignore_eos=ignore_eos,
+            stats=stats,
+            use_cache=False,
+        )
     )
     return pieces, stats
 
@@ -211,8 +221,8 @@ TEXTS = [
 @pytest.mark.parametrize("text", TEXTS)
 def test_streamed_text_equals_one_shot_decode(replay, text):
     ids = TOK.encode(text)
-    replay(ids)
-    pieces, _ = stream(ids)
+    model = replay(ids)
+    pieces, _ = stream(model)
     assert "".join(pieces) == TOK.decode(ids) == text
     assert all("\ufffd" not in p for p in pieces)  # no half characters on the way
 
@@ -238,8 +248,8 @@ def stop_cases(text):
 def test_stop_strings_cut_exactly_and_nothing_held_back_leaks(replay, text):
     ids, cases = stop_cases(text)
     for name, stop in cases.items():
-        replay(ids)
-        pieces, stats = stream(ids, [stop])
+        model = replay(ids)
+        pieces, stats = stream(model, [stop])
         full = TOK.decode(ids)
         cut = full.find(stop)
         expected = full if cut < 0 else full[:cut]
@@ -254,8 +264,8 @@ def test_stop_strings_cut_exactly_and_nothing_held_back_leaks(replay, text):
 def test_earliest_of_several_stops_wins(replay):
     text = TEXTS[0]
     ids = TOK.encode(text)
-    replay(ids)
-    pieces, _ = stream(ids, ["story", "brown", "lazy"])
+    model = replay(ids)
+    pieces, _ = stream(model, ["story", "brown", "lazy"])
     assert "".join(pieces) == text[: text.find("brown")]
 
 
@@ -272,11 +282,11 @@ def test_stop_matcher_char_by_char_never_shows_a_stop_prefix_too_early():
 
 def test_eos_stops_unless_ignored(replay):
     ids = TOK.encode("Hello there") + [TOK.eot_id] + TOK.encode(" more")
-    replay(ids)
-    pieces, stats = stream(ids, ignore_eos=False)
+    model = replay(ids)
+    pieces, stats = stream(model, ignore_eos=False)
     assert "".join(pieces) == "Hello there" and stats.stop_reason == "eos"
-    replay(ids)
-    pieces, _ = stream(ids, ignore_eos=True)
+    model = replay(ids)
+    pieces, _ = stream(model, ignore_eos=True)
     assert "".join(pieces) == TOK.decode(ids)
 
 

@@ -9,11 +9,13 @@ import torch
 from conftest import main_in_process, random_gpt
 from test_generation import naive_greedy
 
-import gptmini.generation as generation
+import gptmini.decoding as decoding
+import gptmini.serving as serving
 from gptmini.api import load
 from gptmini.checkpoint import save_checkpoint
 from gptmini.config import GPTConfig, SamplingConfig
-from gptmini.generation import AttentionStep, GenerationStats, generate_tokens
+from gptmini.decoding import AttentionStep, GenerationStats
+from gptmini.generation import generate_tokens
 from gptmini.lookup import MAX_CREDIT, MAX_LOOKUP, MAX_PAUSE, Drafter, NgramIndex
 from gptmini.model import GPT
 
@@ -150,7 +152,7 @@ def test_eos_inside_a_kept_run_ends_the_generation_there(monkeypatch):
         passes.append([*draft, 0])
         return passes[-1]
 
-    monkeypatch.setattr(generation, "accept_draft", keep_all)
+    monkeypatch.setattr(serving, "accept_draft", keep_all)
     out, _ = run(model, prompt, 30, lookup=6)
     first_pass = passes[0]
     eos = next(t for t in first_pass[1:-1] if t not in out[: out.index(t)])  # first seen inside the run
@@ -222,7 +224,7 @@ def test_accept_draft_keeps_the_sampling_distribution_and_the_check_catches_a_pl
 
     def counts(n: int) -> Counter:
         generator = torch.Generator().manual_seed(1)
-        return Counter(tuple(generation.accept_draft(logits, draft, cfg, generator, None)) for _ in range(n))
+        return Counter(tuple(decoding.accept_draft(logits, draft, cfg, generator, None)) for _ in range(n))
 
     n = 6000
     assert chi_square_p(counts(n), exact, n) > 1e-3
