@@ -56,9 +56,15 @@
  * faster for fp32, bf16 and int8 without, int4 the same) */
 #define AHEAD 4096
 #endif
+#ifndef BATCH_AHEAD
+/* the same with several activation rows, on every CPU: their arithmetic per weight byte leaves the prefetchers
+ * behind (Zen 5, GPT-2 small's head at 8 rows: 4096 ahead 1.46x faster than none, 8192 the same as 4096) */
+#define BATCH_AHEAD 4096
+#endif
+/* inside a dot product, where XR (activation rows) is a constant */
 #define PREFETCH(p)                                                                                                \
     do {                                                                                                           \
-        if (AHEAD) _mm_prefetch((const char *)(p) + AHEAD, _MM_HINT_T0);                                           \
+        if (XR > 1 ? BATCH_AHEAD : AHEAD) _mm_prefetch((const char *)(p) + (XR > 1 ? BATCH_AHEAD : AHEAD), _MM_HINT_T0); \
     } while (0)
 #define CLAIM_BYTES 16384 /* weight bytes a stream reads per claimed piece of a thread's rows (see run_product) */
 #define XQ_MAX 16383.0f /* int16 activations: room for K up to 2^31 / (2·127·16383)·32 ≈ 16,500 inputs */
