@@ -13,7 +13,7 @@ import torch
 from gptmini.checkpoint import load_checkpoint
 from gptmini.config import GPTConfig, SamplingConfig
 from gptmini.decoding import AttentionStep, GenerationStats
-from gptmini.devices import resolve_device, resolve_dtype
+from gptmini.devices import resolve_device, resolve_dtype, set_threads
 from gptmini.errors import UserError
 from gptmini.generation import generate_texts, make_engine, stream_text
 from gptmini.lookup import check_lookup
@@ -207,7 +207,7 @@ def load(
     CPU gets prepacked oneDNN linears; `compile=True` compiles the one-token decode step on first use.
     """
     if threads is not None:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     path = Path(path) if path is not None else default_checkpoint()
     if path == default_checkpoint() and not path.exists():
         raise UserError(

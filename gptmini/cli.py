@@ -33,6 +33,13 @@ CheckpointOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, mps")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        help="CPU threads [default: every core, and fewer while that is faster, as when another job holds one].",
+    ),
+]
 SaveDtypeOpt = Annotated[
     str | None,
     typer.Option(
@@ -54,6 +61,17 @@ def _root(
     ] = False,
 ) -> None:
     pass
+
+
+def _use_threads(threads: int | None) -> None:
+    """`--threads`: a fixed count for torch and the native step (checked before anything is loaded)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads must be >= 1, got {threads}")
+    from gptmini.devices import set_threads
+
+    set_threads(threads)
 
 
 def _stderr():
@@ -125,8 +143,10 @@ def generate(
             "(same greedy text, same sampling distribution; faster on text that repeats). 0 = off.",
         ),
     ] = 0,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Continue a prompt (greedy, temperature, top-k/top-p/min-p sampling, KV cache, stop strings)."""
+    _use_threads(threads)
     import warnings
 
     from gptmini.config import SamplingConfig
@@ -384,8 +404,10 @@ def train(
     init_from: Annotated[
         Path | None, typer.Option(help="Start from a gptmini checkpoint or Hugging Face GPT-2 dir.")
     ] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Train a GPT on text files (next-token prediction); saves to --out, resumable."""
+    _use_threads(threads)
     from gptmini.config import parse_duration
 
     budget = parse_duration(time) if time is not None else None
@@ -588,8 +610,10 @@ def eval_cmd(
         str,
         typer.Option(help="none; int8, int4, int4-64, int4-32 (CPU): score what `generate --quantize` runs."),
     ] = "none",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Loss, perplexity and bits per byte of a checkpoint on any text (every position scored)."""
+    _use_threads(threads)
     import json
 
     from gptmini.api import default_checkpoint
@@ -708,8 +732,10 @@ def inspect_attention(
     last: LastOpt = None,
     device: DeviceOpt = "auto",
     dtype: InspectDtypeOpt = "float32",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Attention maps: per token, the earlier tokens it attends to, in every layer and head."""
+    _use_threads(threads)
 
     from gptmini.inspect import attention_html, attention_png, check_layer_head, render_attention
 
@@ -767,8 +793,10 @@ def inspect_heads(
     seed: Annotated[int, typer.Option(help="Seed of the random tokens of the induction test.")] = 0,
     device: DeviceOpt = "auto",
     dtype: InspectDtypeOpt = "float32",
+    threads: ThreadsOpt = None,
 ) -> None:
     """What each head does: entropy, previous-token, first-token, self and induction scores; roles marked."""
+    _use_threads(threads)
 
     from gptmini.inspect import render_heads
 
@@ -790,8 +818,10 @@ def inspect_lens(
     last: LastOpt = None,
     device: DeviceOpt = "auto",
     dtype: InspectDtypeOpt = "float32",
+    threads: ThreadsOpt = None,
 ) -> None:
     """The logit lens: each layer's residual stream decoded into next-token probabilities."""
+    _use_threads(threads)
 
     from gptmini.inspect import lens_html, lens_png, render_lens
 
@@ -848,11 +878,13 @@ def chat(
         ),
     ] = None,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Multi-turn chat: replies streamed, history kept and trimmed to the context, /help for commands.
 
     With piped stdin, each line is one user turn and the replies go to stdout.
     """
+    _use_threads(threads)
     from gptmini.chat import ChatSettings, run_chat
 
     settings = ChatSettings(
@@ -893,8 +925,10 @@ def finetune(
     save_dtype: SaveDtypeOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run saved in --out.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the run saved in --out.")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Turn a model into a chat model: train on conversations, loss on the assistant's replies only."""
+    _use_threads(threads)
     from gptmini.config import parse_duration
     from gptmini.finetune import finetune as run_finetune
 
@@ -960,7 +994,7 @@ def serve(
         str,
         typer.Option(help="none; int8, int4, int4-64, int4-32 (CPU): 8- or 4-bit weights, faster decoding."),
     ] = "none",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for the model (default: torch's).")] = None,
+    threads: ThreadsOpt = None,
     drain_timeout: Annotated[
         float, typer.Option(help="Seconds Ctrl-C / SIGTERM waits for in-flight requests.")
     ] = 30.0,

@@ -38,6 +38,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def set_threads(n: int) -> None:
+    """Run on exactly `n` CPU threads: PyTorch's, and every native decode step's (which otherwise picks between all
+    cores and fewer by what is faster at the moment, see `gptmini.native.ThreadChooser`)."""
+    from gptmini import native
+
+    torch.set_num_threads(n)
+    native.fix_threads(n)
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """`auto` = bf16 on CUDA GPUs that support it, fp32 elsewhere (exact parity with the reference by default)."""
     if name == "auto":

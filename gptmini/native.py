@@ -19,6 +19,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from functools import cache
 from pathlib import Path
 
@@ -207,6 +208,109 @@ def packed_int4_group(codes: torch.Tensor, scale: torch.Tensor) -> int:
     return codes.shape[-1] * 2 // scale.shape[-1]
 
 
+# ---- how many threads a step runs on -------------------------------------------------------------------------
+
+_fixed_threads: int | None = None
+
+
+def fix_threads(n: int | None) -> None:
+    """Run every native step on exactly `n` threads (`--threads`), or (None) let each step choose."""
+    global _fixed_threads
+    _fixed_threads = n
+
+
+class ThreadChooser:
+    """The thread count of a step's calls: all of `most` (torch's count when the step was made) on a quiet machine,
+    fewer while another job holds a core. PyTorch's own ops between the calls (sampling, a prefill) follow it.
+
+    A step's threads meet at a barrier after every product. Beside a busy loop on one of two cores, most steps on
+    two threads still take their usual time, but now and then one stalls for a whole scheduler slice per barrier:
+    100-250 ms, against 0.13 ms on one thread (the default model), so on average two threads decoded 2-3x slower.
+    So: a call on all threads that takes 10x the usual time of the fewer is a stall, and at a second stall within
+    32 calls (one alone can be any hiccup) the chooser drops to fewer threads; it tries all of them again after 1 s, then 2, 4 .. 32 s while stalls recur (a try of 32
+    calls ends at its first stall). On a quiet machine it also tries fewer threads now and then (8 calls, after
+    32 to 512 calls: < 1 % of the time) and keeps them where they are faster (a model too small to share).
+    """
+
+    TRY_ALL, TRY_FEWER = 32, 8  # calls a try runs
+    FIRST_WAIT, LONGEST_WAIT = 32, 512  # calls between tries of fewer threads
+    FIRST_BACKOFF, LONGEST_BACKOFF = 1.0, 32.0  # seconds before all threads are tried again after a stall
+    STALL = 10.0
+
+    def __init__(self, most: int) -> None:
+        self.most, self.fewer = most, max(1, most // 2)
+        self.current = most
+        self.usual: dict[int, float] = {}  # time per token of each count, smoothed (stalls left out)
+        self.trying = 0  # calls left in a try of the other count
+        self.tried: list[float] = []  # the try's times, and the current count's since it began
+        self.ours: list[float] = []
+        self.wait = self.until_try = self.FIRST_WAIT
+        self.backoff = self.FIRST_BACKOFF
+        self.retry_at = 0.0  # time.monotonic() from which all threads may be tried again
+        self.since_stall = 1 << 30  # calls on all threads since the last stall
+
+    @property
+    def other(self) -> int:
+        return self.fewer if self.current == self.most else self.most
+
+    def pick(self) -> int:
+        """The count for the next call; PyTorch's is set to it too (its ops wait at barriers just the same)."""
+        if _fixed_threads is not None:
+            return _fixed_threads
+        threads = self.other if self.trying else self.current
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return threads
+
+    def record(self, threads: int, seconds_per_token: float) -> None:
+        """What a call picked by `pick` took."""
+        if _fixed_threads is not None or self.most == 1 or threads not in (self.most, self.fewer):
+            return
+        known = [v for v in self.usual.values() if v > 0]
+        stalled = threads == self.most and known and seconds_per_token > self.STALL * min(known)
+        if not stalled:
+            before = self.usual.get(threads)
+            self.usual[threads] = (
+                seconds_per_token if before is None else 0.9 * before + 0.1 * seconds_per_token
+            )
+        if threads == self.most:
+            previous, self.since_stall = self.since_stall, 0 if stalled else self.since_stall + 1
+            if stalled and (self.trying or previous < 32):
+                self._stalled()
+                return
+        if self.trying:
+            self.tried.append(seconds_per_token)
+            self.trying -= 1
+            if not self.trying:
+                self._decide()
+        else:
+            self.ours = [*self.ours[-31:], seconds_per_token]
+            self.until_try -= 1
+            may_retry = self.current == self.fewer and time.monotonic() >= self.retry_at
+            if (self.current == self.most and self.until_try <= 0) or may_retry:
+                self.trying = self.TRY_ALL if self.other == self.most else self.TRY_FEWER
+                self.tried = []
+
+    def _stalled(self) -> None:
+        """A call on all threads waited for a descheduled one: fewer threads, and all of them again later."""
+        self.current, self.trying = self.fewer, 0
+        self.retry_at = time.monotonic() + self.backoff
+        self.backoff = min(2 * self.backoff, self.LONGEST_BACKOFF)
+        self.ours = []
+
+    def _decide(self) -> None:
+        mean = lambda v: sum(v) / len(v)  # noqa: E731
+        if self.ours and mean(self.tried) < 0.9 * mean(self.ours):
+            self.current, self.ours = self.other, list(self.tried)
+            self.wait = self.FIRST_WAIT
+        elif self.current == self.most:
+            self.wait = min(2 * self.wait, self.LONGEST_WAIT)
+        else:  # all threads did not win: try them again later
+            self.retry_at = time.monotonic() + self.backoff
+            self.backoff = min(2 * self.backoff, self.LONGEST_BACKOFF)
+        self.until_try = self.wait
+
+
 # ---- the whole decode step ------------------------------------------------------------------------------------
 
 
@@ -342,6 +446,7 @@ class DecodeStep:
             layers,
         )
         self._lib = library()
+        self.threads = ThreadChooser(torch.get_num_threads())
 
     def _hold(self, t: torch.Tensor) -> int:
         assert t.is_contiguous()
@@ -376,7 +481,7 @@ class DecodeStep:
         """Logits `[len(tokens), vocab]` (fp32; a view of a buffer the next call overwrites): token j at position
         `positions[j]` of cache row `rows[j]`, seeing that row's cached positions before it and the tokens of the
         call before it in the same row (which must come in increasing positions)."""
-        n, threads = len(tokens), torch.get_num_threads()
+        n, threads = len(tokens), self.threads.pick()
         if not len(rows) == len(positions) == n:
             raise ValueError("tokens, rows and positions must have one entry each per token")
         if any(not 0 <= r < self.batch_size for r in rows) or any(
@@ -389,6 +494,7 @@ class DecodeStep:
             self._buffers(max(n, self._rows), max(threads, self._threads))
         self._tokens[: 3 * n] = [*tokens, *rows, *positions]
         at = ctypes.addressof(self._tokens)
+        start = time.perf_counter()
         self._lib.gm_decode(
             ctypes.byref(self._model),
             at,
@@ -399,6 +505,7 @@ class DecodeStep:
             self._work.data_ptr(),
             threads,
         )
+        self.threads.record(threads, (time.perf_counter() - start) / n)
         return self._logits[:n, : self.vocab_size]
 
     def forward(self, tokens: list[int], pos: int, row: int = 0) -> torch.Tensor:

@@ -268,3 +268,19 @@ def test_cuda_int8_is_refused_in_one_line(capsys, monkeypatch, ckpt):
         capsys, monkeypatch, "generate", "hi", "-c", ckpt, "--quantize", "int8", "--device", "cuda"
     )
     assert code == 2 and out == "" and err.count("\n") == 1 and "--quantize int8 is for CPU decoding" in err
+
+
+def test_threads_fixes_the_native_step_thread_count(capsys, monkeypatch, ckpt, model):
+    """`--threads 1` runs every step on one thread (no choosing), with the same greedy text."""
+    import gptmini.native as native
+
+    monkeypatch.setattr(native, "_fixed_threads", None)
+    before = torch.get_num_threads()
+    args = ["generate", "To be", "-c", ckpt, "-n", "8", "--greedy", "--device", "cpu"]
+    try:
+        _, plain, _ = main_in_process(capsys, *args)
+        code, fixed, _ = main_in_process(capsys, *args, "--threads", "1")
+        assert code == 0 and fixed == plain
+        assert native._fixed_threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

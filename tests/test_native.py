@@ -285,3 +285,40 @@ def test_no_compiler_or_opt_out_falls_back_to_pytorch(monkeypatch, tmp_path):
         [sys.executable, "-c", code], env={"GPTMINI_NATIVE": "0", "PATH": ""}, capture_output=True, text=True
     )
     assert out.stdout.strip() == "None", out.stderr
+
+
+def test_the_thread_chooser_drops_threads_at_a_stall_and_keeps_the_faster_count(monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    clock = [0.0]
+    monkeypatch.setattr(native.time, "monotonic", lambda: clock[0])
+
+    def run(chooser, calls: int, seconds: dict[int, float]) -> list[int]:
+        picked = []
+        for _ in range(calls):
+            t = chooser.pick()
+            picked.append(t)
+            clock[0] += seconds[t]  # the call's time passes, then it is recorded
+            chooser.record(t, seconds[t])
+        return picked
+
+    chooser = native.ThreadChooser(4)
+    quiet = run(
+        chooser, 600, {4: 1e-3, 2: 1.8e-3}
+    )  # all cores faster: fewer are tried now and then, never kept
+    assert quiet[:32] == [4] * 32 and 2 in quiet
+    assert quiet.count(2) <= 8 * 5  # tries of 8 calls, 32, 64, 128, 256, 512 calls apart
+
+    run(chooser, 10, {4: 1e-3, 2: 1.8e-3})
+    chooser.record(4, 0.2)  # one slow call is any hiccup, no stall: still all cores
+    assert chooser.current == 4
+    busy = run(chooser, 30_000, {4: 0.2, 2: 1.8e-3})  # another job: calls on all cores stall (~1 min)
+    assert busy[2:].count(4) <= 10 and busy[-100:] == [2] * 100  # tried again 1, 2, 4 .. 32 s apart
+    clock[0] += 60
+    assert run(chooser, 100, {4: 1e-3, 2: 1.8e-3})[-50:].count(4) >= 40  # the job ended: all cores again
+    tiny = run(native.ThreadChooser(4), 300, {4: 1e-3, 2: 5e-4})  # a model too small to share: fewer win
+    assert tiny[-100:].count(2) >= 90
+    native.fix_threads(3)
+    try:
+        assert chooser.pick() == 3  # --threads: no choosing
+    finally:
+        native.fix_threads(None)

@@ -679,11 +679,11 @@ def test_error_mid_stream_is_an_event_then_done(tmp_path, monkeypatch):
 
     import uvicorn
 
-    import gptmini.serving
+    import gptmini.steps
     from gptmini.server import ServeSettings, create_app
 
     # Every step through PyTorch's forward, where the fault is planted (not the native step).
-    monkeypatch.setattr(gptmini.serving.DecodeStep, "for_model", classmethod(lambda cls, *a: None))
+    monkeypatch.setattr(gptmini.steps.DecodeStep, "for_model", classmethod(lambda cls, *a: None))
 
     lm = gptmini.load(BASE_CKPT, device="cpu")
     real_step, calls = lm.model.forward, {"n": 0}
