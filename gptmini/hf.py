@@ -105,7 +105,7 @@ def hf_to_gptmini(tensors: dict[str, torch.Tensor], config: GPTConfig) -> dict[s
             padded = tensor.new_zeros(config.padded_vocab_size, tensor.shape[1])
             padded[: tensor.shape[0]] = tensor
             tensor = padded
-        out["transformer." + key] = tensor.contiguous()
+        out["transformer." + key] = tensor  # a transposed view: the copy into the model transposes it in one pass
     return out
 
 
