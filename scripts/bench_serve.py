@@ -185,7 +185,12 @@ def pct(values: list[float], q: float) -> float:
 
 
 def generate_tokens_per_s(
-    checkpoint: Path, quantize: str | None, tokens: int, threads: int
+    checkpoint: Path,
+    quantize: str | None,
+    tokens: int,
+    threads: int,
+    device: str = "cpu",
+    dtype: str = "auto",
 ) -> tuple[float, int]:
     """`gptmini generate`'s decode tokens/s on the same model (greedy, EOS ignored, median of 3), and the KV-cache
     bytes one serving slot holds."""
@@ -195,7 +200,7 @@ def generate_tokens_per_s(
     from gptmini.generation import GenerationStats
 
     torch.set_num_threads(threads)
-    lm = gptmini.load(checkpoint, device="cpu", quantize=quantize)
+    lm = gptmini.load(checkpoint, device=device, dtype=dtype, quantize=quantize)
     rates = []
     for _ in range(3):
         stats = GenerationStats()
@@ -216,6 +221,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=16)
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="where the servers run (int8 is CPU-only)"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
@@ -240,7 +248,7 @@ def main() -> None:
                 "-c",
                 str(ckpt),
                 "--device",
-                "cpu",
+                args.device,
                 "--port",
                 str(port),
                 "--threads",
@@ -250,6 +258,8 @@ def main() -> None:
                 "--no-ui",
             ]
             cmd += ["--quantize", quantize] if quantize else []
+            dtype = "float32" if name == "gptmini-fp32" else "auto"  # auto is bf16 on CUDA
+            cmd += ["--dtype", dtype]
             ready, model, extra = "/health", ckpt.name, {"ignore_eos": True}
         else:
             ckpt, quantize = gpt2, None
@@ -259,7 +269,7 @@ def main() -> None:
                 str(gpt2),
                 "--continuous-batching",
                 "--device",
-                "cpu",
+                args.device,
                 "--dtype",
                 "float32",
                 "--port",
@@ -281,7 +291,7 @@ def main() -> None:
         finally:
             server.stop()
         if name.startswith("gptmini"):
-            rate, slot = generate_tokens_per_s(ckpt, quantize, args.tokens, args.threads)
+            rate, slot = generate_tokens_per_s(ckpt, quantize, args.tokens, args.threads, args.device, dtype)
             rows.append(
                 {
                     "config": name,
