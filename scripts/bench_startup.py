@@ -106,7 +106,8 @@ def cases(ns: argparse.Namespace) -> list[tuple[str, list[str], dict[str, str]]]
             env["PYTHONPATH"] = str(Path(tree).resolve())
         for quantize in ["none", *ns.quantize]:
             label = f"{name} serve" + ("" if quantize == "none" else f" --quantize {quantize}")
-            out.append((label, ["-c", str(ns.checkpoint), "--quantize", quantize], env))
+            args = ["-c", str(ns.checkpoint), "--quantize", quantize, "--device", ns.device]
+            out.append((label, args, env))
     return out
 
 
@@ -132,6 +133,7 @@ def main() -> None:
         "--quantize", action="append", default=[], help="also time `--quantize Q` (repeatable)"
     )
     parser.add_argument("--tree", action="append", default=[], help="NAME=PATH: gptmini from PATH")
+    parser.add_argument("--device", default="auto", help="gptmini serve --device (auto: cuda > mps > cpu)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds one start may take")
     ns = parser.parse_args()
     runs = cases(ns)
@@ -144,7 +146,10 @@ def main() -> None:
         for name, args, env in runs:
             times[name].append(time_serve(args, env, ns.timeout))
     base = statistics.median(times["python -c 'import torch'"])
-    print(f"start-up, {machine()}; medians of {ns.repeats}, interleaved; checkpoint {ns.checkpoint}\n")
+    print(
+        f"start-up, {machine()}; medians of {ns.repeats}, interleaved; checkpoint {ns.checkpoint}, "
+        f"--device {ns.device}\n"
+    )
     print("| | median s | min s | max s | ÷ import torch |")
     print("|---|---:|---:|---:|---:|")
     for name, values in times.items():
