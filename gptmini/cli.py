@@ -8,12 +8,15 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from gptmini import __version__
 from gptmini.errors import UserError
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 app = typer.Typer(
     name="gptmini",
@@ -1032,19 +1035,17 @@ def serve(
     from gptmini.lookup import check_lookup
 
     check_lookup(lookup)
-    try:
-        import fastapi  # noqa: F401
-        import prometheus_client  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
+    from importlib.util import find_spec
+
+    # Found, not imported: the HTTP stack is imported below, while the model loads.
+    missing = next((m for m in ("fastapi", "prometheus_client", "uvicorn") if find_spec(m) is None), None)
+    if missing is not None:
         raise UserError(
-            f"gptmini serve needs FastAPI, uvicorn and prometheus-client ({e.name} is missing): "
+            f"gptmini serve needs FastAPI, uvicorn and prometheus-client ({missing} is missing): "
             "pip install 'gptmini[serve]'"
-        ) from None
+        )
     from gptmini.chat import default_chat_checkpoint
     from gptmini.checkpoint import read_model_config
-    from gptmini.server import ServeSettings
-    from gptmini.server import serve as run_server
 
     path = checkpoint or default_chat_checkpoint()
     read_model_config(path)  # a missing or damaged checkpoint is reported now, not after the server started
@@ -1061,6 +1062,12 @@ def serve(
         _stderr().print(
             f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach it can use it"
         )
+    # The weights load on a thread from here on, while FastAPI and uvicorn import (GIL-free file reads and copies
+    # overlap them); the server's /health says 503 until this load and the engine are done.
+    early = _load_in_background(path, device=device, dtype=dtype, quantize=quantize, threads=threads)
+    from gptmini.server import ServeSettings
+    from gptmini.server import serve as run_server
+
     settings = ServeSettings(
         checkpoint=path,
         device=device,
@@ -1076,7 +1083,28 @@ def serve(
         model_name=model_name,
         lookup=lookup,
     )
-    raise typer.Exit(run_server(settings, host=host, port=port, drain_timeout=drain_timeout))
+    raise typer.Exit(run_server(settings, host=host, port=port, drain_timeout=drain_timeout, lm=early))
+
+
+def _load_in_background(path: Path, **options: Any) -> Future:
+    """`gptmini.load(path, **options)` on a daemon thread; its model or its error comes through the Future."""
+    import threading
+    from concurrent.futures import Future
+
+    import gptmini.api  # imported here, not on the thread, so the two threads never import the same modules
+
+    if options.get("quantize") == "none":
+        options["quantize"] = None
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(gptmini.api.load(path, **options))
+        except BaseException as e:  # handed to the server, which reports it and exits 2
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="gptmini-load", daemon=True).start()
+    return future
 
 
 # Typer ≥ 0.20 vendors its own click; older versions use click. Take the classes from whichever Typer uses.

@@ -105,7 +105,8 @@ def hf_to_gptmini(tensors: dict[str, torch.Tensor], config: GPTConfig) -> dict[s
             padded = tensor.new_zeros(config.padded_vocab_size, tensor.shape[1])
             padded[: tensor.shape[0]] = tensor
             tensor = padded
-        out["transformer." + key] = tensor.contiguous()
+        # Conv1D weights stay transposed views: the copy into the model transposes them in its one pass.
+        out["transformer." + key] = tensor
     return out
 
 

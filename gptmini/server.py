@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,7 +254,7 @@ def create_app(
     settings: ServeSettings, *, lm: Any = None, on_load_error: Callable[[str], None] | None = None
 ) -> FastAPI:
     """The FastAPI app. The model loads in a background thread (GET /health says 503 until it is ready), unless a
-    loaded `lm` is given."""
+    loaded `lm` is given, or a `Future` of one (the CLI starts loading before it imports this module)."""
     state = State(settings)
 
     def load() -> None:
@@ -262,7 +263,8 @@ def create_app(
         from gptmini.serving import Engine
 
         try:
-            model = lm or load_lm(
+            given = lm.result() if isinstance(lm, Future) else lm
+            model = given or load_lm(
                 settings.checkpoint,
                 device=settings.device,
                 dtype=settings.dtype,
@@ -893,10 +895,11 @@ def serve(
     port: int = 8000,
     drain_timeout: float = 30.0,
     announce: Callable[[str], None] = print,
+    lm: Any = None,
 ) -> int:
     """Run the server until Ctrl-C / SIGTERM, then drain in-flight requests for up to `drain_timeout` seconds.
 
-    Returns the exit code: 0 after a clean stop, 2 when the model could not be loaded.
+    `lm`: as for `create_app`. Returns the exit code: 0 after a clean stop, 2 when the model could not be loaded.
     """
     import uvicorn
 
@@ -911,7 +914,7 @@ def serve(
         failure.append(message)
         server.should_exit = True
 
-    app = create_app(settings, on_load_error=load_failed)
+    app = create_app(settings, lm=lm, on_load_error=load_failed)
     config = uvicorn.Config(
         app,
         host=host,

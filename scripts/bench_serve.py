@@ -196,7 +196,12 @@ def pct(values: list[float], q: float) -> float:
 
 
 def generate_tokens_per_s(
-    checkpoint: Path, quantize: str | None, tokens: int, threads: int
+    checkpoint: Path,
+    quantize: str | None,
+    tokens: int,
+    threads: int,
+    device: str = "cpu",
+    dtype: str = "auto",
 ) -> tuple[float, int]:
     """`gptmini generate`'s decode tokens/s on the same model (greedy, EOS ignored, median of 3), and the KV-cache
     bytes one serving slot holds."""
@@ -206,7 +211,7 @@ def generate_tokens_per_s(
     from gptmini.decoding import GenerationStats
 
     torch.set_num_threads(threads)
-    lm = gptmini.load(checkpoint, device="cpu", quantize=quantize)
+    lm = gptmini.load(checkpoint, device=device, dtype=dtype, quantize=quantize)
     rates = []
     for _ in range(3):
         stats = GenerationStats()
@@ -235,6 +240,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=16)
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="where the servers run (int8 is CPU-only)"
+    )
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
@@ -259,7 +267,7 @@ def main() -> None:
                 "-c",
                 str(ckpt),
                 "--device",
-                "cpu",
+                args.device,
                 "--port",
                 str(port),
                 "--threads",
@@ -269,6 +277,8 @@ def main() -> None:
                 "--no-ui",
             ]
             cmd += ["--quantize", quantize] if quantize else []
+            dtype = "float32" if name == "gptmini-fp32" else "auto"  # auto is bf16 on CUDA
+            cmd += ["--dtype", dtype]
             ready, model, extra = "/health", ckpt.name, {"ignore_eos": True}
         elif name.startswith("llamacpp"):
             ckpt, quantize = gpt2, None
@@ -285,7 +295,7 @@ def main() -> None:
                 str(gpt2),
                 "--continuous-batching",
                 "--device",
-                "cpu",
+                args.device,
                 "--dtype",
                 "float32",
                 "--port",
@@ -307,7 +317,7 @@ def main() -> None:
         finally:
             server.stop()
         if name.startswith("gptmini"):
-            rate, slot = generate_tokens_per_s(ckpt, quantize, args.tokens, args.threads)
+            rate, slot = generate_tokens_per_s(ckpt, quantize, args.tokens, args.threads, args.device, dtype)
             rows.append(
                 {
                     "config": name,

@@ -358,6 +358,7 @@ def test_zero_new_tokens_and_bad_values(lm):
         lm.generate("hi", top_p=0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_decode_equals_eager_on_gpu():
     model = random_gpt(std=0.3, block_size=32).cuda()
