@@ -861,10 +861,11 @@ static void attention_values(const float *p, float sum, const void *v, int bf16,
  * positions 0..positions[j]); writes their keys and values into the cache first, so several tokens of one row (a
  * prefill, a lookup verify pass) must come in increasing positions. A token's arithmetic never depends on the others
  * in the call: its products sum in one order whatever the rows beside it (see run_product), its integer activations
- * are quantised on their own, and its attention reads its own row only. `work`: T·10·n_embd + threads·max_len
- * floats. */
+ * are quantised on their own, and its attention reads its own row only. `keep` [T] (or NULL: all) picks the tokens
+ * whose logits are written, one row each in order (a prefill needs its last token's). `work`: T·10·n_embd +
+ * threads·max_len floats. */
 void gm_decode(const GmModel *m, const int64_t *tokens, const int64_t *rows, const int64_t *positions, int64_t T,
-               float *logits, float *work, int threads) {
+               const uint8_t *keep, float *logits, float *work, int threads) {
     const int64_t C = m->n_embd, H = m->n_head, D = C / H, L = m->max_len, R = H * L * D; /* R: a cache row */
     float *x = work, *h = x + T * C, *qkv = h + T * C, *att = qkv + 3 * T * C, *ff = att + T * C;
     float *probs = ff + 4 * T * C; /* threads · L: one softmax row per thread */
@@ -919,6 +920,8 @@ void gm_decode(const GmModel *m, const int64_t *tokens, const int64_t *rows, con
         apply_linear(&ly->proj, ff, T, h, 0, threads);
         for (int64_t i = 0; i < T * C; i++) x[i] += h[i];
     }
-    for (int64_t j = 0; j < T; j++) layer_norm(x + j * C, C, m->lnf_w, m->lnf_b, m->eps, h + j * C);
-    apply_linear(&m->head, h, T, logits, 0, threads);
+    int64_t kept = 0; /* the tokens whose logits are asked for (`keep`, NULL for all), in order */
+    for (int64_t j = 0; j < T; j++)
+        if (!keep || keep[j]) layer_norm(x + j * C, C, m->lnf_w, m->lnf_b, m->eps, h + kept++ * C);
+    apply_linear(&m->head, h, kept, logits, 0, threads);
 }

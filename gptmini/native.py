@@ -134,7 +134,7 @@ def load(path: Path) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.gm_linear.argtypes = [p, i64, i64, p, i32, i64, p, i64, p, p, i64, i32]
     lib.gm_linear.restype = None
-    lib.gm_decode.argtypes = [p, p, p, p, i64, p, p, i32]
+    lib.gm_decode.argtypes = [p, p, p, p, i64, p, p, p, i32]
     lib.gm_decode.restype = None
     return lib
 
@@ -426,7 +426,7 @@ class DecodeStep:
         self._sizes = (10 * c.n_embd, cache.max_len, model.lm_head.out_features)
         self.batch_size = cache.batch_size
         self.max_len = cache.max_len
-        self._buffers(1, 1)
+        self._buffers(1, 1, 1)
         self.vocab_size = c.vocab_size
         self._model = _Model(
             c.n_layer,
@@ -470,17 +470,20 @@ class DecodeStep:
             return None
         return cls(model, cache)
 
-    def _buffers(self, rows: int, threads: int) -> None:
+    def _buffers(self, rows: int, threads: int, logit_rows: int) -> None:
         per_row, per_thread, vocab = self._sizes
-        self._rows, self._threads = rows, threads
+        self._rows, self._threads, self._logit_rows = rows, threads, logit_rows
         self._work = torch.empty(rows * per_row + threads * per_thread)
-        self._logits = torch.empty(rows, vocab)
+        self._logits = torch.empty(logit_rows, vocab)
         self._tokens = (ctypes.c_int64 * (3 * rows))()  # tokens, then their cache rows, then their positions
 
-    def rows(self, tokens: list[int], rows: list[int], positions: list[int]) -> torch.Tensor:
+    def rows(
+        self, tokens: list[int], rows: list[int], positions: list[int], keep: list[bool] | None = None
+    ) -> torch.Tensor:
         """Logits `[len(tokens), vocab]` (fp32; a view of a buffer the next call overwrites): token j at position
         `positions[j]` of cache row `rows[j]`, seeing that row's cached positions before it and the tokens of the
-        call before it in the same row (which must come in increasing positions)."""
+        call before it in the same row (which must come in increasing positions). `keep` (one flag a token): only
+        those tokens' logits, in order (a prefill needs its last one's)."""
         n, threads = len(tokens), self.threads.pick()
         if not len(rows) == len(positions) == n:
             raise ValueError("tokens, rows and positions must have one entry each per token")
@@ -490,10 +493,12 @@ class DecodeStep:
             raise ValueError(
                 f"a row outside 0..{self.batch_size - 1} or a position outside 0..{self.max_len - 1}"
             )
-        if n > self._rows or threads > self._threads:
-            self._buffers(max(n, self._rows), max(threads, self._threads))
+        kept = n if keep is None else sum(map(bool, keep))
+        if n > self._rows or threads > self._threads or kept > self._logit_rows:
+            self._buffers(max(n, self._rows), max(threads, self._threads), max(kept, self._logit_rows))
         self._tokens[: 3 * n] = [*tokens, *rows, *positions]
         at = ctypes.addressof(self._tokens)
+        flags = None if keep is None else (ctypes.c_uint8 * n)(*map(bool, keep))
         start = time.perf_counter()
         self._lib.gm_decode(
             ctypes.byref(self._model),
@@ -501,12 +506,13 @@ class DecodeStep:
             at + 8 * n,
             at + 16 * n,
             n,
+            flags,
             self._logits.data_ptr(),
             self._work.data_ptr(),
             threads,
         )
         self.threads.record(threads, (time.perf_counter() - start) / n)
-        return self._logits[:n, : self.vocab_size]
+        return self._logits[:kept, : self.vocab_size]
 
     def forward(self, tokens: list[int], pos: int, row: int = 0) -> torch.Tensor:
         """Logits of `tokens` of one cache row at positions pos..: `GPT.forward(..., start_pos=pos)` (see `rows`)."""
