@@ -583,8 +583,11 @@ class BodyLimit:
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.state.loop is None:
-            self.state.loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if (
+            loop is not self.state.loop
+        ):  # the first request (or a test client's new loop): an event bound to it
+            self.state.loop, self.state.stopping = loop, asyncio.Event()
         declared = dict(scope.get("headers") or []).get(b"content-length")
         too_large = declared is not None and declared.isdigit() and int(declared) > self.limit
         received = 0
