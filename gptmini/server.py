@@ -428,6 +428,21 @@ def create_app(
         status = "error" if state.load_error else "loading"
         return JSONResponse({"status": status}, status_code=503)
 
+    _add_openai_routes(app, state)
+    _add_tokenizer_routes(app, state)
+    if settings.ui:
+        page = PAGE.read_text(encoding="utf-8")
+
+        @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+        async def index() -> HTMLResponse:
+            return HTMLResponse(page)
+
+    return app
+
+
+def _add_openai_routes(app: FastAPI, state: State) -> None:
+    """OpenAI's routes (and /metrics)."""
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [state.model_card()]}
@@ -460,16 +475,6 @@ def create_app(
         _refuse_unsupported(body)
         _require_ready(state)
         return await _serve(state, http, _chat_requests(state, body), body, chat=True)
-
-    _add_tokenizer_routes(app, state)
-    if settings.ui:
-        page = PAGE.read_text(encoding="utf-8")
-
-        @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-        async def index() -> HTMLResponse:
-            return HTMLResponse(page)
-
-    return app
 
 
 def _add_tokenizer_routes(app: FastAPI, state: State) -> None:
