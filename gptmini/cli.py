@@ -5,6 +5,7 @@ torch is imported inside the commands, never at the top, so `gptmini --help` ans
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -1012,6 +1013,9 @@ def serve(
             "earlier in the text, checked per pass (0: off). Same output; faster on text that repeats."
         ),
     ] = 0,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", help="No access log (one line per request on stderr).")
+    ] = False,
 ) -> None:
     """OpenAI-compatible HTTP server: /v1/completions, /v1/chat/completions (streaming), /metrics, a web chat page.
 
@@ -1051,6 +1055,10 @@ def serve(
     read_model_config(path)  # a missing or damaged checkpoint is reported now, not after the server started
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As uvicorn's own socket: a port whose last connections linger in TIME_WAIT after a clean stop is free
+        # (a port another server listens on still is not).
+        if os.name != "nt":
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as e:
@@ -1082,6 +1090,7 @@ def serve(
         max_body_bytes=max_body,
         model_name=model_name,
         lookup=lookup,
+        access_log=not quiet,
     )
     raise typer.Exit(run_server(settings, host=host, port=port, drain_timeout=drain_timeout, lm=early))
 

@@ -6,6 +6,7 @@ Kept free of torch so the CLI can parse and validate flags without importing it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,6 +142,19 @@ def preset(name: str, **overrides: Any) -> GPTConfig:
     return GPTConfig(**{**PRESETS[name], **overrides})
 
 
+# Below this a temperature is greedy: logits / 1e-40 are ±inf, and their softmax NaN.
+MIN_TEMPERATURE = 1e-5
+# What torch.Generator.manual_seed takes (negatives are read as their two's complement).
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 @dataclass
 class SamplingConfig:
     """Decoding settings, shared by generate, chat and the Python API."""
@@ -153,7 +167,18 @@ class SamplingConfig:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
 
+    @property
+    def greedy(self) -> bool:
+        """Temperatures below `MIN_TEMPERATURE` decode greedily: dividing logits by them overflows to inf/NaN."""
+        return self.temperature < MIN_TEMPERATURE
+
     def validate(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None and not _finite(value):
+                raise UserError(f"{name.replace('_', '-')} must be a finite number, got {value}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise UserError(f"seed must be in {SEED_MIN}..{SEED_MAX}, got {self.seed}")
         if self.temperature < 0:
             raise UserError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:

@@ -2,12 +2,17 @@
 
 Applied in this order, the same as transformers' logits processors, so settings mean the same thing there:
   1. repetition penalty: a seen token's logit is divided by the penalty if positive, multiplied if negative
-  2. temperature: logits / T; T = 0 means greedy (argmax after step 1, steps 3–5 skipped)
+  2. temperature: logits / T; T = 0 means greedy (argmax after step 1, steps 3–5 skipped), and so does any T below
+     `MIN_TEMPERATURE` (1e-5), where logits / T overflow
   3. top-k: keep the k highest logits
   4. top-p (nucleus): keep the smallest set of tokens whose probability sums to ≥ p
   5. min-p: drop tokens whose probability is below min_p × the top token's probability
   then softmax and one draw (inverse CDF, `draw`) from a seeded `torch.Generator`, so a seed reproduces the text.
 All of it works on the whole batch at once: no Python loop over tokens.
+
+No setting can make it raise or return an id outside the row: penalised or tempered logits that overflow float32 are
+clamped to its largest finite values (so the largest logits tie instead of turning the softmax into NaN), and a draw
+never passes the last index.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gptmini.config import SamplingConfig
+from gptmini.config import SEED_MAX, SamplingConfig
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -23,7 +28,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     if penalty == 1.0:
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
+    return _finite(torch.where(seen, penalised, logits))
+
+
+def _finite(logits: torch.Tensor) -> torch.Tensor:
+    """±inf (a tiny penalty or temperature overflowing) → ±the dtype's largest value; NaN → the lowest."""
+    big = torch.finfo(logits.dtype).max
+    return torch.nan_to_num(logits, nan=-big, posinf=big, neginf=-big)
 
 
 def kth_largest(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -68,10 +79,10 @@ def next_token_probs(
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-    if cfg.temperature == 0:
+    if cfg.greedy:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
-    logits = filter_logits(logits / cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p)
-    return logits.softmax(dim=-1)
+    tempered = _finite(logits / cfg.temperature)
+    return filter_logits(tempered, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p).softmax(dim=-1)
 
 
 def sample_next(
@@ -81,7 +92,7 @@ def sample_next(
     seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One next token per row of `logits` (`[B, V]` → `[B]`)."""
-    if cfg.temperature == 0:
+    if cfg.greedy:
         logits = logits.float()
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
@@ -101,7 +112,14 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     total = cdf[:, -1:]
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # below the total, even rounded up
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    # A row with no mass (all zero or NaN) would give len(row): an id past the vocabulary. Keep it in the row.
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+def choice_seed(seed: int | None, offset: int) -> int | None:
+    """The seed of the `offset`-th sample of a request seeded `seed`: `seed + offset`, wrapped into torch's seed range
+    (so `seed` = 2**63 - 1 with several samples cannot overflow; negative seeds keep the generator they had)."""
+    return None if seed is None else (seed + offset) & SEED_MAX
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

@@ -2,7 +2,11 @@
 
 Endpoints (OpenAI's wire format, so the official `openai` client works unchanged):
   POST /v1/completions, POST /v1/chat/completions (JSON, or SSE with `stream: true`), GET /v1/models,
-  GET /health (200 ready, 503 while loading; never needs a key), GET /metrics (Prometheus), GET / (the page).
+  GET /v1/models/{id}, GET /health (200 ready, 503 while loading; never needs a key), GET /metrics (Prometheus),
+  GET / (the page); vLLM's POST /tokenize, POST /detokenize and GET /tokenizer_info (llama.cpp's field names too).
+
+With --api-key every route but /health asks for the key before the body is read. A request field the server does
+not implement is refused with a 400 naming it, never silently ignored.
 
 Every error is `{"error": {"message", "type", "param", "code"}}`; FastAPI's 422 becomes a 400. A failure while
 streaming is sent as an error event, then `data: [DONE]`. Model logic lives in `gptmini.serving`; this module
@@ -12,9 +16,12 @@ only translates HTTP to `Request`s and `Output`s back to HTTP.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import hmac
+import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -24,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -41,6 +48,7 @@ PAGE = Path(__file__).parent / "assets" / "chat.html"
 MAX_N = 16  # choices per request
 MAX_STOPS = 4
 MAX_TOKENS = 32768  # per choice; generation slides past the context window, so this bounds time, not memory
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # OpenAI's `seed`
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB of JSON is far more than any context window holds
 
 
@@ -59,6 +67,7 @@ class ServeSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY
     model_name: str | None = None
     lookup: int = 0  # prompt-lookup draft tokens for requests that do not set `lookup` themselves
+    access_log: bool = True  # one line per request on stderr (`--quiet`: none)
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
@@ -94,6 +103,7 @@ _STATUS_TYPES = {
     405: ("invalid_request_error", "method_not_allowed"),
     413: ("invalid_request_error", "request_too_large"),
     429: ("rate_limit_error", "queue_full"),
+    503: ("server_error", "shutting_down"),
 }
 
 
@@ -122,22 +132,33 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    """Parameters both endpoints take. Unknown fields are ignored (clients send ones we do not use)."""
+    """Parameters both endpoints take. Fields outside OpenAI's request are ignored; OpenAI's fields that the server
+    does not implement are declared (as `Any`) only to be refused by `_refuse_unsupported` unless harmless."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)  # extension; None, 0 or -1: off
     min_p: float | None = Field(None, ge=0.0, le=1.0)  # extension
     repetition_penalty: float = Field(1.0, gt=0.0)  # extension
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = Field(None)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension
     lookup: int | None = Field(None, ge=0, le=MAX_LOOKUP)  # extension: prompt-lookup decoding; None: --lookup
+    # not implemented: refused unless absent or harmless (see UNSUPPORTED)
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    logit_bias: Any = None
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    parallel_tool_calls: Any = None
 
 
 class CompletionBody(_Common):
@@ -145,6 +166,8 @@ class CompletionBody(_Common):
     max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: Any = None  # not implemented
+    suffix: Any = None  # not implemented
 
 
 class ChatBody(_Common):
@@ -153,6 +176,76 @@ class ChatBody(_Common):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=5)
+    # not implemented: refused unless absent or harmless
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+
+
+# OpenAI request fields this server does not implement, each with the values that ask for nothing (OpenAI's
+# defaults). Anything else is a 400 naming the field: a client must never believe a setting was applied.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (None, 0),
+    "presence_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "web_search_options": (None,),
+}
+
+
+def _harmless(value: Any, allowed: tuple[Any, ...]) -> bool:
+    if value is None:
+        return True
+    return not isinstance(value, bool) and value in allowed  # True == 1 in Python: a bool is no number here
+
+
+def _refuse_unsupported(body: BaseModel) -> None:
+    """A 400 naming the first field the request sets that the server does not implement."""
+    for name, allowed in UNSUPPORTED.items():
+        if name in type(body).model_fields and not _harmless(getattr(body, name), allowed):
+            hint = f" or send {json.dumps(allowed[1])}" if len(allowed) > 1 else ""
+            raise APIError(
+                400,
+                f"{name}: not supported by this server (leave it out{hint})",
+                param=name,
+                code="unsupported_parameter",
+            )
+
+
+class TokenizeBody(BaseModel):
+    """vLLM's /tokenize (`prompt`, or chat `messages`), or llama.cpp's (`content`)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = None
+    prompt: str | None = None
+    content: str | None = None  # llama.cpp
+    messages: list[Any] | None = None
+    add_special_tokens: bool = True  # GPT-2 adds no BOS/EOS: accepted, changes nothing
+    add_special: bool = True  # llama.cpp's name for it
+    add_generation_prompt: bool = True  # chat: end with the assistant's turn opening
+    return_token_strs: bool = False  # vLLM: each token as Hugging Face spells it ("Ġworld")
+    with_pieces: bool = False  # llama.cpp: tokens as [{"id", "piece"}]
+
+
+class DetokenizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---- metrics --------------------------------------------------------------------------------------------------
@@ -248,6 +341,21 @@ class State:
         self.load_error: str | None = None
         self.ready = threading.Event()
         self.metrics = Metrics(lambda: (self.engine.running, self.engine.waiting) if self.engine else (0, 0))
+        # Set when the server begins to stop: requests still sending their body are then answered 503 at once
+        # instead of holding the shutdown for the whole drain timeout.
+        self.stopping = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, seen by the first request
+
+    def begin_stopping(self) -> None:
+        """Safe from any thread (uvicorn's signal handler)."""
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.stopping.set)
+
+    def model_card(self) -> dict[str, Any]:
+        card = {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "gptmini"}
+        if self.lm is not None:
+            card["context_length"] = self.lm.config.block_size
+        return card
 
 
 def create_app(
@@ -297,7 +405,10 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    # Outermost last: the access log sees every answer, the key is checked before the body is read.
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, state=state)
+    if settings.api_keys:
+        app.add_middleware(APIKeyGuard, keys=settings.api_keys, state=state)
     app.state.gptmini = state
     _install_error_handlers(app, state)
     if settings.cors_origins:
@@ -309,6 +420,8 @@ def create_app(
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    if settings.access_log:
+        app.add_middleware(AccessLog)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -317,71 +430,270 @@ def create_app(
         status = "error" if state.load_error else "loading"
         return JSONResponse({"status": status}, status_code=503)
 
-    guarded = APIRouter(dependencies=[Depends(_auth_dependency(settings.api_keys, state))])
+    _add_openai_routes(app, state)
+    _add_tokenizer_routes(app, state)
+    if settings.ui:
+        page = PAGE.read_text(encoding="utf-8")
 
-    @guarded.get("/v1/models")
+        @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+        async def index() -> HTMLResponse:
+            return HTMLResponse(page)
+
+    return app
+
+
+def _add_openai_routes(app: FastAPI, state: State) -> None:
+    """OpenAI's routes (and /metrics)."""
+
+    @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        card = {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "gptmini"}
-        if state.lm is not None:
-            card["context_length"] = state.lm.config.block_size
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [state.model_card()]}
 
-    @guarded.get("/metrics")
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        if model != state.model_id:
+            raise APIError(
+                404,
+                f"the model '{model}' does not exist; see GET /v1/models",
+                param="model",
+                code="model_not_found",
+            )
+        return state.model_card()
+
+    @app.get("/metrics")
     async def metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @guarded.post("/v1/completions")
+    @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest) -> Response:
+        _refuse_unsupported(body)
         _require_ready(state)
         return await _serve(state, http, _completion_requests(state, body), body, chat=False)
 
-    @guarded.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, http: HTTPRequest) -> Response:
+        _refuse_unsupported(body)
         _require_ready(state)
         return await _serve(state, http, _chat_requests(state, body), body, chat=True)
 
-    if settings.ui:
-        page = PAGE.read_text(encoding="utf-8")
 
-        @guarded.get("/", response_class=HTMLResponse, include_in_schema=False)
-        async def index() -> HTMLResponse:
-            return HTMLResponse(page)
+def _add_tokenizer_routes(app: FastAPI, state: State) -> None:
+    """vLLM's tokenizer endpoints (what lm-eval's `tokenizer_backend=remote` calls), with llama.cpp's field names
+    accepted too. A text is encoded as a completions prompt is, messages as the chat endpoint encodes them."""
 
-    app.include_router(guarded)
-    return app
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeBody) -> dict[str, Any]:
+        _require_ready(state)
+        tokenizer = state.lm.tokenizer
+        given = [name for name in ("prompt", "content", "messages") if getattr(body, name) is not None]
+        if len(given) != 1:
+            raise APIError(400, "send exactly one of prompt (or content) and messages", param="prompt")
+        if body.messages is not None:
+            messages = _chat_messages(body.messages)
+            ids = state.template.encode(tokenizer, messages, reply=body.add_generation_prompt)
+        else:
+            ids = _encode_prompt(tokenizer, body.prompt if body.prompt is not None else body.content)
+        out: dict[str, Any] = {
+            "count": len(ids),
+            "max_model_len": state.lm.config.block_size,
+            "tokens": ids,
+            "token_strs": [_byte_level(tokenizer.token_bytes(i)) for i in ids]
+            if body.return_token_strs
+            else None,
+        }
+        if body.with_pieces:
+            out["tokens"] = [{"id": i, "piece": _piece(tokenizer.token_bytes(i))} for i in ids]
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeBody) -> dict[str, Any]:
+        _require_ready(state)
+        vocab = state.lm.config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(
+                400, f"tokens: token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="tokens"
+            )
+        text = state.lm.tokenizer.decode(body.tokens)
+        return {"prompt": text, "content": text}  # vLLM's name, llama.cpp's
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        from gptmini.tokenizer import EOT
+
+        _require_ready(state)
+        # As Hugging Face's tokenizer_config.json for GPT-2 (vLLM returns that file's fields), plus the vocabulary's
+        # size: a compact-vocabulary model numbers its tokens its own way.
+        return {
+            "tokenizer_class": "GPT2Tokenizer",
+            "bos_token": EOT,
+            "eos_token": EOT,
+            "unk_token": EOT,
+            "pad_token": None,
+            "add_bos_token": False,
+            "add_prefix_space": False,
+            "clean_up_tokenization_spaces": False,
+            "errors": "replace",
+            "model_max_length": state.lm.config.block_size,
+            "vocab_size": state.lm.config.vocab_size,
+            "eos_token_id": state.lm.tokenizer.eot_id,
+        }
+
+
+def _byte_level(raw: bytes) -> str:
+    """A token's bytes as GPT-2's byte-level BPE spells them (Hugging Face's `convert_ids_to_tokens`)."""
+    return "".join(_BYTE_CHARS[b] for b in raw)
+
+
+def _gpt2_byte_chars() -> list[str]:
+    # GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves, the rest for chars from U+0100 on.
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+_BYTE_CHARS = _gpt2_byte_chars()
+
+
+def _piece(raw: bytes) -> str | list[int]:
+    """llama.cpp's `piece`: the token's text, or its bytes when they are not whole UTF-8 characters."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)
 
 
 class BodyLimit:
-    """413 for a body over `limit` bytes: at once from Content-Length, else as soon as the received bytes pass it.
+    """413 for a body over `limit` bytes: at once from Content-Length, else as soon as the received bytes pass it;
+    503 for a body still arriving when the server begins to stop (it would otherwise hold the shutdown).
 
-    Raised as an HTTPException while the route reads the body, so the 413 comes in OpenAI's error shape.
+    Raised while the route reads the body, so the errors come in OpenAI's shape.
     """
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: int, state: State) -> None:
         self.app = app
         self.limit = limit
+        self.state = state
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        loop = asyncio.get_running_loop()
+        if (
+            loop is not self.state.loop
+        ):  # the first request (or a test client's new loop): an event bound to it
+            self.state.loop, self.state.stopping = loop, asyncio.Event()
         declared = dict(scope.get("headers") or []).get(b"content-length")
         too_large = declared is not None and declared.isdigit() and int(declared) > self.limit
         received = 0
+        body_done = False
 
         async def limited_receive() -> dict[str, Any]:
-            nonlocal received
+            nonlocal received, body_done
+            if body_done:  # after the body: only the disconnect a streaming response waits for
+                return await receive()
             if too_large:
                 raise HTTPException(413)
-            message = await receive()
+            message = await self._receive_unless_stopping(receive)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
                     raise HTTPException(413)
+                body_done = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)
+
+    async def _receive_unless_stopping(self, receive: Callable) -> dict[str, Any]:
+        stopping = self.state.stopping
+        if not stopping.is_set():
+            message = asyncio.ensure_future(receive())
+            stop = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait((message, stop), return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            if message.done():
+                return message.result()
+            message.cancel()
+        # An HTTPException: FastAPI turns any other error raised while it reads the body into a 400.
+        raise HTTPException(503, "the server is shutting down", headers={"Connection": "close"})
+
+
+class APIKeyGuard:
+    """401 for a request without a valid key, before its body is read; /health never needs one."""
+
+    def __init__(self, app: Any, keys: list[str], state: State) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+        self.state = state
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        given = _presented_key(headers.get(b"authorization", b"").decode("latin-1")).encode()
+        # compare_digest with every key: the time taken says nothing about how much of a key matched
+        ok = False
+        for key in self.keys:
+            ok |= hmac.compare_digest(given, key)
+        if ok:
+            return await self.app(scope, receive, send)
+        self.state.metrics.rejected.labels("unauthorized").inc()
+        # Basic lets a browser ask for the key (any user name, the key as password) to open the page
+        error = APIError(
+            401,
+            "missing API key: send 'Authorization: Bearer KEY'" if not given else "invalid API key",
+            type="authentication_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": 'Bearer, Basic realm="gptmini"'},
+        )
+        await error.response()(scope, receive, send)
+
+
+class AccessLog:
+    """One line per request on stderr when its answer is complete: time, client, method, path, status, tokens
+    (prompt+completion, for generation routes), milliseconds."""
+
+    def __init__(self, app: Any, write: Callable[[str], None] | None = None) -> None:
+        self.app = app
+        self.write = write or (lambda line: print(line, file=sys.stderr, flush=True))
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 0
+        request_state = scope.setdefault("state", {})
+
+        async def logged_send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, logged_send)
+        finally:
+            choices = request_state.get("gptmini_choices")
+            usage = _usage(choices) if choices else None
+            tokens = f" tokens={usage['prompt_tokens']}+{usage['completion_tokens']}" if usage else ""
+            client = scope.get("client") or ("-", 0)
+            ms = (time.perf_counter() - t0) * 1000
+            when = time.strftime("%Y-%m-%dT%H:%M:%S")
+            self.write(
+                f"{when} {client[0]} {scope['method']} {scope['path']} {status or '-'}{tokens} {ms:.0f}ms"
+            )
 
 
 def _install_error_handlers(app: FastAPI, state: State) -> None:
@@ -416,32 +728,6 @@ def _install_error_handlers(app: FastAPI, state: State) -> None:
     async def crashed(request: HTTPRequest, exc: Exception) -> JSONResponse:
         log.exception("request failed")
         return APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").response()
-
-
-def _auth_dependency(keys: list[str], state: State) -> Callable[[HTTPRequest], None]:
-    encoded = [k.encode() for k in keys]
-
-    def check(request: HTTPRequest) -> None:
-        if not encoded:
-            return
-        given = _presented_key(request.headers.get("authorization", ""))
-        # compare_digest with every key: the time taken says nothing about how much of a key matched
-        ok = False
-        for key in encoded:
-            ok |= hmac.compare_digest(given.encode(), key)
-        if not ok:
-            state.metrics.rejected.labels("unauthorized").inc()
-            message = "missing API key: send 'Authorization: Bearer KEY'" if not given else "invalid API key"
-            # Basic lets a browser ask for the key (any user name, the key as password) to open the page
-            raise APIError(
-                401,
-                message,
-                type="authentication_error",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": 'Bearer, Basic realm="gptmini"'},
-            )
-
-    return check
 
 
 def _presented_key(header: str) -> str:
@@ -484,9 +770,10 @@ class _Choice:
 
 def _sampling(body: _Common, stops: list[str], seed_offset: int) -> Any:
     from gptmini.api import sampling_config
+    from gptmini.sampling import choice_seed
 
     top_k = body.top_k if body.top_k not in (None, 0, -1) else None
-    seed = None if body.seed is None else body.seed + seed_offset
+    seed = choice_seed(body.seed, seed_offset)
     try:
         return sampling_config(
             temperature=body.temperature,
@@ -525,6 +812,29 @@ def _check_context(state: State, ids: list[int], param: str) -> None:
         )
 
 
+def _check_capacity(state: State, prompts: int, n: int) -> None:
+    """A request with more choices than rows plus queue can never be taken: a 400, not a 429 to retry forever."""
+    settings = state.settings
+    limit = settings.parallel + settings.max_queue
+    if prompts * n > limit:
+        asked = f"{prompts} prompts × n={n} = {prompts * n} choices" if prompts > 1 else f"n={n} choices"
+        raise APIError(
+            400,
+            f"this request asks for {asked}, but the server takes at most {limit} at once "
+            f"(--parallel {settings.parallel} + --max-queue {settings.max_queue}); send fewer per request",
+            param="prompt" if prompts > 1 else "n",
+            code="too_many_choices",
+        )
+
+
+def _encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """A completions prompt as Hugging Face's GPT-2 tokenizer and vLLM read it: `<|endoftext|>` written in it is that
+    token; the chat tokens stay text (only chat messages' roles make them)."""
+    from gptmini.tokenizer import EOT
+
+    return tokenizer.encode(text, allow_special={EOT})
+
+
 def _completion_requests(state: State, body: CompletionBody) -> list[_Choice]:
     from gptmini.serving import Request
 
@@ -538,13 +848,14 @@ def _completion_requests(state: State, body: CompletionBody) -> list[_Choice]:
         prompts = list(body.prompt)
     if not prompts:
         raise APIError(400, "prompt: must not be an empty list", param="prompt")
+    _check_capacity(state, len(prompts), body.n)
     # A chat model's control tokens (<|end|>, <|user|>, …) end a text as <|endoftext|> does (ignore_eos: neither).
     ends = state.template.name == "tokens" and not body.ignore_eos
     stops = _stops(body) + (list(state.template.stop) if ends else [])
     choices = []
     for p_index, prompt in enumerate(prompts):
         if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+            ids = _encode_prompt(tokenizer, prompt) or [tokenizer.eot_id]
             text = prompt
         else:
             ids = list(prompt)
@@ -598,6 +909,7 @@ def _chat_requests(state: State, body: ChatBody) -> list[_Choice]:
     from gptmini.serving import Request
 
     messages = _chat_messages(body.messages)
+    _check_capacity(state, 1, body.n)
     template = state.template
     ids = template.encode(state.lm.tokenizer, messages)
     _check_context(state, ids, "messages")
@@ -646,6 +958,9 @@ class _ChoiceState:
         self.completion_tokens = 0
         self.prompt_tokens = len(choice.request.prompt_ids)
         self.text_offset = 0  # completions logprobs: characters before the next token
+        # The returned text's characters, counted as tokens pass: a token holding part of a character adds nothing
+        # until the token that completes it (so offsets never count U+FFFD the text does not hold).
+        self.offset_decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.error: str | None = None
 
 
@@ -659,7 +974,7 @@ def _completion_logprobs(tokenizer: Any, tokens: list[Any], state: _ChoiceState)
             None if t.logprob is None else {_token_text(tokenizer, i)[0]: lp for i, lp in t.top}
         )
         out["text_offset"].append(state.text_offset)
-        state.text_offset += len(tokenizer.token_bytes(t.id).decode("utf-8", errors="replace"))
+        state.text_offset += len(state.offset_decoder.decode(tokenizer.token_bytes(t.id)))
     return out
 
 
@@ -702,6 +1017,7 @@ async def _serve(
     except (ContextLengthExceeded, ValueError) as e:
         raise APIError(400, str(e)) from None
     states = [_ChoiceState(i, c) for i, c in enumerate(choices)]
+    http.state.gptmini_choices = states  # for the access log's token counts
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     tokenizer = state.lm.tokenizer
@@ -813,8 +1129,6 @@ async def _stream(
     body: _Common,
 ) -> AsyncIterator[bytes]:
     """SSE: per choice a role delta (chat), content deltas, a finish chunk; the usage chunk; `[DONE]`."""
-    import json
-
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(
@@ -909,6 +1223,7 @@ def serve(
         def handle_exit(self, sig: int, frame: Any) -> None:
             super().handle_exit(sig, frame)
             self._captured_signals.clear()  # a signal means "stop": exit 0 after draining, not die by it
+            app.state.gptmini.begin_stopping()  # bodies still arriving get a 503 now, not the drain timeout
 
     def load_failed(message: str) -> None:
         failure.append(message)

@@ -17,6 +17,7 @@ import binascii
 import codecs
 import functools
 from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import numpy as np
@@ -180,9 +181,15 @@ class Tokenizer:
             spelling = self._spellings[gpt2_id] = np.array(ids, dtype=np.int64)
         return spelling
 
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        if allow_special:
+    def encode(self, text: str, *, allow_special: bool | AbstractSet[str] = False) -> list[int]:
+        """`allow_special`: True reads every special token's text as that token; a set, only those (the others stay
+        plain text, as `<|user|>` does for Hugging Face's GPT-2 tokenizer, which knows only `<|endoftext|>`)."""
+        if allow_special is True:
             return self._model_ids(self.encoding.encode(text, allowed_special="all"))
+        if allow_special:
+            return self._model_ids(
+                self.encoding.encode(text, allowed_special=set(allow_special), disallowed_special=())
+            )
         return self._model_ids(self.encoding.encode_ordinary(text))
 
     def encode_batch(self, texts: list[str], *, num_threads: int = 8) -> list[list[int]]:

@@ -7,7 +7,7 @@ import torch
 
 from gptmini.config import SamplingConfig
 from gptmini.errors import UserError
-from gptmini.sampling import make_generator, next_token_probs, sample_next
+from gptmini.sampling import choice_seed, draw, make_generator, next_token_probs, sample_next
 
 LOGITS = [2.0, -1.0, 0.5, 3.0, 1.5, -2.5, 0.0, 1.0]
 
@@ -174,8 +174,77 @@ def test_same_seed_same_draws_different_seed_different():
         (dict(min_p=-0.1), "min-p must be in [0, 1]"),
         (dict(min_p=1.5), "min-p must be in [0, 1]"),
         (dict(repetition_penalty=0.0), "repetition-penalty must be > 0"),
+        (dict(temperature=math.inf), "temperature must be a finite number"),
+        (dict(temperature=10**400), "temperature must be a finite number"),
+        (dict(top_p=math.nan), "top-p must be a finite number"),
+        (dict(repetition_penalty=math.inf), "repetition-penalty must be a finite number"),
+        (dict(seed=2**64), "seed must be in"),
+        (dict(seed=-(2**63) - 1), "seed must be in"),
     ],
 )
 def test_validation(kwargs, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         SamplingConfig(**kwargs).validate()
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-40, 1e-300, 5e-324])
+def test_temperatures_below_the_floor_are_greedy(temperature):
+    """logits / 1e-40 overflow float32 to ±inf (a NaN softmax): below 1e-5 the sampler takes the argmax instead."""
+    torch.manual_seed(2)
+    logits = torch.randn(16, 300) * 3
+    cfg = SamplingConfig(temperature=temperature, top_k=None)
+    gen = make_generator(0, torch.device("cpu"))
+    assert torch.equal(sample_next(logits, cfg, gen), logits.argmax(-1))
+    assert torch.equal(
+        next_token_probs(logits, cfg), torch.nn.functional.one_hot(logits.argmax(-1), 300).float()
+    )
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SamplingConfig(temperature=1.0, top_k=None, repetition_penalty=1e-300),
+        SamplingConfig(temperature=1e-4, top_k=None, repetition_penalty=1e-300),
+        SamplingConfig(temperature=1e-5, top_k=3, repetition_penalty=1e300),
+        SamplingConfig(temperature=1e300, top_p=1e-300, min_p=1.0),
+        SamplingConfig(temperature=2e-5, top_k=None, top_p=0.5, min_p=0.5, repetition_penalty=1e-38),
+    ],
+)
+def test_extreme_numbers_never_give_nan_or_an_id_outside_the_row(cfg):
+    torch.manual_seed(3)
+    logits = torch.randn(8, 300) * 5
+    seen = torch.rand(8, 300) < 0.5
+    p = next_token_probs(logits, cfg, seen)
+    assert torch.isfinite(p).all() and torch.allclose(p.sum(-1), torch.ones(8))
+    gen = make_generator(0, torch.device("cpu"))
+    for _ in range(20):
+        ids = sample_next(logits, cfg, gen, seen)
+        assert ((ids >= 0) & (ids < 300)).all()
+        assert (p.gather(1, ids[:, None]) > 0).all()  # drawn only where the distribution has mass
+
+
+def test_a_tiny_penalty_ties_the_seen_positive_logits():
+    """Penalty 1e-300: a seen positive logit / 1e-300 overflows; clamped, the seen positive tokens tie (hand
+    computation: they share the mass evenly, everything else gets none)."""
+    logits = torch.tensor([LOGITS])
+    seen = torch.zeros(1, 8, dtype=torch.bool)
+    seen[0, [0, 3, 1]] = True  # logits 2.0, 3.0 (positive), -1.0 (negative: multiplied, ~0)
+    p = next_token_probs(logits, SamplingConfig(temperature=1.0, top_k=None, repetition_penalty=1e-300), seen)
+    assert_probs(p[0].tolist(), [0.5, 0, 0, 0.5, 0, 0, 0, 0])
+
+
+def test_a_draw_from_a_row_without_mass_stays_in_the_row():
+    gen = make_generator(0, torch.device("cpu"))
+    for row in (torch.zeros(2, 5), torch.full((2, 5), math.nan)):
+        assert ((draw(row, gen) >= 0) & (draw(row, gen) < 5)).all()
+
+
+def test_choice_seeds_wrap_into_torchs_range():
+    assert choice_seed(None, 3) is None
+    assert choice_seed(5, 2) == 7
+    assert choice_seed(2**63 - 1, 1) == 2**63  # past int64, still a seed torch takes
+    assert choice_seed(2**64 - 1, 1) == 0
+    # A negative seed keeps the generator it had (torch reads it as its two's complement).
+    assert choice_seed(-1, 0) == 2**64 - 1
+    a, b = make_generator(-1, torch.device("cpu")), make_generator(choice_seed(-1, 0), torch.device("cpu"))
+    assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
