@@ -23,6 +23,7 @@ from gptmini.config import SamplingConfig
 from gptmini.decoding import FINISHED, AttentionStep, GenerationStats
 from gptmini.lookup import check_lookup
 from gptmini.model import GPT
+from gptmini.sampling import choice_seed
 from gptmini.serving import Engine, Request
 from gptmini.tokenizer import Tokenizer
 
@@ -76,7 +77,7 @@ def _requests(
     return [
         Request(
             prompt_ids=list(prompt_ids[-engine.block :]),
-            sampling=dataclasses.replace(sampling, seed=None if sampling.seed is None else sampling.seed + i),
+            sampling=dataclasses.replace(sampling, seed=choice_seed(sampling.seed, i)),
             max_new_tokens=max_new_tokens,
             ignore_eos=eos_id is None,
             eos_id=eos_id,
