@@ -1,11 +1,17 @@
-"""A static key/value cache: preallocated once, written in place at absolute positions.
+"""A static key/value cache: allocated once, written in place at absolute positions.
 
 Decoding token t only needs the keys and values of tokens 0..t-1, which never change, so each layer keeps them in
 a `[batch, n_head, max_len, head_dim]` buffer. Nothing grows with `torch.cat`: a step writes one slot and reads a
 view, so the decode step allocates nothing that depends on the length of the text.
+
+On the CPU the buffers are anonymous memory mappings: the operating system backs a page with memory the first time
+it is written, so a server's `--parallel 16` rows of `block_size` positions cost what the rows hold, not 16 full
+windows up front; `release_row` gives a finished row's pages back (they read as zeros again).
 """
 
 from __future__ import annotations
+
+import mmap
 
 import torch
 
@@ -25,10 +31,38 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._maps: list[mmap.mmap] = []
+        if torch.device(device).type == "cpu":
+            self.k, self.v = self._mapped(shape, dtype), self._mapped(shape, dtype)
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.positions = torch.arange(max_len, device=device)  # for the static decode step's mask
         self._split_layers()
+
+    def _mapped(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Zeros in an anonymous mapping: no memory until a page is written."""
+        count = 1
+        for n in shape:
+            count *= n
+        size = count * torch.empty((), dtype=dtype).element_size()
+        # private: a released page is dropped, not kept for others (as a shared one would be), and reads as zero
+        area = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE)
+        self._maps.append(area)
+        return torch.frombuffer(area, dtype=dtype, count=count).view(shape)
+
+    def release_row(self, row: int) -> None:
+        """Give row `row`'s memory back to the system (its keys and values read as zeros after)."""
+        if not self._maps or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        layer_rows, per_row = self.k.shape[1], self.k[0, 0].nbytes
+        for area in self._maps:
+            for layer in range(self.k.shape[0]):
+                start = (layer * layer_rows + row) * per_row
+                first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the row only
+                end = (start + per_row) // mmap.PAGESIZE * mmap.PAGESIZE
+                if end > first:
+                    area.madvise(mmap.MADV_DONTNEED, first, end - first)
 
     def _split_layers(self) -> None:
         # Per-layer views made once, outside any compiled region: a compiled step that indexed `self.k[layer]`

@@ -385,6 +385,8 @@ class Engine:
         row.window = list(req.prompt_ids)
         scored = req.prompt_logprobs and req.logprobs is not None
         shared = self._shared_prefill
+        if shared is not None and not any(r.slot == shared[1] for r in self._rows[:-1]):
+            shared = None  # that request already left: its slot was released
         if shared is not None and shared[0] == req.prompt_ids and not scored and not self.passes.capture:
             # The same prompt as the request admitted just before (`n` choices, samples of one prompt): its
             # cached keys and values are copied, not computed again.
@@ -601,11 +603,13 @@ class Engine:
     def _remove_row(self, index: int) -> None:
         """Free row `index`. Where the passes batch slots 0..n-1, the last row moves into its place."""
         row = self._rows.pop(index)
+        freed = row.slot
         if self.passes.packed and self._rows:
             last = max(self._rows, key=lambda r: r.slot)
             if last.slot > row.slot:
                 self.passes.copy(last.slot, row.slot, len(last.window))
-                last.slot = row.slot
+                freed, last.slot = last.slot, row.slot
+        self.passes.release(freed)
 
     def _fail_all(self, message: str) -> None:
         rows, self._rows = self._rows, []

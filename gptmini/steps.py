@@ -108,6 +108,11 @@ class Passes:
         if self.cache is not None and src != dst:
             self.cache.copy_row(src, dst, length)
 
+    def release(self, slot: int) -> None:
+        """A slot left empty: its cached keys and values give their memory back (see `KVCache.release_row`)."""
+        if self.cache is not None:
+            self.cache.release_row(slot)
+
     def attention(self, slot: int) -> tuple[list[torch.Tensor], int]:
         """The slot's last pass with `capture`: per layer `[1, H, queries, keys]`, and the position of its first
         query (the cache-less passes query from position 0)."""

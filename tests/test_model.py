@@ -1,4 +1,5 @@
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,26 @@ def test_attention_dropout_follows_dropout_unless_set():
 def test_config_json_round_trip():
     config = GPTConfig(n_layer=3, pos_embedding="sinusoidal", bias=False)
     assert GPTConfig.from_dict(config.to_dict()) == config
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident size from /proc")
+def test_a_cpu_kv_cache_holds_memory_for_the_rows_it_holds_and_gives_a_released_row_back():
+    before = _rss_mib()
+    cache = KVCache(
+        n_layer=12, batch_size=16, n_head=12, max_len=1024, head_dim=64
+    )  # 1,152 MiB of keys and values
+    assert _rss_mib() - before < 50
+    cache.k[:, 3].fill_(1.0)
+    cache.v[:, 3].fill_(2.0)
+    cache.k[:, 5, :, :10].fill_(3.0)
+    held = _rss_mib() - before
+    assert 60 < held < 110  # row 3's 72 MiB and a few pages of row 5
+    cache.release_row(3)
+    assert _rss_mib() - before < held - 60
+    assert not cache.k[:, 3].any() and not cache.v[:, 3].any()  # reads as zeros again
+    assert (cache.k[:, 5, :, :10] == 3.0).all() and not cache.k[:, 5, :, 10:].any()  # the others untouched

@@ -214,7 +214,7 @@ def test_the_issues_500s_on_a_gpt2_vocabulary(gpt2_lm):
 @pytest.fixture(scope="module")
 def fuzz_client(gpt2_lm):
     """The GPT-2-vocabulary app, with every sampled id checked against the vocabulary."""
-    import gptmini.generation
+    import gptmini.decoding
     import gptmini.serving
 
     outside: list[int] = []
@@ -229,8 +229,8 @@ def fuzz_client(gpt2_lm):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gptmini.serving, "sample_next", checked(gptmini.serving.sample_next))
-        mp.setattr(gptmini.generation, "sample_next", checked(gptmini.generation.sample_next))
-        mp.setattr(gptmini.generation, "draw", checked(gptmini.generation.draw))
+        mp.setattr(gptmini.decoding, "sample_next", checked(gptmini.decoding.sample_next))
+        mp.setattr(gptmini.decoding, "draw", checked(gptmini.decoding.draw))
         with app_client(gpt2_lm) as client:
             yield client, outside
 
