@@ -316,7 +316,9 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
         finally:
             server.stop()
-        if name.startswith("gptmini"):
+        if not name.startswith("gptmini"):
+            rows.append({"config": name, "rss_idle_mib": rss_idle})
+        else:
             rate, slot = generate_tokens_per_s(ckpt, quantize, args.tokens, args.threads, args.device, dtype)
             rows.append(
                 {
@@ -344,6 +346,12 @@ def print_table(rows: list[dict]) -> None:
             f"| {r['config']} | {r['clients']} | {r['tokens_per_s']:.1f} | {x:.2f} | "
             f"{r['ttft_p50'] * 1e3:.0f} / {r['ttft_p99'] * 1e3:.0f} | {r['itl_p50'] * 1e3:.1f} / {r['itl_p99'] * 1e3:.1f} |"
         )
+    for r in rows:
+        if "rss_idle_mib" in r:
+            loaded = [x["rss_mib"] for x in rows if x["config"] == r["config"] and "rss_mib" in x]
+            print(
+                f"{r['config']}: RSS idle {r['rss_idle_mib']:.0f} MiB, after its largest level {max(loaded):.0f} MiB"
+            )
     for r in rows:
         if "generate_tokens_per_s" in r:
             one = single.get(r["config"], float("nan"))
