@@ -66,6 +66,7 @@
     do {                                                                                                           \
         if (XR > 1 ? BATCH_AHEAD : AHEAD) _mm_prefetch((const char *)(p) + (XR > 1 ? BATCH_AHEAD : AHEAD), _MM_HINT_T0); \
     } while (0)
+#define MANY_ROWS 8 /* past this many activation rows, the weights of a piece meet them XROWS at a time */
 #define CLAIM_BYTES 16384 /* weight bytes a stream reads per claimed piece of a thread's rows (see run_product) */
 #define XQ_MAX 16383.0f /* int16 activations: room for K up to 2^31 / (2·127·16383)·32 ≈ 16,500 inputs */
 #define INLINE static inline __attribute__((always_inline))
@@ -552,9 +553,10 @@ INLINE void product_block(const Product *p, const int64_t *n, int XR, int NR, in
             p->y[(m0 + m) * p->ldy + n[j]] = out[m * NR + j] + (p->bias ? p->bias[n[j]] : 0.0f);
 }
 
-static void product_rows(const Product *p, const int64_t *n, int nr) {
-    for (int64_t m0 = 0; m0 < p->M; m0 += XROWS) {
-        int64_t mr = p->M - m0 < XROWS ? p->M - m0 : XROWS;
+/* activation rows [m_from, m_to) against weight rows n[0..nr-1] */
+static void product_rows(const Product *p, const int64_t *n, int nr, int64_t m_from, int64_t m_to) {
+    for (int64_t m0 = m_from; m0 < m_to; m0 += XROWS) {
+        int64_t mr = m_to - m0 < XROWS ? m_to - m0 : XROWS;
         /* 1, 2 or XROWS activation rows at once: rows past mr would repeat row 0's arithmetic for nothing */
         if (nr == 1) {
             if (mr == 1)
@@ -574,13 +576,17 @@ static void product_rows(const Product *p, const int64_t *n, int nr) {
     }
 }
 
-/* Rows n0 + j·q + i of the S streams j, for i in [a, b), then their activation. */
+/* Rows n0 + j·q + i of the S streams j, for i in [a, b), then their activation. A few activation rows meet each
+ * weight row in turn; many (a prompt) take XROWS at a time across the whole piece, whose weights stay in the core's
+ * cache while the activations pass (each (m, n) sum is one product_block call either way: the same bits). */
 static void product_piece(const Product *p, int S, int64_t n0, int64_t q, int64_t a, int64_t b) {
     int64_t n[STREAMS];
-    for (int64_t i = a; i < b; i++) {
-        for (int j = 0; j < S; j++) n[j] = n0 + j * q + i;
-        product_rows(p, n, S);
-    }
+    const int64_t step = p->M > MANY_ROWS ? XROWS : p->M;
+    for (int64_t m0 = 0; m0 < p->M; m0 += step)
+        for (int64_t i = a; i < b; i++) {
+            for (int j = 0; j < S; j++) n[j] = n0 + j * q + i;
+            product_rows(p, n, S, m0, m0 + step < p->M ? m0 + step : p->M);
+        }
     for (int j = 0; j < S; j++)
         for (int64_t m = 0; m < p->M; m++) activate(p->y + m * p->ldy + n0 + j * q + a, b - a, p->act);
 }
