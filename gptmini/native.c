@@ -929,5 +929,5 @@ void gm_decode(const GmModel *m, const int64_t *tokens, const int64_t *rows, con
     int64_t kept = 0; /* the tokens whose logits are asked for (`keep`, NULL for all), in order */
     for (int64_t j = 0; j < T; j++)
         if (!keep || keep[j]) layer_norm(x + j * C, C, m->lnf_w, m->lnf_b, m->eps, h + kept++ * C);
-    apply_linear(&m->head, h, kept, logits, 0, threads);
+    if (kept) apply_linear(&m->head, h, kept, logits, 0, threads);
 }
