@@ -35,6 +35,7 @@ class AttentionStep:
 class GenerationStats:
     prompt_tokens: int = 0
     prompt_truncated: int = 0
+    prompt_cached: int = 0  # prompt tokens whose keys and values were already cached (not computed again)
     new_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0

@@ -957,6 +957,7 @@ class _ChoiceState:
         self.finish_reason: str | None = None
         self.completion_tokens = 0
         self.prompt_tokens = len(choice.request.prompt_ids)
+        self.cached_tokens = 0  # of the prompt, found in the engine's prefix cache
         self.text_offset = 0  # completions logprobs: characters before the next token
         # The returned text's characters, counted as tokens pass: a token holding part of a character adds nothing
         # until the token that completes it (so offsets never count U+FFFD the text does not hold).
@@ -987,10 +988,16 @@ def _chat_logprobs(tokenizer: Any, tokens: list[Any]) -> dict[str, Any]:
     return {"content": content, "refusal": None}
 
 
-def _usage(states: list[_ChoiceState]) -> dict[str, int]:
+def _usage(states: list[_ChoiceState]) -> dict[str, Any]:
     prompt = sum({s.choice.prompt_index: s.prompt_tokens for s in states}.values())
+    cached = sum({s.choice.prompt_index: s.cached_tokens for s in states}.values())
     completion = sum(s.completion_tokens for s in states)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},  # OpenAI's field: the prompt the cache held
+    }
 
 
 async def _serve(
@@ -1084,6 +1091,8 @@ def _take(state: _ChoiceState, out: Any) -> None:
     if out.finish_reason is not None:
         state.finish_reason = "length" if out.finish_reason == "length" else "stop"
         state.completion_tokens = out.completion_tokens
+        if out.stats is not None:
+            state.cached_tokens = out.stats.prompt_cached
         if out.finish_reason == "error":
             state.error = out.error or "generation failed"
 

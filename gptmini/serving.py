@@ -207,6 +207,10 @@ class Engine:
         self._waiting: collections.deque[Handle] = collections.deque()
         self._rows: list[_Row] = []
         self._shared_prefill: tuple[list[int], int, torch.Tensor] | None = None
+        self._cached: dict[
+            int, list[int]
+        ] = {}  # free slot -> the tokens its keys and values hold (prefix cache)
+        self._cached_at: dict[int, float] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
@@ -372,18 +376,34 @@ class Engine:
                     handle, "error", len(handle.request.prompt_ids), error=f"{type(e).__name__}: {e}"
                 )
 
-    def _free_slot(self) -> int:
+    def _free_slot(self, prompt: list[int]) -> tuple[int, int]:
+        """A free slot for `prompt`, and how many of its first tokens that slot holds already: the free slot whose
+        cached tokens (what its last request left) share the longest prefix with it, else one never used, else the
+        one left longest ago (the prefix cache's eviction)."""
         used = {r.slot for r in self._rows}
-        return next(i for i in range(self.parallel) if i not in used)
+        free = [i for i in range(self.parallel) if i not in used]
+        best, common = None, 0
+        if self.passes.prefix_cache:
+            for slot in free:
+                n = _common_prefix(self._cached.get(slot, ()), prompt)
+                if n > common:
+                    best, common = slot, n
+        if best is None:
+            cold = [i for i in free if i not in self._cached]
+            best = cold[0] if cold else min(free, key=lambda i: self._cached_at.get(i, 0))
+        self._cached.pop(best, None)
+        return best, min(common, len(prompt) - 1)  # the last token is fed again: its logits are needed
 
     def _prefill(self, handle: Handle) -> None:
         t0 = time.perf_counter()
         req = handle.request
-        row = _Row(handle, self._free_slot(), self)
+        scored = req.prompt_logprobs and req.logprobs is not None
+        slot, cached = self._free_slot(req.prompt_ids)
+        cached = 0 if scored else cached  # a scored prompt needs every position's logits
+        row = _Row(handle, slot, self)
         self.metrics.admitted(len(req.prompt_ids), t0 - handle.submitted)
         self._rows.append(row)
         row.window = list(req.prompt_ids)
-        scored = req.prompt_logprobs and req.logprobs is not None
         shared = self._shared_prefill
         if shared is not None and not any(r.slot == shared[1] for r in self._rows[:-1]):
             shared = None  # that request already left: its slot was released
@@ -393,7 +413,8 @@ class Engine:
             self.passes.copy(shared[1], row.slot, len(row.window))
             logits = shared[2]
         else:
-            logits = self.passes.prefill(row.slot, row.window, every_position=scored)
+            logits = self.passes.prefill(row.slot, row.window, every_position=scored, start=cached)
+            row.stats.prompt_cached = cached
             self._shared_prefill = (req.prompt_ids, row.slot, logits[-1:])
         first = Output(prompt_tokens=len(req.prompt_ids))
         if scored:
@@ -609,7 +630,10 @@ class Engine:
             if last.slot > row.slot:
                 self.passes.copy(last.slot, row.slot, len(last.window))
                 freed, last.slot = last.slot, row.slot
-        self.passes.release(freed)
+        if self.passes.prefix_cache:  # its tokens stay cached for a request that starts the same way
+            self._cached[freed], self._cached_at[freed] = row.window, time.perf_counter()
+        else:
+            self.passes.release(freed)
 
     def _fail_all(self, message: str) -> None:
         rows, self._rows = self._rows, []
@@ -629,3 +653,9 @@ class Engine:
             TokenLogprob(t, lp if math.isfinite(lp) else -9999.0, tp)
             for t, lp, tp in zip(chosen, picked, tops, strict=True)
         ]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many first tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    return next((i for i in range(n) if a[i] != b[i]), n)

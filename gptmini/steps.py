@@ -70,15 +70,23 @@ class Passes:
             self._pos = torch.zeros(rows, dtype=torch.long, device=self.device)
             mark_static(*self.cache.k_layers, *self.cache.v_layers, self._tokens, self._pos)
         self.packed = self.kind == "torch"  # its batches are slots 0..n-1
+        # A slot's cached tokens serve a later prompt that starts the same way: exact where a token's keys and
+        # values are the same bits whichever pass computed them (the native one), and the slots stay put.
+        self.prefix_cache = self.kind == "native"
         self._attention: dict[int, tuple[list[torch.Tensor], int]] = {}
 
     # ---- the passes -----------------------------------------------------------------------------------------
 
-    def prefill(self, slot: int, ids: Sequence[int], every_position: bool = False) -> torch.Tensor:
-        """Logits `[1, V]` of the prompt's last token (`[len(ids), V]` with `every_position`)."""
+    def prefill(
+        self, slot: int, ids: Sequence[int], every_position: bool = False, start: int = 0
+    ) -> torch.Tensor:
+        """Logits `[1, V]` of the prompt's last token (`[len(ids) - start, V]` with `every_position`), its first
+        `start` tokens already in the slot (a cached prefix: native passes only)."""
         if self.native is not None:
-            keep = None if every_position else [False] * (len(ids) - 1) + [True]
-            return self.native.rows(list(ids), [slot] * len(ids), list(range(len(ids))), keep).clone()
+            n = len(ids) - start
+            keep = None if every_position else [False] * (n - 1) + [True]
+            return self.native.rows(list(ids[start:]), [slot] * n, list(range(start, len(ids))), keep).clone()
+        assert start == 0, "a cached prefix needs the native passes"
         return self._run(slot, ids, 0, last_only=not every_position)
 
     def slide(self, slot: int, window: Sequence[int]) -> None:

@@ -103,3 +103,32 @@ def test_lookup_rows_verify_inside_the_batch_and_keep_the_plain_tokens_and_logpr
         engine.stop()
     assert drafted == plain
     assert alone == plain
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernels cannot be built")
+@pytest.mark.parametrize("form", ["fp32", "int8"])
+def test_a_prompt_that_starts_like_an_earlier_one_reuses_its_cache_and_decodes_the_same_bits(form):
+    """A chat re-sends its history: the slot the last turn left holds it, only the new tokens are computed, and the
+    reply's tokens and logprobs equal a cold engine's."""
+    lm = tiny_lm(form, arch="modern")
+    first = requests(5)[4]
+    first.prompt_ids, first.max_new_tokens = first.prompt_ids[:20], 12  # no window slide
+    warm = Engine(lm, parallel=2).start()
+    cold = Engine(lm, parallel=2).start()
+    try:
+        reply, _ = decode(warm, [first])[0]
+        turn = Request(
+            prompt_ids=[*first.prompt_ids, *reply[:10], 7, 8, 9],
+            sampling=SamplingConfig(temperature=0.0),
+            max_new_tokens=12,
+            ignore_eos=True,
+            logprobs=2,
+        )
+        outs = list(warm.generate(turn))
+        again = decode(cold, [turn])[0]
+    finally:
+        warm.stop()
+        cold.stop()
+    assert [t.id for o in outs for t in o.tokens] == again[0]
+    assert [t.logprob for o in outs for t in o.tokens] == again[1]
+    assert outs[-1].stats.prompt_cached == 20 + 10  # the first prompt, and the reply's tokens it wrote

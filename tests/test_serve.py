@@ -875,3 +875,16 @@ def _answers(url: str) -> bool:
         return True
     except httpx.HTTPError:
         return False
+
+
+def test_a_chat_that_re_sends_its_history_finds_it_cached(server):
+    client = server.client()
+    history = [{"role": "user", "content": "Good morrow, sir. How dost thou this fine day?"}]
+    first = client.chat.completions.create(model="m", messages=history, max_tokens=12, temperature=0)
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And thy brother?"},
+    ]
+    second = client.chat.completions.create(model="m", messages=history, max_tokens=12, temperature=0)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens - 1 <= cached < second.usage.prompt_tokens
