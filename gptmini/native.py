@@ -241,6 +241,7 @@ class ThreadChooser:
         self.most, self.fewer = most, max(1, most // 2)
         self.current = most
         self.usual: dict[int, float] = {}  # time per token of each count, smoothed (stalls left out)
+        self.fastest = 0.0  # the least of them
         self.trying = 0  # calls left in a try of the other count
         self.tried: list[float] = []  # the try's times, and the current count's since it began
         self.ours: list[float] = []
@@ -266,13 +267,12 @@ class ThreadChooser:
         """What a call picked by `pick` took."""
         if _fixed_threads is not None or self.most == 1 or threads not in (self.most, self.fewer):
             return
-        known = [v for v in self.usual.values() if v > 0]
-        stalled = threads == self.most and known and seconds_per_token > self.STALL * min(known)
+        stalled = threads == self.most and self.fastest and seconds_per_token > self.STALL * self.fastest
         if not stalled:
             before = self.usual.get(threads)
-            self.usual[threads] = (
-                seconds_per_token if before is None else 0.9 * before + 0.1 * seconds_per_token
-            )
+            now = seconds_per_token if before is None else 0.9 * before + 0.1 * seconds_per_token
+            self.usual[threads] = now
+            self.fastest = min(self.usual.values())
         if threads == self.most:
             previous, self.since_stall = self.since_stall, 0 if stalled else self.since_stall + 1
             if stalled and (self.trying or previous < 32):
@@ -446,6 +446,7 @@ class DecodeStep:
             layers,
         )
         self._lib = library()
+        self._model_ref = ctypes.byref(self._model)
         self.threads = ThreadChooser(torch.get_num_threads())
 
     def _hold(self, t: torch.Tensor) -> int:
@@ -475,6 +476,7 @@ class DecodeStep:
         self._rows, self._threads, self._logit_rows = rows, threads, logit_rows
         self._work = torch.empty(rows * per_row + threads * per_thread)
         self._logits = torch.empty(logit_rows, vocab)
+        self._views: dict[int, torch.Tensor] = {}  # the first k rows of the logits, as a view, by k
         self._tokens = (ctypes.c_int64 * (3 * rows))()  # tokens, then their cache rows, then their positions
 
     def rows(
@@ -487,8 +489,11 @@ class DecodeStep:
         n, threads = len(tokens), self.threads.pick()
         if not len(rows) == len(positions) == n:
             raise ValueError("tokens, rows and positions must have one entry each per token")
-        if any(not 0 <= r < self.batch_size for r in rows) or any(
-            not 0 <= p < self.max_len for p in positions
+        if n and (
+            min(rows) < 0
+            or max(rows) >= self.batch_size
+            or min(positions) < 0
+            or max(positions) >= self.max_len
         ):
             raise ValueError(
                 f"a row outside 0..{self.batch_size - 1} or a position outside 0..{self.max_len - 1}"
@@ -501,7 +506,7 @@ class DecodeStep:
         flags = None if keep is None else (ctypes.c_uint8 * n)(*map(bool, keep))
         start = time.perf_counter()
         self._lib.gm_decode(
-            ctypes.byref(self._model),
+            self._model_ref,
             at,
             at + 8 * n,
             at + 16 * n,
@@ -512,7 +517,10 @@ class DecodeStep:
             threads,
         )
         self.threads.record(threads, (time.perf_counter() - start) / n)
-        return self._logits[:kept, : self.vocab_size]
+        view = self._views.get(kept)
+        if view is None:
+            view = self._views[kept] = self._logits[:kept, : self.vocab_size]
+        return view
 
     def forward(self, tokens: list[int], pos: int, row: int = 0) -> torch.Tensor:
         """Logits of `tokens` of one cache row at positions pos..: `GPT.forward(..., start_pos=pos)` (see `rows`)."""

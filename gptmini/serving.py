@@ -277,22 +277,40 @@ class Engine:
         `gptmini generate`, `chat` and `LM.stream` decode this way, a lone request as a batch of one."""
         import queue
 
+        if self._thread is None:
+            yield from self._drive(requests)
+            return
         outputs: queue.Queue[tuple[int, Output]] = queue.Queue()
         emitters = [(r, lambda out, i=i: outputs.put((i, out))) for i, r in enumerate(requests)]
         handles = self.submit_many(emitters)
         running = len(handles)
         try:
             while running:
-                while self._thread is None and outputs.empty():
-                    self.run_step()
                 i, out = outputs.get()
                 running -= out.finish_reason is not None
                 yield i, out
         finally:
             for handle in handles:
                 handle.cancel()
-            if self._thread is None:
-                self.drop_cancelled()
+
+    def _drive(self, requests: Sequence[Request]) -> Iterator[tuple[int, Output]]:
+        """`generate_many` in the caller's thread: step, then hand over what the step emitted."""
+        outputs: collections.deque[tuple[int, Output]] = collections.deque()
+        emitters = [(r, lambda out, i=i: outputs.append((i, out))) for i, r in enumerate(requests)]
+        handles = self.submit_many(emitters)
+        running = len(handles)
+        try:
+            while running:
+                if not outputs:
+                    self.run_step()
+                    continue
+                i, out = outputs.popleft()
+                running -= out.finish_reason is not None
+                yield i, out
+        finally:
+            for handle in handles:
+                handle.cancel()
+            self.drop_cancelled()
 
     def run_step(self) -> None:
         """One engine step in the calling thread (an engine without a thread of its own)."""
@@ -458,9 +476,10 @@ class Engine:
         t_pass = time.perf_counter()
         logits = self.passes.forward(fed)
         pass_s = time.perf_counter() - t_pass
-        finished, plain, plain_logits = [], [], []
+        finished, plain, plain_logits, drafted = [], [], [], False
         for row, f, out in zip(rows, fed, logits, strict=True):
             if len(f.tokens) > 1:
+                drafted = True
                 if self._take_verified(row, out, f.tokens[1:], pass_s):
                     finished.append(row)
             else:
@@ -468,9 +487,9 @@ class Engine:
                 plain.append(row)
                 plain_logits.append(out)
         if plain:
-            finished += self._sample_rows(plain, torch.cat(plain_logits), remove=False)
+            logits = plain_logits[0] if len(plain) == 1 else torch.cat(plain_logits)
+            finished += self._sample_rows(plain, logits, remove=False)
         step_s = time.perf_counter() - t0
-        drafted = any(len(f.tokens) > 1 for f in fed)
         for row in rows:
             if row.drafter is not None and not drafted:
                 row.drafter.stepped(pass_s)  # a plain step: what a pass must beat, per token it decides
@@ -506,7 +525,7 @@ class Engine:
         picks = []
         for row, row_logits in zip(rows, logits, strict=True):
             picks.append(sample_next(row_logits[None], row.req.sampling, row.generator, row.seen))
-        next_ids = torch.cat(picks).tolist()  # the one host sync per step
+        next_ids = (picks[0] if len(picks) == 1 else torch.cat(picks)).tolist()  # the one host sync per step
         finished = []
         for row, row_logits, tok in zip(rows, logits, next_ids, strict=True):
             if row.req.logprobs is not None:

@@ -107,7 +107,7 @@ class Passes:
                 [f.slot for f in batch for _ in f.tokens],
                 [len(f.window) + i for f in batch for i in range(len(f.tokens))],
             )
-            return list(logits.split([len(f.tokens) for f in batch]))
+            return [logits] if len(batch) == 1 else list(logits.split([len(f.tokens) for f in batch]))
         out: dict[int, torch.Tensor] = {}
         if self.cache is not None and not self.capture and (self.compiled or self.device.type != "cpu"):
             out = self._batched(batch)
