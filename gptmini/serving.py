@@ -363,10 +363,12 @@ class Engine:
             self._fail_all(f"generation failed: {type(e).__name__}: {e}")
 
     def _drop_cancelled(self) -> None:
-        with self._lock:
-            cancelled = [h for h in self._waiting if h.cancelled]
-            for h in cancelled:
-                self._waiting.remove(h)
+        cancelled = []
+        if self._waiting:  # (read without the lock: a request queued just now is seen next step)
+            with self._lock:
+                cancelled = [h for h in self._waiting if h.cancelled]
+                for h in cancelled:
+                    self._waiting.remove(h)
         for h in cancelled:
             self._finish_handle(h, "cancelled", prompt_tokens=len(h.request.prompt_ids))
         for i in reversed([i for i, r in enumerate(self._rows) if r.handle.cancelled]):
@@ -376,7 +378,7 @@ class Engine:
 
     def _admit(self) -> None:
         self._shared_prefill = None
-        while len(self._rows) < self.parallel:
+        while self._waiting and len(self._rows) < self.parallel:
             with self._lock:
                 if not self._waiting:
                     return
