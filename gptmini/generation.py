@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
+from typing import Any
 
 from gptmini.config import SamplingConfig
 from gptmini.decoding import FINISHED, AttentionStep, GenerationStats
@@ -89,6 +90,28 @@ def _requests(
     ]
 
 
+def _start(
+    model: GPT,
+    tokenizer: Tokenizer | None,
+    prompt_ids: Sequence[int],
+    num_samples: int,
+    engine: Engine | None,
+    use_cache: bool,
+    compile: bool,
+    on_attention: Callable[[AttentionStep], None] | None,
+    **request_fields: Any,
+) -> tuple[Engine, list[Request]]:
+    """The engine a generation decodes on (the caller's, else a new one) and its requests."""
+    capture = on_attention is not None
+    engine = engine or make_engine(
+        model, tokenizer, num_samples, use_cache=use_cache, compile=compile, capture=capture
+    )
+    requests = _requests(
+        engine, prompt_ids, num_samples=num_samples, on_attention=on_attention, **request_fields
+    )
+    return engine, requests
+
+
 def _merge_stats(stats: GenerationStats, rows: list[GenerationStats]) -> None:
     """The first sample's numbers in `stats` (the prompt's counts kept), with the longest sample's length, decode
     time and window slides."""
@@ -130,20 +153,20 @@ def generate_tokens(
     distribution when sampling (not the same draws for a seed); windows slide at the same tokens.
     """
     stats = stats if stats is not None else GenerationStats()
-    capture = on_attention is not None
-    engine = engine or make_engine(
-        model, None, num_samples, use_cache=use_cache, compile=compile, capture=capture
-    )
-    requests = _requests(
-        engine,
+    engine, requests = _start(
+        model,
+        None,
         prompt_ids,
-        num_samples=num_samples,
+        num_samples,
+        engine,
+        use_cache,
+        compile,
+        on_attention,
         sampling=sampling,
         max_new_tokens=max_new_tokens,
         eos_id=eos_id,
         lookup=lookup,
         stats=stats,
-        on_attention=on_attention,
         record_step_times=record_step_times,
     )
     if max_new_tokens <= 0:
@@ -195,18 +218,20 @@ def stream_text(
     """Yield the completion of one sample as text pieces, as soon as each is certain (`on_attention`, `lookup`:
     as for `generate_tokens`; `engine`: one to decode on, else a new one)."""
     stats = stats if stats is not None else GenerationStats()
-    capture = on_attention is not None
-    engine = engine or make_engine(model, tokenizer, 1, use_cache=use_cache, compile=compile, capture=capture)
-    requests = _requests(
-        engine,
+    engine, requests = _start(
+        model,
+        tokenizer,
         prompt_ids,
-        num_samples=1,
+        1,
+        engine,
+        use_cache,
+        compile,
+        on_attention,
         sampling=sampling,
         max_new_tokens=max_new_tokens,
         eos_id=None if ignore_eos else tokenizer.eot_id,
         lookup=lookup,
         stats=stats,
-        on_attention=on_attention,
     )
     stats.stop_reason = "max_new_tokens"
     finals: list[GenerationStats] = []
@@ -240,21 +265,20 @@ def generate_texts(
 ) -> list[str]:
     """`num_samples` completions of one prompt, decoded together from a single prefill (sample i: seed + i)."""
     stats = stats if stats is not None else GenerationStats()
-    capture = on_attention is not None
-    rows = num_samples
-    engine = engine or make_engine(
-        model, tokenizer, rows, use_cache=use_cache, compile=compile, capture=capture
-    )
-    requests = _requests(
-        engine,
+    engine, requests = _start(
+        model,
+        tokenizer,
         prompt_ids,
-        num_samples=num_samples,
+        num_samples,
+        engine,
+        use_cache,
+        compile,
+        on_attention,
         sampling=sampling,
         max_new_tokens=max_new_tokens,
         eos_id=None if ignore_eos else tokenizer.eot_id,
         lookup=lookup,
         stats=stats,
-        on_attention=on_attention,
     )
     texts = [""] * num_samples
     finals: list[GenerationStats] = [GenerationStats() for _ in requests]

@@ -277,40 +277,23 @@ class Engine:
         `gptmini generate`, `chat` and `LM.stream` decode this way, a lone request as a batch of one."""
         import queue
 
-        if self._thread is None:
-            yield from self._drive(requests)
-            return
-        outputs: queue.Queue[tuple[int, Output]] = queue.Queue()
-        emitters = [(r, lambda out, i=i: outputs.put((i, out))) for i, r in enumerate(requests)]
-        handles = self.submit_many(emitters)
+        driven = self._thread is None  # the steps run here, between what they emit
+        outputs: collections.deque | queue.Queue = collections.deque() if driven else queue.Queue()
+        put = outputs.append if driven else outputs.put
+        handles = self.submit_many([(r, lambda out, i=i: put((i, out))) for i, r in enumerate(requests)])
         running = len(handles)
         try:
             while running:
-                i, out = outputs.get()
-                running -= out.finish_reason is not None
-                yield i, out
-        finally:
-            for handle in handles:
-                handle.cancel()
-
-    def _drive(self, requests: Sequence[Request]) -> Iterator[tuple[int, Output]]:
-        """`generate_many` in the caller's thread: step, then hand over what the step emitted."""
-        outputs: collections.deque[tuple[int, Output]] = collections.deque()
-        emitters = [(r, lambda out, i=i: outputs.append((i, out))) for i, r in enumerate(requests)]
-        handles = self.submit_many(emitters)
-        running = len(handles)
-        try:
-            while running:
-                if not outputs:
+                while driven and not outputs:
                     self.run_step()
-                    continue
-                i, out = outputs.popleft()
+                i, out = outputs.popleft() if driven else outputs.get()
                 running -= out.finish_reason is not None
                 yield i, out
         finally:
             for handle in handles:
                 handle.cancel()
-            self.drop_cancelled()
+            if driven:
+                self.drop_cancelled()
 
     def run_step(self) -> None:
         """One engine step in the calling thread (an engine without a thread of its own)."""
