@@ -166,6 +166,10 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # OpenAI's: minus frequency_penalty × (times a token was generated so far), minus presence_penalty if it was
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-100..100)
 
     @property
     def greedy(self) -> bool:
@@ -173,7 +177,14 @@ class SamplingConfig:
         return self.temperature < MIN_TEMPERATURE
 
     def validate(self) -> None:
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+        ):
             value = getattr(self, name)
             if value is not None and not _finite(value):
                 raise UserError(f"{name.replace('_', '-')} must be a finite number, got {value}")
@@ -189,6 +200,16 @@ class SamplingConfig:
             raise UserError(f"min-p must be in [0, 1], got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise UserError(f"repetition-penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise UserError(
+                    f"{name.replace('_', '-')} must be in [-2, 2] (0 = off), got {getattr(self, name)}"
+                )
+        for token, bias in self.logit_bias.items():
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise UserError(f"logit-bias keys must be token ids (integers >= 0), got {token!r}")
+            if not (_finite(bias) and -100.0 <= bias <= 100.0):
+                raise UserError(f"logit-bias of token {token} must be in [-100, 100], got {bias}")
 
 
 # ---- decoding -------------------------------------------------------------------------------------------------

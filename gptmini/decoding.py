@@ -60,6 +60,7 @@ def accept_draft(
     sampling: SamplingConfig,
     generator: torch.Generator,
     seen: torch.Tensor | None,
+    counts: torch.Tensor | None = None,
 ) -> list[int]:
     """The tokens a verify pass decides: the accepted prefix of `draft`, then one token drawn by the model.
 
@@ -77,11 +78,15 @@ def accept_draft(
         seen = seen.expand(k + 1, -1).clone()
         for j, tok in enumerate(draft, start=1):
             seen[j:, tok] = True
-    if sampling.temperature == 0:
-        best = sample_next(logits, sampling, None, seen).tolist()
+    if counts is not None:  # likewise the frequency and presence penalties' counts
+        counts = counts.expand(k + 1, -1).clone()
+        for j, tok in enumerate(draft, start=1):
+            counts[j:, tok] += 1
+    if sampling.greedy:
+        best = sample_next(logits, sampling, None, seen, counts).tolist()
         kept = next((j for j in range(k) if best[j] != draft[j]), k)
         return best[: kept + 1]
-    probs = next_token_probs(logits, sampling, seen)
+    probs = next_token_probs(logits, sampling, seen, counts)
     rows = torch.arange(k, device=probs.device)
     proposed = torch.tensor(draft, device=probs.device)
     keep = torch.rand(k, generator=generator, device=probs.device) < probs[rows, proposed]

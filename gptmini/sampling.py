@@ -1,6 +1,9 @@
 """Logits → next token.
 
-Applied in this order, the same as transformers' logits processors, so settings mean the same thing there:
+Applied in this order (1-2 are transformers' logits processors' order, so settings mean the same thing there):
+  0. logit bias, then frequency and presence penalties, as OpenAI defines them: logit[j] += bias[j]
+     - frequency_penalty × count[j] - presence_penalty × (count[j] > 0), count[j] = times token j was generated
+     (the completion's tokens, not the prompt's, as vLLM counts them)
   1. repetition penalty: a seen token's logit is divided by the penalty if positive, multiplied if negative
   2. temperature: logits / T; T = 0 means greedy (argmax after step 1, steps 3–5 skipped), and so does any T below
      `MIN_TEMPERATURE` (1e-5), where logits / T overflow
@@ -72,13 +75,35 @@ def filter_logits(
     return logits
 
 
-def next_token_probs(
-    logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None
+def adjust_logits(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The distribution the next token is drawn from (`[B, V]`); one-hot on the argmax when greedy."""
+    """Steps 0 and 1: logit bias, frequency and presence penalties (`counts`: `[B, V]` times each token was
+    generated), repetition penalty (`seen`: `[B, V]` bool). A new tensor where anything changes."""
     logits = logits.float()
+    if cfg.logit_bias:
+        ids = torch.tensor(list(cfg.logit_bias), device=logits.device)
+        bias = torch.tensor(list(cfg.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+        logits = logits.index_add(-1, ids, bias.expand(logits.shape[0], -1))
+    if counts is not None and (cfg.frequency_penalty or cfg.presence_penalty):
+        penalty = counts * cfg.frequency_penalty + (counts > 0).to(logits.dtype) * cfg.presence_penalty
+        logits = _finite(logits - penalty)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    return logits
+
+
+def next_token_probs(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The distribution the next token is drawn from (`[B, V]`); one-hot on the argmax when greedy."""
+    logits = adjust_logits(logits, cfg, seen, counts)
     if cfg.greedy:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     tempered = _finite(logits / cfg.temperature)
@@ -90,14 +115,13 @@ def sample_next(
     cfg: SamplingConfig,
     generator: torch.Generator | None = None,
     seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One next token per row of `logits` (`[B, V]` → `[B]`)."""
     if cfg.greedy:
-        logits = logits.float()
-        if seen is not None:
-            logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+        logits = adjust_logits(logits, cfg, seen, counts)
         return logits.max(dim=-1).indices  # same token as argmax, but a vectorised kernel (~3× faster on CPU)
-    return draw(next_token_probs(logits, cfg, seen), generator)
+    return draw(next_token_probs(logits, cfg, seen, counts), generator)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

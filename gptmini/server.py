@@ -46,7 +46,7 @@ log = logging.getLogger("gptmini.server")
 
 PAGE = Path(__file__).parent / "assets" / "chat.html"
 MAX_N = 16  # choices per request
-MAX_STOPS = 4
+MAX_STOPS = 16  # lm-eval adds the EOS text to a task's stops
 MAX_TOKENS = 32768  # per choice; generation slides past the context window, so this bounds time, not memory
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1  # OpenAI's `seed`
 DEFAULT_MAX_BODY = 1 << 20  # 1 MiB of JSON is far more than any context window holds
@@ -149,10 +149,10 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension
     lookup: int | None = Field(None, ge=0, le=MAX_LOOKUP)  # extension: prompt-lookup decoding; None: --lookup
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)  # OpenAI's; None = 0
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, JSON's keys) -> -100..100
     # not implemented: refused unless absent or harmless (see UNSUPPORTED)
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
-    logit_bias: Any = None
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
@@ -188,9 +188,6 @@ class ChatBody(_Common):
 # OpenAI request fields this server does not implement, each with the values that ask for nothing (OpenAI's
 # defaults). Anything else is a 400 naming the field: a client must never believe a setting was applied.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "frequency_penalty": (None, 0),
-    "presence_penalty": (None, 0),
-    "logit_bias": (None, {}),
     "best_of": (None, 1),
     "suffix": (None, ""),
     "response_format": (None, {"type": "text"}),
@@ -783,9 +780,22 @@ def _sampling(body: _Common, stops: list[str], seed_offset: int) -> Any:
             repetition_penalty=body.repetition_penalty,
             seed=seed,
             stop=stops,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            logit_bias=_logit_bias(body.logit_bias),
         )
     except UserError as e:
-        raise APIError(400, str(e)) from None
+        raise APIError(400, str(e), param="logit_bias" if "logit-bias" in str(e) else None) from None
+
+
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's `logit_bias` (token ids as JSON's string keys) as {id: bias}."""
+    out = {}
+    for key, bias in (raw or {}).items():
+        if not key.strip().isdigit():
+            raise APIError(400, f"logit_bias: keys must be token ids, got {key!r}", param="logit_bias")
+        out[int(key)] = bias
+    return out
 
 
 def _lookup(state: State, body: _Common) -> int:

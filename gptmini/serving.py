@@ -151,6 +151,11 @@ class _Row:
         if req.sampling.repetition_penalty != 1.0:
             self.seen = torch.zeros(1, engine.vocab_size, dtype=torch.bool, device=engine.device)
             self.seen[0, torch.tensor(sorted(set(req.prompt_ids)), device=engine.device)] = True
+        self.counts: torch.Tensor | None = (
+            None  # times each token was generated (frequency / presence penalty)
+        )
+        if req.sampling.frequency_penalty or req.sampling.presence_penalty:
+            self.counts = torch.zeros(1, engine.vocab_size, device=engine.device)
         tokenizer = engine.tokenizer
         self.decoder: StreamDecoder | None = tokenizer.stream_decoder() if tokenizer is not None else None
         self.eos_id = req.eos_id if req.eos_id is not None else getattr(tokenizer, "eot_id", None)
@@ -242,6 +247,11 @@ class Engine:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
         if request.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {request.max_new_tokens}")
+        bad = [t for t in request.sampling.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"logit_bias: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
         if request.on_attention is not None and not self.passes.capture:
             raise ValueError("on_attention needs an engine made with capture=True")
         request.sampling.validate()
@@ -487,7 +497,7 @@ class Engine:
     def _take_verified(self, row: _Row, logits: torch.Tensor, draft: list[int], seconds: float) -> bool:
         """Take the tokens a verify pass decides (the kept draft prefix and one token drawn by the model, as
         `gptmini.decoding.accept_draft` rules). True when the row is done."""
-        decided = accept_draft(logits, draft, row.req.sampling, row.generator, row.seen)
+        decided = accept_draft(logits, draft, row.req.sampling, row.generator, row.seen, row.counts)
         row.drafter.verified(len(decided) - 1, seconds)
         self.metrics.lookup(len(draft), len(decided) - 1)
         row.stats.lookup_passes += 1
@@ -509,7 +519,7 @@ class Engine:
         rows that finished (removed already unless `remove` is False)."""
         picks = []
         for row, row_logits in zip(rows, logits, strict=True):
-            picks.append(sample_next(row_logits[None], row.req.sampling, row.generator, row.seen))
+            picks.append(sample_next(row_logits[None], row.req.sampling, row.generator, row.seen, row.counts))
         next_ids = (picks[0] if len(picks) == 1 else torch.cat(picks)).tolist()  # the one host sync per step
         finished = []
         for row, row_logits, tok in zip(rows, logits, next_ids, strict=True):
@@ -550,6 +560,8 @@ class Engine:
             row.drafter.append(tok)
         if row.seen is not None:
             row.seen[0, tok] = True
+        if row.counts is not None:
+            row.counts[0, tok] += 1
         if not row.req.ignore_eos and tok == row.eos_id:
             self._release(row, row.matcher.feed(self._flush(row)) + row.matcher.flush(), final=True)
             return self._done(row, "stop", "eos")

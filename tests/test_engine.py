@@ -132,3 +132,36 @@ def test_a_prompt_that_starts_like_an_earlier_one_reuses_its_cache_and_decodes_t
     assert [t.id for o in outs for t in o.tokens] == again[0]
     assert [t.logprob for o in outs for t in o.tokens] == again[1]
     assert outs[-1].stats.prompt_cached == 20 + 10  # the first prompt, and the reply's tokens it wrote
+
+
+def naive_penalised_greedy(
+    model, prompt: list[int], n: int, freq: float, pres: float, bias: dict[int, float]
+):
+    """Greedy by a full recompute each step, OpenAI's penalties applied by hand to the last position's logits."""
+    ids, counts = list(prompt), {}
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]))[0][0, -1].tolist()
+            for t, b in bias.items():
+                logits[t] += b
+            for t, c in counts.items():
+                logits[t] -= freq * c + pres
+            tok = max(range(len(logits)), key=logits.__getitem__)
+            counts[tok] = counts.get(tok, 0) + 1
+            ids.append(tok)
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("lookup", [0, 4])
+def test_penalties_and_logit_bias_decode_what_a_hand_applied_formula_decodes(lookup):
+    lm = tiny_lm("fp32", arch="modern")
+    prompt = [11, 12, 13, 11, 12, 13, 11, 12]
+    bias = {500: 3.0, 11: -1.0}
+    expected = naive_penalised_greedy(lm.model, prompt, 20, 0.7, 0.4, bias)
+    plain = naive_penalised_greedy(lm.model, prompt, 20, 0.0, 0.0, {})
+    assert expected != plain  # the settings change the text
+    sampling = SamplingConfig(temperature=0, frequency_penalty=0.7, presence_penalty=0.4, logit_bias=bias)
+    request = Request(prompt, sampling, max_new_tokens=20, ignore_eos=True, lookup=lookup)
+    engine = Engine(lm, parallel=2)
+    got = [t for out in engine.generate(request) for t in out.ids]
+    assert got == expected

@@ -1,6 +1,8 @@
 """The sampler against hand-computed distributions (plain Python math) and transformers' logits processors."""
 
+import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -248,3 +250,36 @@ def test_choice_seeds_wrap_into_torchs_range():
     assert choice_seed(-1, 0) == 2**64 - 1
     a, b = make_generator(-1, torch.device("cpu")), make_generator(choice_seed(-1, 0), torch.device("cpu"))
     assert torch.equal(torch.rand(4, generator=a), torch.rand(4, generator=b))
+
+
+def test_logit_bias_and_openai_penalties_by_hand():
+    """OpenAI's formula: logit += bias - frequency × count - presence × (count > 0), before the repetition penalty."""
+    from gptmini.sampling import adjust_logits
+
+    cfg = SamplingConfig(temperature=0, frequency_penalty=0.5, presence_penalty=1.0, logit_bias={3: -2.5})
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    counts = torch.tensor([[0.0, 2.0, 1.0, 0.0]])
+    assert adjust_logits(logits, cfg, None, counts).tolist() == [[1.0, 0.0, 1.5, 1.5]]
+    assert logits.tolist() == [[1.0, 2.0, 3.0, 4.0]]  # the caller's logits untouched
+    seen = torch.tensor([[False, False, True, False]])
+    with_rep = dataclasses.replace(cfg, repetition_penalty=2.0)
+    assert adjust_logits(logits, with_rep, seen, counts).tolist() == [[1.0, 0.0, 0.75, 1.5]]
+    banned = SamplingConfig(temperature=1.0, top_k=None, logit_bias={0: -100, 1: -100, 2: -100})
+    draws = {int(sample_next(logits, banned, torch.Generator().manual_seed(s))) for s in range(50)}
+    assert draws == {3}  # e^-97 against e^4: never drawn
+    forced = SamplingConfig(temperature=0, logit_bias={0: 100})
+    assert int(sample_next(logits, forced)) == 0
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"frequency_penalty": 2.5}, "frequency-penalty must be in [-2, 2]"),
+        ({"presence_penalty": float("nan")}, "presence-penalty must be a finite number"),
+        ({"logit_bias": {5: 101}}, "logit-bias of token 5 must be in [-100, 100]"),
+        ({"logit_bias": {-1: 1}}, "logit-bias keys must be token ids"),
+    ],
+)
+def test_penalty_and_bias_mistakes_are_refused(fields, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        SamplingConfig(**fields).validate()

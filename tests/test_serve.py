@@ -610,7 +610,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "n": 1000}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": [str(i) for i in range(17)]}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"prompt": "x", "lookup": -1}, 400, "lookup"),
     ("/v1/completions", {"prompt": "x", "lookup": 65}, 400, "lookup"),
@@ -888,3 +888,32 @@ def test_a_chat_that_re_sends_its_history_finds_it_cached(server):
     second = client.chat.completions.create(model="m", messages=history, max_tokens=12, temperature=0)
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert first.usage.prompt_tokens - 1 <= cached < second.usage.prompt_tokens
+
+
+def test_logit_bias_and_penalties_are_applied(server, lm):
+    (the,) = lm.tokenizer.encode(" the")
+    client = server.client()
+    forced = client.completions.create(
+        model="m", prompt="To be", max_tokens=4, temperature=0, logit_bias={str(the): 100}
+    )
+    assert forced.choices[0].text == " the" * 4
+    long = {
+        "model": "m",
+        "prompt": "To be",
+        "max_tokens": 40,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    plain = client.completions.create(**long)
+    penalised = client.completions.create(**long, frequency_penalty=2.0, presence_penalty=2.0)
+    expected = lm.generate(
+        "To be",
+        max_new_tokens=40,
+        temperature=0,
+        frequency_penalty=2.0,
+        presence_penalty=2.0,
+        ignore_eos=True,
+    )
+    assert penalised.choices[0].text == expected != plain.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model="m", prompt="x", max_tokens=1, logit_bias={"999999": 1})
