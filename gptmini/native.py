@@ -226,7 +226,7 @@ class ThreadChooser:
     A step's threads meet at a barrier after every product. Beside a busy loop on one of two cores, most steps on
     two threads still take their usual time, but now and then one stalls for a whole scheduler slice per barrier:
     100-250 ms, against 0.13 ms on one thread (the default model), so on average two threads decoded 2-3x slower.
-    So: a call on all threads that takes 10x the usual time of the fewer is a stall, and at a second stall within
+    So: a call on all threads that takes 10x the usual time of a call of as many tokens is a stall, and at a second stall within
     32 calls (one alone can be any hiccup) the chooser drops to fewer threads; it tries all of them again after 1 s, then 2, 4 .. 32 s while stalls recur (a try of 32
     calls ends at its first stall). On a quiet machine it also tries fewer threads now and then (8 calls, after
     32 to 512 calls: < 1 % of the time) and keeps them where they are faster (a model too small to share).
@@ -240,8 +240,9 @@ class ThreadChooser:
     def __init__(self, most: int) -> None:
         self.most, self.fewer = most, max(1, most // 2)
         self.current = most
-        self.usual: dict[int, float] = {}  # time per token of each count, smoothed (stalls left out)
-        self.fastest = 0.0  # the least of them
+        # seconds of a call by (threads, tokens in it), smoothed, stalls left out: a batch of 8 rows takes longer
+        # than one row, a prompt's tokens less each
+        self.usual: dict[tuple[int, int], float] = {}
         self.trying = 0  # calls left in a try of the other count
         self.tried: list[float] = []  # the try's times, and the current count's since it began
         self.ours: list[float] = []
@@ -263,16 +264,16 @@ class ThreadChooser:
             torch.set_num_threads(threads)
         return threads
 
-    def record(self, threads: int, seconds_per_token: float) -> None:
-        """What a call picked by `pick` took."""
+    def record(self, threads: int, seconds: float, tokens: int = 1) -> None:
+        """What a call picked by `pick` took, and how many tokens it fed."""
         if _fixed_threads is not None or self.most == 1 or threads not in (self.most, self.fewer):
             return
-        stalled = threads == self.most and self.fastest and seconds_per_token > self.STALL * self.fastest
+        known = [v for v in (self.usual.get((t, tokens)) for t in (self.most, self.fewer)) if v]
+        stalled = threads == self.most and bool(known) and seconds > self.STALL * min(known)
         if not stalled:
-            before = self.usual.get(threads)
-            now = seconds_per_token if before is None else 0.9 * before + 0.1 * seconds_per_token
-            self.usual[threads] = now
-            self.fastest = min(self.usual.values())
+            before = self.usual.get((threads, tokens))
+            self.usual[threads, tokens] = seconds if before is None else 0.9 * before + 0.1 * seconds
+        seconds_per_token = seconds / tokens
         if threads == self.most:
             previous, self.since_stall = self.since_stall, 0 if stalled else self.since_stall + 1
             if stalled and (self.trying or previous < 32):
@@ -516,7 +517,8 @@ class DecodeStep:
             self._work.data_ptr(),
             threads,
         )
-        self.threads.record(threads, (time.perf_counter() - start) / n)
+        if keep is None:  # a prompt's pass (logits of a few tokens) is no step: its times would mislead
+            self.threads.record(threads, time.perf_counter() - start, n)
         view = self._views.get(kept)
         if view is None:
             view = self._views[kept] = self._logits[:kept, : self.vocab_size]
