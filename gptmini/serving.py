@@ -437,7 +437,7 @@ class Engine:
         row.decode_from = time.perf_counter()
         row.stats.prefill_s = row.decode_from - t0
         if req.max_new_tokens == 0:
-            self._rows.pop()
+            self._remove_row(len(self._rows) - 1)  # (its prompt stays cached, as any row's)
             first.finish_reason = "length"
             first.stats = row.stats
             self._emit(handle, first)
