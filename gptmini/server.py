@@ -475,6 +475,10 @@ def _add_openai_routes(app: FastAPI, state: State) -> None:
         _require_ready(state)
         return await _serve(state, http, _chat_requests(state, body), body, chat=True)
 
+    from gptmini.responses_api import add_responses_route
+
+    add_responses_route(app, state)
+
 
 def _add_tokenizer_routes(app: FastAPI, state: State) -> None:
     """vLLM's tokenizer endpoints (what lm-eval's `tokenizer_backend=remote` calls), with llama.cpp's field names
@@ -1010,9 +1014,10 @@ def _usage(states: list[_ChoiceState]) -> dict[str, Any]:
     }
 
 
-async def _serve(
-    state: State, http: HTTPRequest, choices: list[_Choice], body: _Common, *, chat: bool
-) -> Response:
+def _submit(
+    state: State, http: HTTPRequest, choices: list[_Choice]
+) -> tuple[list[Any], list[_ChoiceState], asyncio.Queue]:
+    """Queue the choices in the engine: their handles, their states, and the queue their outputs arrive on."""
     from gptmini.serving import ContextLengthExceeded, QueueFull
 
     loop = asyncio.get_running_loop()
@@ -1035,6 +1040,13 @@ async def _serve(
         raise APIError(400, str(e)) from None
     states = [_ChoiceState(i, c) for i, c in enumerate(choices)]
     http.state.gptmini_choices = states  # for the access log's token counts
+    return handles, states, events
+
+
+async def _serve(
+    state: State, http: HTTPRequest, choices: list[_Choice], body: _Common, *, chat: bool
+) -> Response:
+    handles, states, events = _submit(state, http, choices)
     ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     tokenizer = state.lm.tokenizer

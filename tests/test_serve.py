@@ -917,3 +917,47 @@ def test_logit_bias_and_penalties_are_applied(server, lm):
     assert penalised.choices[0].text == expected != plain.choices[0].text
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
         client.completions.create(model="m", prompt="x", max_tokens=1, logit_bias={"999999": 1})
+
+
+def test_responses_api_with_the_openai_client(server, lm):
+    """`/v1/responses`: the official client's create and stream get the chat endpoint's text for the same
+    conversation, with OpenAI's event order; a cut reply is incomplete; tools are refused by name."""
+    client = server.client()
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Good morrow, sir."},
+    ]
+    chat = client.chat.completions.create(model="m", messages=messages, max_tokens=24, temperature=0)
+    made = client.responses.create(
+        model="m", instructions="Be brief.", input="Good morrow, sir.", max_output_tokens=24, temperature=0
+    )
+    assert made.output_text == chat.choices[0].message.content
+    assert made.status == ("incomplete" if chat.choices[0].finish_reason == "length" else "completed")
+    assert made.usage.input_tokens == chat.usage.prompt_tokens
+    assert made.usage.output_tokens == chat.usage.completion_tokens
+    parts = [{"role": "user", "content": [{"type": "input_text", "text": "Good morrow, sir."}]}]
+    with client.responses.stream(
+        model="m", instructions="Be brief.", input=parts, max_output_tokens=24, temperature=0
+    ) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_response()
+    assert final.output_text == made.output_text
+    deltas = kinds.count("response.output_text.delta")
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *["response.output_text.delta"] * deltas,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete" if made.status == "incomplete" else "response.completed",
+    ]
+    cut = client.responses.create(model="m", input="Speak at length.", max_output_tokens=2, temperature=0)
+    assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.responses.create(model="m", input="x", tools=[tool])
+    with pytest.raises(openai.BadRequestError, match="previous_response_id"):
+        client.responses.create(model="m", input="x", previous_response_id="resp_1")
