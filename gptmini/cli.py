@@ -1003,6 +1003,10 @@ def serve(
         float, typer.Option(help="Seconds Ctrl-C / SIGTERM waits for in-flight requests.")
     ] = 30.0,
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes; larger get 413.")] = 1 << 20,
+    stall_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds a stream may go unread before its request is cancelled (its row freed)."),
+    ] = 30.0,
     model_name: Annotated[
         str | None, typer.Option(help="Model id in /v1/models and responses (default: the directory name).")
     ] = None,
@@ -1027,6 +1031,8 @@ def serve(
         raise UserError(f"--parallel must be >= 1, got {parallel}")
     if max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, got {max_queue}")
+    if not stall_timeout > 0:
+        raise UserError(f"--stall-timeout must be > 0 seconds, got {stall_timeout}")
     if not 0 < port < 65536:
         raise UserError(f"--port must be in 1..65535, got {port}")
     if drain_timeout < 0 or max_body < 1:
@@ -1091,6 +1097,7 @@ def serve(
         model_name=model_name,
         lookup=lookup,
         access_log=not quiet,
+        stall_timeout=stall_timeout,
     )
     raise typer.Exit(run_server(settings, host=host, port=port, drain_timeout=drain_timeout, lm=early))
 

@@ -39,6 +39,7 @@ from gptmini.server import (
     _require_ready,
     _submit,
     _take,
+    _watched,
 )
 
 # Fields that ask for nothing when absent or at these values; any other value is a 400 naming the field.
@@ -234,7 +235,7 @@ def add_responses_route(app: FastAPI, state: State) -> None:
         reply = _Reply(state, body, states[0])
         if body.stream:
             return StreamingResponse(
-                _events(reply, handles, events),
+                _watched(_events(reply, handles, events), handles, events, state.settings.stall_timeout),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )

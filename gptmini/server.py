@@ -67,6 +67,9 @@ class ServeSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY
     model_name: str | None = None
     lookup: int = 0  # prompt-lookup draft tokens for requests that do not set `lookup` themselves
+    stall_timeout: float = (
+        30.0  # seconds a stream may leave its outputs unread before its request is cancelled
+    )
     access_log: bool = True  # one line per request on stderr (`--quiet`: none)
 
 
@@ -1056,7 +1059,7 @@ async def _serve(
             state, http, handles, states, events, ident, created, chat, include_usage, tokenizer, body
         )
         return StreamingResponse(
-            stream,
+            _watched(stream, handles, events, state.settings.stall_timeout),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -1144,6 +1147,33 @@ async def _collect(
         _take(states[index], out)
         if out.finish_reason is not None:
             remaining -= 1
+
+
+async def _watched(
+    stream: AsyncIterator[bytes], handles: list[Any], events: asyncio.Queue, timeout: float
+) -> AsyncIterator[bytes]:
+    """`stream`, with its requests cancelled when its client stops reading: outputs waiting, and nothing taken for
+    `timeout` seconds (a client that never reads would otherwise hold a row to `max_tokens`, every token buffered)."""
+    taken = [time.monotonic()]
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            if events.qsize() and time.monotonic() - taken[0] > timeout:
+                log.warning(
+                    "a client read nothing of its stream for %.0f s: its request is cancelled", timeout
+                )
+                for h in handles:
+                    h.cancel()
+                return
+
+    watcher = asyncio.create_task(watch())
+    try:
+        async for chunk in stream:
+            yield chunk
+            taken[0] = time.monotonic()  # the client took the chunk: the next one is asked for
+    finally:
+        watcher.cancel()
 
 
 async def _stream(

@@ -961,3 +961,29 @@ def test_responses_api_with_the_openai_client(server, lm):
         client.responses.create(model="m", input="x", tools=[tool])
     with pytest.raises(openai.BadRequestError, match="previous_response_id"):
         client.responses.create(model="m", input="x", previous_response_id="resp_1")
+
+
+def test_a_client_that_stops_reading_is_cancelled_after_the_stall_timeout():
+    """A stream whose client reads nothing (a small receive buffer, never read) loses its row after
+    --stall-timeout, while its socket is still open; a reading client on the same server is untouched."""
+    import socket as socketlib
+
+    with serve("-c", str(BASE_CKPT), "--parallel", "2", "--stall-timeout", "1") as s:
+        port = int(s.url.rsplit(":", 1)[1])
+        body = json.dumps(
+            {"prompt": "To be", "max_tokens": 30000, "stream": True, "ignore_eos": True, "temperature": 0}
+        ).encode()
+        sock = socketlib.socket()
+        sock.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock.sendall(head.encode() + body)
+        try:
+            assert wait_for(lambda: s.metrics().get("gptmini_requests_running", 0) == 1, 30)
+            assert wait_for(lambda: s.metrics().get("gptmini_requests_running", 0) == 0, 60)
+            # cancelled, not run to its 30,000 tokens
+            assert s.metrics().get("gptmini_requests_cancelled_total", 0) == 1
+            ok = s.client().completions.create(model="m", prompt="x", max_tokens=3)
+            assert ok.choices[0].finish_reason == "length"
+        finally:
+            sock.close()
