@@ -62,3 +62,32 @@ def test_stop_button_cancels_the_request(page_of_server):
     # the server noticed the aborted fetch and freed the row
     assert wait_for(lambda: server.metrics()["gptmini_requests_running"] == 0, 2.0)
     assert server.metrics()["gptmini_requests_cancelled_total"] >= 1
+
+
+def test_tokens_per_second_counts_from_the_request(page_of_server):
+    """Chunks that arrive together (a proxy buffering the stream, here a route that answers after a second, all at
+    once) must not read as thousands of tokens a second: 5 tokens over >= 1 s is at most 5 tokens/s."""
+    import json
+    import time
+
+    _, page, _ = page_of_server
+    chunks = [{"choices": [{"index": 0, "delta": {"content": w}}]} for w in ["To", " be", ",", " or", " not"]]
+    chunks.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}})
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+
+    def slow(route):
+        time.sleep(1.0)
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+
+    page.route("**/v1/chat/completions", slow)
+    try:
+        page.click("#new")
+        page.fill("#input", "Hello")
+        page.press("#input", "Enter")
+        page.wait_for_selector(".meta")
+        meta = page.inner_text(".meta")
+    finally:
+        page.unroute("**/v1/chat/completions")
+    assert "5 tokens" in meta
+    rate = float(meta.split("·")[-1].split("tokens/s")[0])
+    assert 0 < rate <= 5.0
