@@ -22,8 +22,8 @@ from gptmini.quantize import check_quantize, prepare_for_decoding
 from gptmini.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    from gptmini.engine import Engine
     from gptmini.inspect import Attention, HeadScores, LogitLens
-    from gptmini.serving import Engine
 
 DEFAULT_CHECKPOINT = Path("checkpoints/default")
 

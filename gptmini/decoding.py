@@ -1,6 +1,6 @@
 """The per-token rules every decode follows, whatever runs the passes: where a full window slides, how a lookup draft
 is verified, where a stop string cuts the text, and what a generation reports (`GenerationStats`, `AttentionStep`).
-The engine (`gptmini.serving`) applies them to each of its rows.
+The engine (`gptmini.engine`) applies them to each of its rows.
 """
 
 from __future__ import annotations

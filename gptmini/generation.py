@@ -1,4 +1,4 @@
-"""Generation as callers want it, each a client of the one engine (`gptmini.serving.Engine`):
+"""Generation as callers want it, each a client of the one engine (`gptmini.engine.Engine`):
 
   * `generate_tokens`: token ids, one list per step (one id per sample, `FINISHED` once a sample ended);
   * `stream_text`: one completion's text, piece by piece as each is certain (stop strings, EOS, UTF-8 safe);
@@ -22,10 +22,11 @@ from typing import Any
 
 from gptmini.config import SamplingConfig
 from gptmini.decoding import FINISHED, AttentionStep, GenerationStats
+from gptmini.engine import Engine
 from gptmini.lookup import check_lookup
 from gptmini.model import GPT
+from gptmini.rows import Request
 from gptmini.sampling import choice_seed
-from gptmini.serving import Engine, Request
 from gptmini.tokenizer import Tokenizer
 
 __all__ = ["FINISHED", "generate_texts", "generate_tokens", "make_engine", "stream_text"]

@@ -104,7 +104,7 @@ def _messages(body: ResponsesBody) -> list[dict[str, str]]:
 
 def _choice(state: State, body: ResponsesBody) -> _Choice:
     from gptmini.api import sampling_config
-    from gptmini.serving import Request
+    from gptmini.rows import Request
 
     template = state.template
     ids = template.encode(state.lm.tokenizer, _messages(body))

@@ -9,7 +9,7 @@ With --api-key every route but /health asks for the key before the body is read.
 not implement is refused with a 400 naming it, never silently ignored.
 
 Every error is `{"error": {"message", "type", "param", "code"}}`; FastAPI's 422 becomes a 400. A failure while
-streaming is sent as an error event, then `data: [DONE]`. Model logic lives in `gptmini.serving`; this module
+streaming is sent as an error event, then `data: [DONE]`. Model logic lives in `gptmini.engine`; this module
 only translates HTTP to `Request`s and `Output`s back to HTTP.
 """
 
@@ -368,7 +368,7 @@ def create_app(
     def load() -> None:
         from gptmini.api import load as load_lm
         from gptmini.chat import template_for
-        from gptmini.serving import Engine
+        from gptmini.engine import Engine
 
         try:
             given = lm.result() if isinstance(lm, Future) else lm
@@ -767,7 +767,7 @@ def _require_ready(state: State) -> None:
 class _Choice:
     """One choice to generate: the engine request and what the response needs to know about it."""
 
-    request: Any  # gptmini.serving.Request
+    request: Any  # gptmini.engine.Request
     prompt_index: int
     prompt_text: str = ""  # for echo
 
@@ -853,7 +853,7 @@ def _encode_prompt(tokenizer: Any, text: str) -> list[int]:
 
 
 def _completion_requests(state: State, body: CompletionBody) -> list[_Choice]:
-    from gptmini.serving import Request
+    from gptmini.rows import Request
 
     tokenizer = state.lm.tokenizer
     prompts: list[str | list[int]]
@@ -923,7 +923,7 @@ def _chat_messages(raw: list[Any]) -> list[dict[str, str]]:
 
 
 def _chat_requests(state: State, body: ChatBody) -> list[_Choice]:
-    from gptmini.serving import Request
+    from gptmini.rows import Request
 
     messages = _chat_messages(body.messages)
     _check_capacity(state, 1, body.n)
@@ -1021,7 +1021,7 @@ def _submit(
     state: State, http: HTTPRequest, choices: list[_Choice]
 ) -> tuple[list[Any], list[_ChoiceState], asyncio.Queue]:
     """Queue the choices in the engine: their handles, their states, and the queue their outputs arrive on."""
-    from gptmini.serving import ContextLengthExceeded, QueueFull
+    from gptmini.rows import ContextLengthExceeded, QueueFull
 
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()

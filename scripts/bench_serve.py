@@ -217,7 +217,7 @@ def generate_tokens_per_s(
         stats = GenerationStats()
         lm.generate(PROMPT, max_new_tokens=tokens, temperature=0, ignore_eos=True, stats=stats)
         rates.append(stats.decode_tokens_per_s)
-    from gptmini.serving import Engine
+    from gptmini.engine import Engine
 
     return statistics.median(rates), Engine(lm, parallel=1).cache_bytes_per_slot()
 

@@ -179,11 +179,11 @@ def test_long_conversation_in_process_never_fails(tok):
 @pytest.mark.usefixtures("always_draft")
 def test_lookup_replies_equal_plain_greedy_replies(tok, monkeypatch):
     """`lookup` in a chat: the same greedy replies turn after turn, with drafts verified along the way."""
-    from gptmini import serving
+    from gptmini import engine as engine_module
 
     passes = []
-    real = serving.accept_draft
-    monkeypatch.setattr(serving, "accept_draft", lambda *a: passes.append(1) or real(*a))
+    real = engine_module.accept_draft
+    monkeypatch.setattr(engine_module, "accept_draft", lambda *a: passes.append(1) or real(*a))
     lm = gptmini.LM(random_gpt(std=0.2, block_size=64), tok)
     sessions = [
         ChatSession(lm, settings=ChatSettings(temperature=0, max_new_tokens=20, lookup=k)) for k in (0, 8)

@@ -9,8 +9,9 @@ from conftest import random_gpt
 import gptmini.native as native
 from gptmini.api import LM
 from gptmini.config import SamplingConfig
+from gptmini.engine import Engine
 from gptmini.quantize import prepare_for_decoding
-from gptmini.serving import Engine, Request
+from gptmini.rows import Request
 from gptmini.tokenizer import Tokenizer
 
 FORMATS = ["fp32", "bf16", "int8", "int4"]

@@ -10,7 +10,7 @@ from conftest import main_in_process, random_gpt
 from test_generation import naive_greedy
 
 import gptmini.decoding as decoding
-import gptmini.serving as serving
+import gptmini.engine as engine_module
 from gptmini.api import load
 from gptmini.checkpoint import save_checkpoint
 from gptmini.config import GPTConfig, SamplingConfig
@@ -152,7 +152,7 @@ def test_eos_inside_a_kept_run_ends_the_generation_there(monkeypatch):
         passes.append([*draft, 0])
         return passes[-1]
 
-    monkeypatch.setattr(serving, "accept_draft", keep_all)
+    monkeypatch.setattr(engine_module, "accept_draft", keep_all)
     out, _ = run(model, prompt, 30, lookup=6)
     first_pass = passes[0]
     eos = next(t for t in first_pass[1:-1] if t not in out[: out.index(t)])  # first seen inside the run

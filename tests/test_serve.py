@@ -823,7 +823,7 @@ def test_soak_500_requests_with_early_disconnects(server):
 
 
 def test_memory_per_slot_is_reported(lm):
-    from gptmini.serving import Engine
+    from gptmini.engine import Engine
 
     engine = Engine(lm, parallel=3)
     c = lm.config

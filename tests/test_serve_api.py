@@ -212,7 +212,7 @@ def test_the_issues_500s_on_a_gpt2_vocabulary(gpt2_lm):
 def fuzz_client(gpt2_lm):
     """The GPT-2-vocabulary app, with every sampled id checked against the vocabulary."""
     import gptmini.decoding
-    import gptmini.serving
+    import gptmini.engine
 
     outside: list[int] = []
 
@@ -225,7 +225,7 @@ def fuzz_client(gpt2_lm):
         return wrapper
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gptmini.serving, "sample_next", checked(gptmini.serving.sample_next))
+        mp.setattr(gptmini.engine, "sample_next", checked(gptmini.engine.sample_next))
         mp.setattr(gptmini.decoding, "sample_next", checked(gptmini.decoding.sample_next))
         mp.setattr(gptmini.decoding, "draw", checked(gptmini.decoding.draw))
         with app_client(gpt2_lm) as client:

@@ -31,147 +31,26 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from gptmini.config import SamplingConfig
-from gptmini.decoding import AttentionStep, GenerationStats, StopMatcher, accept_draft, window_shift
-from gptmini.lookup import Drafter
-from gptmini.sampling import make_generator, sample_next
+from gptmini.decoding import AttentionStep, GenerationStats, accept_draft, window_shift
+from gptmini.rows import (
+    MAX_LOGPROBS,
+    ContextLengthExceeded,
+    EngineMetrics,
+    Handle,
+    Output,
+    QueueFull,
+    Request,
+    Row,
+    TokenLogprob,
+)
+from gptmini.sampling import sample_next
 from gptmini.steps import Fed, Passes
-from gptmini.tokenizer import StreamDecoder
 
-log = logging.getLogger("gptmini.serving")
-
-MAX_LOGPROBS = 5  # alternatives per token, as OpenAI's API allows
-
-
-class QueueFull(Exception):
-    """The waiting queue holds `max_queue` requests already."""
-
-
-class ContextLengthExceeded(ValueError):
-    def __init__(self, prompt_tokens: int, context: int) -> None:
-        self.prompt_tokens = prompt_tokens
-        self.context = context
-        super().__init__(
-            f"the prompt has {prompt_tokens} tokens but this model's context window is {context} tokens; "
-            "shorten the prompt"
-        )
-
-
-@dataclass
-class Request:
-    """One completion to generate. `logprobs`: None for none, else how many alternatives (0–5) per token."""
-
-    prompt_ids: list[int]
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    max_new_tokens: int = 16
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    prompt_logprobs: bool = False  # also score the prompt's tokens (OpenAI's `echo` with `logprobs`)
-    strip_leading_space: bool = (
-        False  # drop the reply's leading whitespace (the plain chat template's "Assistant: ")
-    )
-    lookup: int = 0  # prompt-lookup decoding: up to this many draft tokens verified per pass (0: off)
-    eos_id: int | None = None  # the token that ends the text (None: the tokenizer's <|endoftext|>)
-    # called with what each new token's pass attended to (an engine made with `capture=True`)
-    on_attention: Callable[[AttentionStep], None] | None = None
-    record_step_times: bool = False  # each step's seconds in the last output's `stats.step_times`
-
-
-@dataclass
-class TokenLogprob:
-    """A token with its log-probability under the model (raw logits, before any sampling setting)."""
-
-    id: int
-    logprob: float | None
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-@dataclass
-class Output:
-    """What a request receives, step after step: new text (maybe empty), the tokens released with it (when
-    logprobs were asked for), the ids decided since the last output (at once, whatever the text holds back), and
-    on the last one `finish_reason` ("stop", "length", "cancelled" or "error")."""
-
-    text: str = ""
-    tokens: list[TokenLogprob] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: str | None = None
-    prompt_logprobs: list[TokenLogprob] | None = None  # on the first output, when asked for
-    stats: GenerationStats | None = None  # on the last output: timings, window slides, lookup counts
-
-
-class EngineMetrics:
-    """Hooks the engine calls from its thread; the defaults do nothing (the HTTP server records them)."""
-
-    def admitted(self, prompt_tokens: int, waited_s: float) -> None: ...
-    def token(self, first: bool, seconds: float) -> None: ...
-    def step(self, batch_size: int, seconds: float) -> None: ...
-    def finished(self, reason: str) -> None: ...
-    def lookup(self, drafted: int, accepted: int) -> None: ...
-
-
-class Handle:
-    """A submitted request: `cancel()` from any thread frees its row within one step."""
-
-    def __init__(self, request: Request, emit: Callable[[Output], None]) -> None:
-        self.request = request
-        self.emit = emit
-        self.cancelled = False
-        self.submitted = time.perf_counter()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class _Row:
-    """An active request's decoding state."""
-
-    def __init__(self, handle: Handle, slot: int, engine: Engine) -> None:
-        req = handle.request
-        self.handle = handle
-        self.req = req
-        self.slot = slot  # its row of the KV cache
-        self.stats = GenerationStats(prompt_tokens=len(req.prompt_ids))
-        self.decode_from = 0.0  # when its first token was sampled (the decode time runs from there)
-        self.window: list[int] = []  # tokens whose keys/values are in the cache, positions 0..len-1
-        self.key_start = (
-            0  # tokens the window dropped when it slid (index of its first in prompt + generated)
-        )
-        self.next_tok = -1  # sampled, not yet in the cache
-        self.generator = make_generator(req.sampling.seed, engine.device)
-        self.seen: torch.Tensor | None = None
-        if req.sampling.repetition_penalty != 1.0:
-            self.seen = torch.zeros(1, engine.vocab_size, dtype=torch.bool, device=engine.device)
-            self.seen[0, torch.tensor(sorted(set(req.prompt_ids)), device=engine.device)] = True
-        self.counts: torch.Tensor | None = (
-            None  # times each token was generated (frequency / presence penalty)
-        )
-        if req.sampling.frequency_penalty or req.sampling.presence_penalty:
-            self.counts = torch.zeros(1, engine.vocab_size, device=engine.device)
-        tokenizer = engine.tokenizer
-        self.decoder: StreamDecoder | None = tokenizer.stream_decoder() if tokenizer is not None else None
-        self.eos_id = req.eos_id if req.eos_id is not None else getattr(tokenizer, "eot_id", None)
-        cached = engine.passes.cache is not None  # drafts save passes only where there is a cache
-        self.drafter = Drafter(req.prompt_ids, req.lookup) if req.lookup and cached else None
-        self.matcher = StopMatcher(req.sampling.stop)
-        self.generated = 0
-        self.new_ids: list[int] = []  # decided since the last output
-        self.shown = ""  # for strip_leading_space: nothing shown yet
-        self.started = False
-        self.last_token_at = 0.0
-        # Logprobs travel with the text they produced: (start, end, token) in decoded characters; a token is
-        # released once the text up to its end is.
-        self.pending: collections.deque[tuple[int, int, TokenLogprob]] = collections.deque()
-        self.text_len = 0  # characters decoded so far
-        self.released_len = 0  # decoded characters passed on (shown, or stripped as leading space)
+log = logging.getLogger("gptmini.engine")
 
 
 class Engine:
@@ -210,7 +89,7 @@ class Engine:
         self.metrics = metrics or EngineMetrics()
         self.passes = Passes(self.model, parallel, kind=step, compile=compile, capture=capture)
         self._waiting: collections.deque[Handle] = collections.deque()
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         self._shared_prefill: tuple[list[int], int, torch.Tensor] | None = None
         self._cached: dict[
             int, list[int]
@@ -413,7 +292,7 @@ class Engine:
         scored = req.prompt_logprobs and req.logprobs is not None
         slot, cached = self._free_slot(req.prompt_ids)
         cached = 0 if scored else cached  # a scored prompt needs every position's logits
-        row = _Row(handle, slot, self)
+        row = Row(handle, slot, self)
         self.metrics.admitted(len(req.prompt_ids), t0 - handle.submitted)
         self._rows.append(row)
         row.window = list(req.prompt_ids)
@@ -494,7 +373,7 @@ class Engine:
             self._remove_row(self._rows.index(row))
         self.metrics.step(len(rows), step_s)
 
-    def _take_verified(self, row: _Row, logits: torch.Tensor, draft: list[int], seconds: float) -> bool:
+    def _take_verified(self, row: Row, logits: torch.Tensor, draft: list[int], seconds: float) -> bool:
         """Take the tokens a verify pass decides (the kept draft prefix and one token drawn by the model, as
         `gptmini.decoding.accept_draft` rules). True when the row is done."""
         decided = accept_draft(logits, draft, row.req.sampling, row.generator, row.seen, row.counts)
@@ -514,7 +393,7 @@ class Engine:
                 row.window.append(tok)  # a kept draft token: its keys and values are in the cache
         return False
 
-    def _sample_rows(self, rows: list[_Row], logits: torch.Tensor, remove: bool = True) -> list[_Row]:
+    def _sample_rows(self, rows: list[Row], logits: torch.Tensor, remove: bool = True) -> list[Row]:
         """Sample each row's next token from its logits row, then hand the tokens to the rows' text; returns the
         rows that finished (removed already unless `remove` is False)."""
         picks = []
@@ -534,7 +413,7 @@ class Engine:
                 self._remove_row(self._rows.index(row))
         return finished
 
-    def _report_attention(self, row: _Row, tok: int) -> None:
+    def _report_attention(self, row: Row, tok: int) -> None:
         """What the pass that decided `tok` attended to: its query over the window (the keys), per layer."""
         layers, first_query = self.passes.attention(row.slot)
         keys = len(row.window)
@@ -543,7 +422,7 @@ class Engine:
         window = torch.tensor([row.window], dtype=torch.long)
         row.req.on_attention(AttentionStep(weights, window, row.key_start, torch.tensor([tok])))
 
-    def _accept(self, row: _Row, tok: int, info: TokenLogprob | None) -> bool:
+    def _accept(self, row: Row, tok: int, info: TokenLogprob | None) -> bool:
         """Take one sampled token into the row's text; True when the request is done."""
         now = time.perf_counter()
         self.metrics.token(
@@ -579,7 +458,7 @@ class Engine:
         self._release(row, text)
         return False
 
-    def _release(self, row: _Row, text: str, *, final: bool = False) -> None:
+    def _release(self, row: Row, text: str, *, final: bool = False) -> None:
         """Send `text` (and the logprobs of the tokens it completes) to the client."""
         row.released_len += len(text)
         if row.req.strip_leading_space and not row.shown:
@@ -600,10 +479,10 @@ class Engine:
             row.new_ids = []
 
     @staticmethod
-    def _flush(row: _Row) -> str:
+    def _flush(row: Row) -> str:
         return row.decoder.flush() if row.decoder is not None else ""
 
-    def _done(self, row: _Row, reason: str, stop_reason: str) -> bool:
+    def _done(self, row: Row, reason: str, stop_reason: str) -> bool:
         row.stats.stop_reason = stop_reason
         row.stats.new_tokens = row.generated
         row.stats.decode_s = time.perf_counter() - row.decode_from
