@@ -91,10 +91,11 @@ class Engine:
         self._waiting: collections.deque[Handle] = collections.deque()
         self._rows: list[Row] = []
         self._shared_prefill: tuple[list[int], int, torch.Tensor] | None = None
-        self._cached: dict[
-            int, list[int]
-        ] = {}  # free slot -> the tokens its keys and values hold (prefix cache)
+        # The prefix cache: free slot -> the tokens its keys and values hold, when it was left, and the prompt's
+        # scores (the `logprobs` count they were asked with, and one per prompt token) where they were asked for
+        self._cached: dict[int, list[int]] = {}
         self._cached_at: dict[int, float] = {}
+        self._cached_scores: dict[int, tuple[int, list[TokenLogprob]]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._stopping = False
@@ -268,10 +269,11 @@ class Engine:
                     handle, "error", len(handle.request.prompt_ids), error=f"{type(e).__name__}: {e}"
                 )
 
-    def _free_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """A free slot for `prompt`, and how many of its first tokens that slot holds already: the free slot whose
-        cached tokens (what its last request left) share the longest prefix with it, else one never used, else the
-        one left longest ago (the prefix cache's eviction)."""
+    def _free_slot(self, prompt: list[int]) -> tuple[int, int, tuple[int, list[TokenLogprob]] | None]:
+        """A free slot for `prompt`, how many of its first tokens that slot holds already, and the scores of the
+        prompt it held (if asked for): the free slot whose cached tokens (what its last request left) share the
+        longest prefix with it, else one never used, else the one left longest ago (the prefix cache's
+        eviction)."""
         used = {r.slot for r in self._rows}
         free = [i for i in range(self.parallel) if i not in used]
         best, common = None, 0
@@ -284,14 +286,19 @@ class Engine:
             cold = [i for i in free if i not in self._cached]
             best = cold[0] if cold else min(free, key=lambda i: self._cached_at.get(i, 0))
         self._cached.pop(best, None)
-        return best, min(common, len(prompt) - 1)  # the last token is fed again: its logits are needed
+        return best, common, self._cached_scores.pop(best, None)
 
     def _prefill(self, handle: Handle) -> None:
         t0 = time.perf_counter()
         req = handle.request
         scored = req.prompt_logprobs and req.logprobs is not None
-        slot, cached = self._free_slot(req.prompt_ids)
-        cached = 0 if scored else cached  # a scored prompt needs every position's logits
+        slot, common, scores = self._free_slot(req.prompt_ids)
+        cached = min(common, len(req.prompt_ids) - 1)  # the last token is fed again: its logits are needed
+        if (
+            scored
+        ):  # token i's score comes from position i - 1: the cached ones are taken from the last scoring
+            usable = scores is not None and scores[0] == req.logprobs
+            cached = max(0, min(common - 1, len(req.prompt_ids) - 1, len(scores[1]) - 1)) if usable else 0
         row = Row(handle, slot, self)
         self.metrics.admitted(len(req.prompt_ids), t0 - handle.submitted)
         self._rows.append(row)
@@ -310,9 +317,11 @@ class Engine:
             self._shared_prefill = (req.prompt_ids, row.slot, logits[-1:])
         first = Output(prompt_tokens=len(req.prompt_ids))
         if scored:
-            first.prompt_logprobs = [TokenLogprob(req.prompt_ids[0], None)] + self._logprobs(
-                logits[:-1], req.prompt_ids[1:], req.logprobs
+            head = scores[1][: cached + 1] if cached else [TokenLogprob(req.prompt_ids[0], None)]
+            first.prompt_logprobs = head + self._logprobs(
+                logits[:-1], req.prompt_ids[cached + 1 :], req.logprobs
             )
+            row.prompt_scores = (req.logprobs, first.prompt_logprobs)
         row.decode_from = time.perf_counter()
         row.stats.prefill_s = row.decode_from - t0
         if req.max_new_tokens == 0:
@@ -527,6 +536,8 @@ class Engine:
                 freed, last.slot = last.slot, row.slot
         if self.passes.prefix_cache:  # its tokens stay cached for a request that starts the same way
             self._cached[freed], self._cached_at[freed] = row.window, time.perf_counter()
+            if row.prompt_scores is not None and not row.stats.window_slides:
+                self._cached_scores[freed] = row.prompt_scores
         else:
             self.passes.release(freed)
 

@@ -116,6 +116,9 @@ class Row:
         self.handle = handle
         self.req = req
         self.slot = slot  # its row of the KV cache
+        self.prompt_scores: tuple[int, list[TokenLogprob]] | None = (
+            None  # its prompt's logprobs, when asked for
+        )
         self.stats = GenerationStats(prompt_tokens=len(req.prompt_ids))
         self.decode_from = 0.0  # when its first token was sampled (the decode time runs from there)
         self.window: list[int] = []  # tokens whose keys/values are in the cache, positions 0..len-1

@@ -166,3 +166,33 @@ def test_penalties_and_logit_bias_decode_what_a_hand_applied_formula_decodes(loo
     engine = Engine(lm, parallel=2)
     got = [t for out in engine.generate(request) for t in out.ids]
     assert got == expected
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernels cannot be built")
+def test_scored_prompts_that_share_a_context_reuse_its_cache_and_its_scores():
+    """An evaluation harness scores the same context with other endings (`echo` + `logprobs`, no new tokens): the
+    second prompt computes only past the shared context, and every prompt token's logprob is a cold engine's."""
+    lm = tiny_lm("int8", arch="modern")
+    gen = torch.Generator().manual_seed(3)
+    context = torch.randint(0, 50257, (25,), generator=gen).tolist()
+
+    def scored(ending: list[int]) -> Request:
+        return Request(
+            context + ending,
+            SamplingConfig(temperature=0),
+            max_new_tokens=0,
+            logprobs=2,
+            prompt_logprobs=True,
+        )
+
+    def scores(engine: Engine, request: Request):
+        outs = list(engine.generate(request))
+        lps = [(t.id, t.logprob, t.top) for o in outs for t in (o.prompt_logprobs or [])]
+        return lps, outs[-1].stats.prompt_cached
+
+    warm, cold = Engine(lm, parallel=2), Engine(lm, parallel=2)
+    first, cached = scores(warm, scored([7, 8, 9]))
+    assert cached == 0 and first == scores(cold, scored([7, 8, 9]))[0]
+    second, cached = scores(warm, scored([10, 11, 12, 13]))
+    assert cached == len(context) - 1  # the context's last token is scored again: its ending differs after it
+    assert second == scores(Engine(lm, parallel=2), scored([10, 11, 12, 13]))[0]
