@@ -405,16 +405,17 @@ class Engine:
     def _sample_rows(self, rows: list[Row], logits: torch.Tensor, remove: bool = True) -> list[Row]:
         """Sample each row's next token from its logits row, then hand the tokens to the rows' text; returns the
         rows that finished (removed already unless `remove` is False)."""
-        picks = []
-        for row, row_logits in zip(rows, logits, strict=True):
-            picks.append(sample_next(row_logits[None], row.req.sampling, row.generator, row.seen, row.counts))
+        each = [logits] if len(rows) == 1 else list(logits.split(1))  # `[1, V]` a row, no copies
+        picks = [
+            sample_next(row_logits, row.req.sampling, row.generator, row.seen, row.counts)
+            for row, row_logits in zip(rows, each, strict=True)
+        ]
         next_ids = (picks[0] if len(picks) == 1 else torch.cat(picks)).tolist()  # the one host sync per step
         finished = []
-        for row, row_logits, tok in zip(rows, logits, next_ids, strict=True):
+        for row, row_logits, tok in zip(rows, each, next_ids, strict=True):
+            info = None
             if row.req.logprobs is not None:
-                info = self._logprobs(row_logits[None], [tok], row.req.logprobs)[0]
-            else:
-                info = None
+                info = self._logprobs(row_logits, [tok], row.req.logprobs)[0]
             if self._accept(row, tok, info):
                 finished.append(row)
         if remove:

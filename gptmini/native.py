@@ -268,8 +268,11 @@ class ThreadChooser:
         """What a call picked by `pick` took, and how many tokens it fed."""
         if _fixed_threads is not None or self.most == 1 or threads not in (self.most, self.fewer):
             return
-        known = [v for v in (self.usual.get((t, tokens)) for t in (self.most, self.fewer)) if v]
-        stalled = threads == self.most and bool(known) and seconds > self.STALL * min(known)
+        stalled = False
+        if threads == self.most:
+            ours, theirs = self.usual.get((threads, tokens)), self.usual.get((self.fewer, tokens))
+            usual = min(ours, theirs) if ours and theirs else ours or theirs
+            stalled = bool(usual) and seconds > self.STALL * usual
         if not stalled:
             before = self.usual.get((threads, tokens))
             self.usual[threads, tokens] = seconds if before is None else 0.9 * before + 0.1 * seconds
