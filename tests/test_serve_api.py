@@ -610,3 +610,21 @@ def test_quiet_has_no_access_log():
     finally:
         _, err = stop(proc)
     assert "/v1/models" not in err
+
+
+def test_openapi_documents_the_errors_this_server_answers(base):
+    """No FastAPI 422 anywhere (every error is a 400 or another OpenAI-shaped answer), the error shape on every
+    route, /metrics as text."""
+    schema = base.get("/openapi.json").json()
+    assert "422" not in json.dumps(schema["paths"])
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    error = schema["components"]["schemas"]["Error"]
+    assert error["properties"]["error"]["required"] == ["message", "type"]
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize"):
+        answers = schema["paths"][path]["post"]["responses"]
+        assert answers["400"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/Error"
+        assert {"401", "413", "429", "503"} <= set(answers)
+    # and a real bad request matches the documented shape
+    r = base.post("/v1/completions", json={"prompt": "x", "top_p": 2})
+    assert r.status_code == 400 and set(r.json()["error"]) >= {"message", "type", "param", "code"}
+    assert "text/plain" in schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
