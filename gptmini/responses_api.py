@@ -22,7 +22,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.sse import format_sse_event
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,11 +35,11 @@ from gptmini.server import (
     _check_context,
     _Choice,
     _ChoiceState,
-    _collect,
+    _event_stream,
+    _gather,
     _require_ready,
     _submit,
     _take,
-    _watched,
 )
 
 # Fields that ask for nothing when absent or at these values; any other value is a 400 naming the field.
@@ -234,16 +234,6 @@ def add_responses_route(app: FastAPI, state: State) -> None:
         handles, states, events = _submit(state, http, [_choice(state, body)])
         reply = _Reply(state, body, states[0])
         if body.stream:
-            return StreamingResponse(
-                _watched(_events(reply, handles, events), handles, events, state.settings.stall_timeout),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        try:
-            await _collect(http, handles, states, events)
-        finally:
-            for h in handles:
-                h.cancel()
-        if states[0].error:
-            raise APIError(500, states[0].error, type="server_error", code="generation_failed")
+            return _event_stream(state, _events(reply, handles, events), handles, events)
+        await _gather(http, handles, states, events)
         return JSONResponse(reply.response(True))

@@ -1108,19 +1108,8 @@ async def _serve(
         stream = _stream(
             state, http, handles, states, events, ident, created, chat, include_usage, tokenizer, body
         )
-        return StreamingResponse(
-            _watched(stream, handles, events, state.settings.stall_timeout),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    try:
-        await _collect(http, handles, states, events)
-    finally:
-        for h in handles:
-            h.cancel()
-    failed = next((s for s in states if s.error), None)
-    if failed is not None:
-        raise APIError(500, failed.error, type="server_error", code="generation_failed")
+        return _event_stream(state, stream, handles, events)
+    await _gather(http, handles, states, events)
     result = []
     for s in states:
         text = "".join(s.text)
@@ -1197,6 +1186,31 @@ async def _collect(
         _take(states[index], out)
         if out.finish_reason is not None:
             remaining -= 1
+
+
+def _event_stream(
+    state: State, stream: AsyncIterator[bytes], handles: list[Any], events: asyncio.Queue
+) -> StreamingResponse:
+    """An SSE response of `stream`, watched for a client that stops reading (see `_watched`)."""
+    return StreamingResponse(
+        _watched(stream, handles, events, state.settings.stall_timeout),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _gather(
+    http: HTTPRequest, handles: list[Any], states: list[_ChoiceState], events: asyncio.Queue
+) -> None:
+    """Every choice's outputs into its state (cancelled if the client leaves); a failed generation is a 500."""
+    try:
+        await _collect(http, handles, states, events)
+    finally:
+        for h in handles:
+            h.cancel()
+    failed = next((s for s in states if s.error), None)
+    if failed is not None:
+        raise APIError(500, failed.error, type="server_error", code="generation_failed")
 
 
 async def _watched(
