@@ -148,16 +148,5 @@ class KVCache:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
-    def expand(self, batch_size: int) -> KVCache:
-        """Repeat a batch-1 cache (one prefilled prompt) into `batch_size` independent rows."""
-        if self.batch_size != 1:
-            raise ValueError("only a batch-1 cache can be expanded")
-        out = KVCache.__new__(KVCache)
-        out.k = self.k.expand(-1, batch_size, -1, -1, -1).contiguous()
-        out.v = self.v.expand(-1, batch_size, -1, -1, -1).contiguous()
-        out.positions = self.positions
-        out._split_layers()
-        return out
-
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
