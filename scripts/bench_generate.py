@@ -241,9 +241,11 @@ def bench_shape(
     for row, (model, kwargs) in rows.items():
         runners[row] = lambda p, n, m=model, k=kwargs: gptmini_decode(m, p, n, k)
     if args.rows:
-        wanted = args.rows.split(",")
+        wanted = args.rows.split(",")  # a name ending in "$" must match whole
         runners = {
-            r: run for r, run in runners.items() if r == "transformers fp32" or any(w in r for w in wanted)
+            r: run
+            for r, run in runners.items()
+            if r == "transformers fp32" or any(r == w[:-1] if w.endswith("$") else w in r for w in wanted)
         }
     # The ceiling of each row: read bandwidth over the bytes of weights a token reads in that row's format.
     fp32_bytes = weight_bytes_per_token(base)
@@ -370,6 +372,44 @@ def time_to_first_token(repeats: int, checkpoint: Path | None = None) -> dict[st
     return {k: median(v) for k, v in runs.items()}
 
 
+LLAMACPP_PAIRS = {
+    "gptmini fp32": "f32",
+    "gptmini bf16": "bf16",
+    "gptmini int8": "q8_0",
+    "gptmini int4": "q4_0",
+}
+
+
+def llamacpp_rows(shape: str, hf_dir: Path, rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """llama.cpp beside this shape's rows, in the same run: `llama-bench` decode (tg) and prefill (pp512) of GGUF
+    files converted from the same weights, against gptmini's decode row and its engine prefill of 512 tokens."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_prefill import gguf_of, gptmini_rate, llamacpp_bench
+    from bench_serve import write_gpt2_tokenizer
+
+    import gptmini
+    from gptmini.steps import Passes
+
+    write_gpt2_tokenizer(hf_dir)  # the converter needs the tokenizer files
+    ours = {r["row"]: r["tokens_per_s"] for r in rows}
+    out = []
+    for row, kind in LLAMACPP_PAIRS.items():
+        if row not in ours:
+            continue
+        tg, pp = llamacpp_bench(gguf_of(hf_dir, kind), args.tokens, 512, args.threads, args.repeats)
+        quantize = row.split()[-1] if "int" in row else None
+        lm = gptmini.load(
+            hf_dir, device="cpu", quantize=quantize, dtype="bfloat16" if "bf16" in row else "float32"
+        )
+        passes = Passes(lm.model, 1)
+        gptmini_rate(passes, 16)  # warm-up
+        ours_pp = statistics.median(gptmini_rate(passes, 512) for _ in range(args.repeats))
+        out.append(
+            dict(shape=shape, pair=f"{row[8:]} / {kind}", ours=ours[row], tg=tg, ours_pp=ours_pp, pp=pp)
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -390,7 +430,14 @@ def main() -> None:
     parser.add_argument("--quality-only", action="store_true", help="with --checkpoint: skip the speed rows")
     parser.add_argument("--no-ct2", action="store_true", help="skip the CTranslate2 rows")
     parser.add_argument(
-        "--rows", help="comma list: only the rows whose name contains one of these (transformers always runs)"
+        "--rows",
+        help="comma list: only the rows whose name contains one of these, or is one ending in $ (transformers "
+        "always runs)",
+    )
+    parser.add_argument(
+        "--llamacpp",
+        action="store_true",
+        help="also llama.cpp on the same weights (tg / pp512 by llama-bench, built by ../shared/tools/llamacpp.sh)",
     )
     parser.add_argument("--ct2-child", action="store_true", help=argparse.SUPPRESS)  # see ct2_in_child
     args = parser.parse_args()
@@ -409,7 +456,7 @@ def main() -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    results, qual = [], []
+    results, qual, peers = [], [], []
     reads: dict[str, list[dict[str, float]]] = {}  # per shape, per repeat
     shapes = ["checkpoint"] if args.checkpoint else args.shapes.split(",")
     for name in shapes:
@@ -431,6 +478,8 @@ def main() -> None:
                 hf = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
                 rows, reads[name] = bench_shape(name, base, hf, Path(tmp), args)
                 results += rows
+                if args.llamacpp:
+                    peers += llamacpp_rows(name, Path(tmp), rows, args)
         if args.checkpoint and args.quality_text.exists():
             qual = quality(base, args.quality_text.read_text(encoding="utf-8"))
 
@@ -455,6 +504,16 @@ def main() -> None:
                 f"| {r['shape']:<10} | {r['row']:<28} | {r['tokens_per_s']:>9.1f} | {r['ratio']:>14.2f}× | "
                 f"{r['weight_mb']:>8.1f} | {r['ceiling']:>13.1f} | {r['tokens_per_s'] / r['ceiling']:>9.0%} | "
                 f"{r['ms_100_200']:>17.2f} | {r['ms_800_900']:>17.2f} | {r['ms_800_900'] / r['ms_100_200']:>10.2f} |"
+            )
+    if peers:
+        print(
+            "\n| shape | gptmini / llama.cpp | decode tok/s | llama-bench tg | ratio | prefill 512 tok/s | pp512 | ratio |"
+        )
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for p in peers:
+            print(
+                f"| {p['shape']} | {p['pair']} | {p['ours']:.1f} | {p['tg']:.1f} | {p['ours'] / p['tg']:.2f}× | "
+                f"{p['ours_pp']:.0f} | {p['pp']:.0f} | {p['ours_pp'] / p['pp']:.2f}× |"
             )
     if qual:
         print(f"\nquality on {args.quality_text} (bits per byte; greedy 64-token continuations vs fp32)\n")

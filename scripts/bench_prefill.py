@@ -41,11 +41,33 @@ def gptmini_rate(passes: Passes, tokens: int) -> float:
     return tokens / (time.perf_counter() - start)
 
 
-def llamacpp_rate(gguf: Path, tokens: int, threads: int) -> float:
+def llamacpp_bench(
+    gguf: Path, decode: int, prefill: int, threads: int, repeats: int = 1
+) -> tuple[float, float]:
+    """`llama-bench` tokens/s: (decoding `decode` tokens, prefilling `prefill`); 0 for either skips it."""
     bin_dir = Path(subprocess.check_output(["bash", str(LLAMACPP_SH), "build"], text=True).strip())
-    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", str(tokens), "-n", "0", "-t", str(threads)]
-    out = subprocess.run([*cmd, "-r", "1", "-o", "json"], capture_output=True, text=True, check=True).stdout
-    return float(json.loads(out)[0]["avg_ts"])
+    cmd = [
+        str(bin_dir / "llama-bench"),
+        "-m",
+        str(gguf),
+        "-t",
+        str(threads),
+        "-r",
+        str(repeats),
+        "-o",
+        "json",
+    ]
+    rates = {}
+    for test, n in (("tg", decode), ("pp", prefill)):
+        if n:
+            args = ["-p", "0", "-n", str(n)] if test == "tg" else ["-p", str(n), "-n", "0"]
+            out = subprocess.run([*cmd, *args], capture_output=True, text=True, check=True).stdout
+            rates[test] = float(json.loads(out)[0]["avg_ts"])
+    return rates.get("tg", 0.0), rates.get("pp", 0.0)
+
+
+def llamacpp_rate(gguf: Path, tokens: int, threads: int) -> float:
+    return llamacpp_bench(gguf, 0, tokens, threads)[1]
 
 
 def gguf_of(hf_dir: Path, kind: str) -> Path:
