@@ -45,6 +45,7 @@ class LM:
         self.tokenizer = tokenizer
         self.info = info or {}
         self.compile = compile  # decode steps run through a compiled, static-shape graph
+        self._engine: Engine | None = None  # see `engine`
 
     @property
     def config(self) -> GPTConfig:
@@ -151,11 +152,9 @@ class LM:
         recompute reference) and `capture` (attention for `on_attention`) get an engine of their own each call."""
         if not use_cache or capture:
             return make_engine(self.model, self.tokenizer, rows, use_cache=use_cache, capture=capture)
-        engine = self.__dict__.get("_engine")
-        if engine is None or engine.parallel < rows:
-            engine = make_engine(self.model, self.tokenizer, rows, compile=self.compile)
-            self.__dict__["_engine"] = engine
-        return engine
+        if self._engine is None or self._engine.parallel < rows:
+            self._engine = make_engine(self.model, self.tokenizer, rows, compile=self.compile)
+        return self._engine
 
     # ---- looking inside: thin wrappers of gptmini.inspect -----------------------------------------------------
 

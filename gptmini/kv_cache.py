@@ -11,6 +11,7 @@ windows up front; `release_row` gives a finished row's pages back (they read as 
 
 from __future__ import annotations
 
+import math
 import mmap
 
 import torch
@@ -42,9 +43,7 @@ class KVCache:
 
     def _mapped(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """Zeros in an anonymous mapping: no memory until a page is written."""
-        count = 1
-        for n in shape:
-            count *= n
+        count = math.prod(shape)
         size = count * torch.empty((), dtype=dtype).element_size()
         # private: a released page is dropped, not kept for others (as a shared one would be), and reads as zero
         area = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE)
