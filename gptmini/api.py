@@ -16,6 +16,7 @@ from gptmini.decoding import AttentionStep, GenerationStats
 from gptmini.devices import resolve_device, resolve_dtype, set_threads
 from gptmini.errors import UserError
 from gptmini.generation import generate_texts, make_engine, stream_text
+from gptmini.grammar import check as check_grammar
 from gptmini.lookup import check_lookup
 from gptmini.model import GPT
 from gptmini.quantize import check_quantize, prepare_for_decoding
@@ -79,6 +80,7 @@ class LM:
         stats: GenerationStats | None = None,
         on_attention: Callable[[AttentionStep], None] | None = None,
         lookup: int = 0,
+        grammar: str | None = None,
         **sampling_fields: Any,
     ) -> Iterator[str]:
         """Yield the completion (not the prompt: text, or token ids as they are) piece by piece as it is generated.
@@ -87,11 +89,15 @@ class LM:
         `seed=1`, `stop=["."]`, …), which override the config's. `on_attention` receives what each step attended
         to (e.g. a `gptmini.inspect.GenerationAttention`). `lookup=N` turns on prompt-lookup decoding: up to N
         tokens copied from earlier in the text checked per forward pass (the same greedy text, the same sampling
-        distribution; faster where the text repeats itself). A bad value raises `ValueError`.
+        distribution; faster where the text repeats itself). `grammar` (structured output: e.g.
+        `gptmini.grammar.json_schema(schema)`) keeps every token inside it, so the text parses; the text ends when
+        the grammar is complete. A bad value raises `ValueError` (an unusable grammar: `UserError`).
         """
         sampling = sampling_config(sampling, **sampling_fields)
         _check_max_new_tokens(max_new_tokens)
         check_lookup(lookup)
+        if grammar is not None:
+            check_grammar(grammar, self.tokenizer, self.config.vocab_size)
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         yield from stream_text(
             self.model,
@@ -103,6 +109,7 @@ class LM:
             stats=stats,
             on_attention=on_attention,
             lookup=lookup,
+            grammar=grammar,
             engine=self.engine(1, use_cache=use_cache, capture=on_attention is not None),
         )
 
@@ -118,10 +125,11 @@ class LM:
         stats: GenerationStats | None = None,
         on_attention: Callable[[AttentionStep], None] | None = None,
         lookup: int = 0,
+        grammar: str | None = None,
         **sampling_fields: Any,
     ) -> str | list[str]:
         """The completion as one string, or a list of `num_samples` completions drawn from one prefill
-        (`lookup`: as for `stream`, one sample only)."""
+        (`lookup`, `grammar`: as for `stream`; `lookup` one sample only)."""
         sampling = sampling_config(sampling, **sampling_fields)
         options = dict(
             max_new_tokens=max_new_tokens,
@@ -129,7 +137,10 @@ class LM:
             stats=stats,
             on_attention=on_attention,
             lookup=lookup,
+            grammar=grammar,
         )
+        if grammar is not None:
+            check_grammar(grammar, self.tokenizer, self.config.vocab_size)
         if num_samples is None:
             return "".join(self.stream(prompt, sampling, use_cache=use_cache, **options))
         if num_samples < 1:

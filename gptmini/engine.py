@@ -407,7 +407,14 @@ class Engine:
         rows that finished (removed already unless `remove` is False)."""
         each = [logits] if len(rows) == 1 else list(logits.split(1))  # `[1, V]` a row, no copies
         picks = [
-            sample_next(row_logits, row.req.sampling, row.generator, row.seen, row.counts)
+            sample_next(
+                row_logits,
+                row.req.sampling,
+                row.generator,
+                row.seen,
+                row.counts,
+                row.constraint.allowed(row_logits.shape[-1]) if row.constraint is not None else None,
+            )
             for row, row_logits in zip(rows, each, strict=True)
         ]
         next_ids = (picks[0] if len(picks) == 1 else torch.cat(picks)).tolist()  # the one host sync per step
@@ -454,6 +461,8 @@ class Engine:
         if not row.req.ignore_eos and tok == row.eos_id:
             self._release(row, row.matcher.feed(self._flush(row)) + row.matcher.flush(), final=True)
             return self._done(row, "stop", "eos")
+        if row.constraint is not None:
+            row.constraint.take(tok)
         piece = row.decoder.push(tok) if row.decoder is not None else ""
         if info is not None:
             row.pending.append((row.text_len, row.text_len + len(piece), info))
@@ -462,6 +471,14 @@ class Engine:
         if row.matcher.done:
             self._release(row, text, final=True)
             return self._done(row, "stop", "stop")
+        if row.constraint is not None and (row.constraint.done or row.constraint.error):
+            self._release(row, text + row.matcher.feed(self._flush(row)) + row.matcher.flush(), final=True)
+            if row.constraint.error:  # no allowed token was left: a grammar llguidance could not follow
+                self._finish_handle(
+                    row.handle, "error", len(row.req.prompt_ids), row.generated, error=row.constraint.error
+                )
+                return True
+            return self._done(row, "stop", "grammar")
         if row.generated >= row.req.max_new_tokens:
             self._release(row, text + row.matcher.feed(self._flush(row)) + row.matcher.flush(), final=True)
             return self._done(row, "length", "max_new_tokens")

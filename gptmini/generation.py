@@ -62,6 +62,7 @@ def _requests(
     stats: GenerationStats,
     on_attention: Callable[[AttentionStep], None] | None = None,
     record_step_times: bool = False,
+    grammar: str | None = None,
 ) -> list[Request]:
     """The engine's requests for `num_samples` continuations of one prompt (its last `block_size` tokens)."""
     if len(prompt_ids) == 0:
@@ -86,6 +87,7 @@ def _requests(
             lookup=lookup,
             on_attention=attention if i == 0 else None,  # what the first sample attended to
             record_step_times=record_step_times,
+            grammar=grammar,
         )
         for i in range(num_samples)
     ]
@@ -214,10 +216,12 @@ def stream_text(
     stats: GenerationStats | None = None,
     on_attention: Callable[[AttentionStep], None] | None = None,
     lookup: int = 0,
+    grammar: str | None = None,
     engine: Engine | None = None,
 ) -> Iterator[str]:
     """Yield the completion of one sample as text pieces, as soon as each is certain (`on_attention`, `lookup`:
-    as for `generate_tokens`; `engine`: one to decode on, else a new one)."""
+    as for `generate_tokens`; `engine`: one to decode on, else a new one; `grammar`: structured output, a
+    `gptmini.grammar` grammar every token keeps)."""
     stats = stats if stats is not None else GenerationStats()
     engine, requests = _start(
         model,
@@ -233,6 +237,7 @@ def stream_text(
         eos_id=None if ignore_eos else tokenizer.eot_id,
         lookup=lookup,
         stats=stats,
+        grammar=grammar,
     )
     stats.stop_reason = "max_new_tokens"
     finals: list[GenerationStats] = []
@@ -262,6 +267,7 @@ def generate_texts(
     stats: GenerationStats | None = None,
     on_attention: Callable[[AttentionStep], None] | None = None,
     lookup: int = 0,
+    grammar: str | None = None,
     engine: Engine | None = None,
 ) -> list[str]:
     """`num_samples` completions of one prompt, decoded together from a single prefill (sample i: seed + i)."""
@@ -280,6 +286,7 @@ def generate_texts(
         eos_id=None if ignore_eos else tokenizer.eot_id,
         lookup=lookup,
         stats=stats,
+        grammar=grammar,
     )
     texts = [""] * num_samples
     finals: list[GenerationStats] = [GenerationStats() for _ in requests]

@@ -15,6 +15,7 @@ import torch
 
 from gptmini.config import SamplingConfig
 from gptmini.decoding import AttentionStep, GenerationStats, StopMatcher
+from gptmini.grammar import Constraint
 from gptmini.lookup import Drafter
 from gptmini.sampling import make_generator
 from gptmini.tokenizer import StreamDecoder
@@ -57,6 +58,7 @@ class Request:
     # called with what each new token's pass attended to (an engine made with `capture=True`)
     on_attention: Callable[[AttentionStep], None] | None = None
     record_step_times: bool = False  # each step's seconds in the last output's `stats.step_times`
+    grammar: str | None = None  # structured output: a `gptmini.grammar` grammar every token must keep
 
 
 @dataclass
@@ -140,7 +142,13 @@ class Row:
         self.decoder: StreamDecoder | None = tokenizer.stream_decoder() if tokenizer is not None else None
         self.eos_id = req.eos_id if req.eos_id is not None else getattr(tokenizer, "eot_id", None)
         cached = engine.passes.cache is not None  # drafts save passes only where there is a cache
-        self.drafter = Drafter(req.prompt_ids, req.lookup) if req.lookup and cached else None
+        # A grammar's row decodes plainly: a draft would need the grammar's mask at every drafted position.
+        self.drafter = (
+            Drafter(req.prompt_ids, req.lookup) if req.lookup and cached and not req.grammar else None
+        )
+        self.constraint: Constraint | None = None
+        if req.grammar is not None:
+            self.constraint = Constraint(req.grammar, tokenizer, engine.vocab_size, engine.device)
         self.matcher = StopMatcher(req.sampling.stop)
         self.generated = 0
         self.new_ids: list[int] = []  # decided since the last output

@@ -4,7 +4,8 @@ Applied in this order (1-2 are transformers' logits processors' order, so settin
   0. logit bias, then frequency and presence penalties, as OpenAI defines them: logit[j] += bias[j]
      - frequency_penalty × count[j] - presence_penalty × (count[j] > 0), count[j] = times token j was generated
      (the completion's tokens, not the prompt's, as vLLM counts them)
-  1. repetition penalty: a seen token's logit is divided by the penalty if positive, multiplied if negative
+  1. repetition penalty: a seen token's logit is divided by the penalty if positive, multiplied if negative;
+     then a grammar's mask (`allowed`, structured output: `gptmini.grammar`) sets every other token's logit to -inf
   2. temperature: logits / T; T = 0 means greedy (argmax after step 1, steps 3–5 skipped), and so does any T below
      `MIN_TEMPERATURE` (1e-5), where logits / T overflow
   3. top-k: keep the k highest logits
@@ -80,9 +81,11 @@ def adjust_logits(
     cfg: SamplingConfig,
     seen: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Steps 0 and 1: logit bias, frequency and presence penalties (`counts`: `[B, V]` times each token was
-    generated), repetition penalty (`seen`: `[B, V]` bool). A new tensor where anything changes."""
+    generated), repetition penalty (`seen`: `[B, V]` bool), a grammar's mask (`allowed`: `[B, V]` bool). A new
+    tensor where anything changes."""
     logits = logits.float()
     if cfg.logit_bias:
         ids = torch.tensor(list(cfg.logit_bias), device=logits.device)
@@ -93,6 +96,8 @@ def adjust_logits(
         logits = _finite(logits - penalty)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     return logits
 
 
@@ -101,9 +106,10 @@ def next_token_probs(
     cfg: SamplingConfig,
     seen: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The distribution the next token is drawn from (`[B, V]`); one-hot on the argmax when greedy."""
-    logits = adjust_logits(logits, cfg, seen, counts)
+    logits = adjust_logits(logits, cfg, seen, counts, allowed)
     if cfg.greedy:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     tempered = _finite(logits / cfg.temperature)
@@ -116,12 +122,13 @@ def sample_next(
     generator: torch.Generator | None = None,
     seen: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One next token per row of `logits` (`[B, V]` → `[B]`)."""
+    """One next token per row of `logits` (`[B, V]` → `[B]`); `allowed`: see `adjust_logits`."""
     if cfg.greedy:
-        logits = adjust_logits(logits, cfg, seen, counts)
+        logits = adjust_logits(logits, cfg, seen, counts, allowed)
         return logits.max(dim=-1).indices  # same token as argmax, but a vectorised kernel (~3× faster on CPU)
-    return draw(next_token_probs(logits, cfg, seen, counts), generator)
+    return draw(next_token_probs(logits, cfg, seen, counts, allowed), generator)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

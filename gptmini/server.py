@@ -155,13 +155,17 @@ class _Common(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)  # OpenAI's; None = 0
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None  # token id (as a string, JSON's keys) -> -100..100
-    # not implemented: refused unless absent or harmless (see UNSUPPORTED)
+    # structured output (gptmini.structured_api): OpenAI's, then vLLM's extensions
     response_format: Any = None
     tools: Any = None
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None  # one call is always within it
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    # not implemented: refused unless absent or harmless (see UNSUPPORTED)
     functions: Any = None
     function_call: Any = None
-    parallel_tool_calls: Any = None
 
 
 class CompletionBody(_Common):
@@ -193,12 +197,8 @@ class ChatBody(_Common):
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "response_format": (None, {"type": "text"}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
+    "functions": (None, []),  # the deprecated form of `tools`
     "function_call": (None, "none"),
-    "parallel_tool_calls": (None,),
     "audio": (None,),
     "modalities": (None, ["text"]),
     "prediction": (None,),
@@ -820,6 +820,7 @@ class _Choice:
     request: Any  # gptmini.engine.Request
     prompt_index: int
     prompt_text: str = ""  # for echo
+    structure: Any = None  # gptmini.structured_api.Structure: a tool call's reply is answered as `tool_calls`
 
 
 def _sampling(body: _Common, stops: list[str], seed_offset: int) -> Any:
@@ -853,6 +854,12 @@ def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
             raise APIError(400, f"logit_bias: keys must be token ids, got {key!r}", param="logit_bias")
         out[int(key)] = bias
     return out
+
+
+def _structure(state: State, body: _Common, *, chat: bool) -> Any:
+    from gptmini.structured_api import structure
+
+    return structure(body, state.lm.tokenizer, state.lm.config.vocab_size, chat=chat)
 
 
 def _lookup(state: State, body: _Common) -> int:
@@ -916,6 +923,10 @@ def _completion_requests(state: State, body: CompletionBody) -> list[_Choice]:
     if not prompts:
         raise APIError(400, "prompt: must not be an empty list", param="prompt")
     _check_capacity(state, len(prompts), body.n)
+    for name, harmless in (("tools", (None, [])), ("tool_choice", (None, "none"))):
+        if not _harmless(getattr(body, name), harmless):
+            raise APIError(400, f"{name}: only /v1/chat/completions calls tools", param=name)
+    wanted = _structure(state, body, chat=False)
     # A chat model's control tokens (<|end|>, <|user|>, …) end a text as <|endoftext|> does (ignore_eos: neither).
     ends = state.template.name == "tokens" and not body.ignore_eos
     stops = _stops(body) + (list(state.template.stop) if ends else [])
@@ -942,19 +953,21 @@ def _completion_requests(state: State, body: CompletionBody) -> list[_Choice]:
                 logprobs=body.logprobs,
                 prompt_logprobs=body.echo,
                 lookup=_lookup(state, body),
+                grammar=wanted.grammar,
             )
-            choices.append(_Choice(request, p_index, text))
+            choices.append(_Choice(request, p_index, text, wanted))
     return choices
 
 
 def _chat_messages(raw: list[Any]) -> list[dict[str, str]]:
     """OpenAI messages → {role, content} with text content; content parts joined, "developer" read as system."""
     from gptmini.chat import check_messages
+    from gptmini.structured_api import history_message
 
     messages = []
     for m in raw:
         if isinstance(m, dict):
-            m = dict(m)
+            m = history_message(dict(m))
             if m.get("role") == "developer":
                 m["role"] = "system"
             content = m.get("content")
@@ -977,6 +990,7 @@ def _chat_requests(state: State, body: ChatBody) -> list[_Choice]:
 
     messages = _chat_messages(body.messages)
     _check_capacity(state, 1, body.n)
+    wanted = _structure(state, body, chat=True)
     template = state.template
     ids = template.encode(state.lm.tokenizer, messages)
     _check_context(state, ids, "messages")
@@ -993,8 +1007,10 @@ def _chat_requests(state: State, body: ChatBody) -> list[_Choice]:
                 logprobs=(body.top_logprobs or 0) if body.logprobs else None,
                 strip_leading_space=template.name == "plain",
                 lookup=_lookup(state, body),
+                grammar=wanted.grammar,
             ),
             0,
+            structure=wanted,
         )
         for j in range(body.n)
     ]
@@ -1030,6 +1046,8 @@ class _ChoiceState:
         # until the token that completes it (so offsets never count U+FFFD the text does not hold).
         self.offset_decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.error: str | None = None
+        self.call_id = "call_" + uuid.uuid4().hex[:24]  # a tool call's id, when the reply is one
+        self.call_started = False  # its first delta (id, name) was streamed
 
 
 def _completion_logprobs(tokenizer: Any, tokens: list[Any], state: _ChoiceState) -> dict[str, Any]:
@@ -1114,13 +1132,14 @@ async def _serve(
     for s in states:
         text = "".join(s.text)
         if chat:
+            message, finish = _chat_message(s, text)
             entry = {
                 "index": s.index,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": _chat_logprobs(tokenizer, s.tokens)
                 if s.choice.request.logprobs is not None
                 else None,
-                "finish_reason": s.finish_reason,
+                "finish_reason": finish,
             }
         else:
             logprobs = None
@@ -1145,6 +1164,18 @@ async def _serve(
             "system_fingerprint": None,
         }
     )
+
+
+def _chat_message(s: _ChoiceState, text: str) -> tuple[dict[str, Any], str | None]:
+    """A chat choice's message and finish reason: the text, or the tool call it makes."""
+    from gptmini.structured_api import tool_call
+
+    wanted = s.choice.structure
+    call = tool_call(wanted, text, s.call_id) if wanted is not None and wanted.is_call else None
+    if call is None:
+        return {"role": "assistant", "content": text, "refusal": None}, s.finish_reason
+    finish = "tool_calls" if s.finish_reason == "stop" else s.finish_reason
+    return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}, finish
 
 
 def _take(state: _ChoiceState, out: Any) -> None:
@@ -1274,7 +1305,14 @@ async def _stream(
     def piece(s: _ChoiceState, text: str, tokens: list[Any], finish: str | None) -> dict[str, Any]:
         wants_lp = s.choice.request.logprobs is not None
         if chat:
-            delta = {"content": text} if text else {}
+            wanted = s.choice.structure
+            if wanted is not None and wanted.is_call:
+                from gptmini.structured_api import call_delta
+
+                delta = call_delta(wanted, s, text, finish is not None)
+                finish = "tool_calls" if finish == "stop" else finish
+            else:
+                delta = {"content": text} if text else {}
             lp = _chat_logprobs(tokenizer, tokens) if wants_lp and tokens else None
             return {"index": s.index, "delta": delta, "logprobs": lp, "finish_reason": finish}
         lp = _completion_logprobs(tokenizer, tokens, s) if wants_lp and (tokens or not finish) else None
@@ -1307,7 +1345,10 @@ async def _stream(
                 tokens = [*(out.prompt_logprobs or []), *tokens]
             started[index] = True
             if text or tokens:
-                yield chunk([piece(s, text, tokens, None)])
+                p = piece(s, text, tokens, None)
+                # (a call of one of several tools is sent whole, at the end: nothing before)
+                if not chat or p["delta"] or p["logprobs"]:
+                    yield chunk([p])
             if out.finish_reason is not None:
                 remaining -= 1
                 yield chunk([piece(s, "", [], s.finish_reason)])

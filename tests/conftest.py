@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import gptmini
+import gptmini.checkpoint
 import gptmini.devices
 from gptmini.config import GPTConfig
 from gptmini.model import GPT
@@ -254,3 +256,28 @@ def always_draft(monkeypatch):
     from gptmini import lookup
 
     monkeypatch.setattr(lookup, "MAX_PAUSE", 0)
+
+
+# ---- the shipped models, and a random one with GPT-2's vocabulary (the HTTP and structured-output tests) ----
+
+
+@pytest.fixture(scope="module")
+def base_lm():
+    return gptmini.load(ROOT / "checkpoints" / "default", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def chat_lm():
+    return gptmini.load(ROOT / "checkpoints" / "default-chat", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def gpt2_lm(tmp_path_factory):
+    """A random model with GPT-2's whole vocabulary: its logits rows are padded past 50,257 (to a multiple of 64)."""
+    path = tmp_path_factory.mktemp("gpt2vocab") / "ckpt"
+    gptmini.checkpoint.save_checkpoint(
+        random_gpt(std=0.2, n_layer=1, n_embd=32, n_head=2, block_size=64, vocab_size=50257), path
+    )
+    lm = gptmini.load(path, device="cpu")
+    assert lm.config.padded_vocab_size > lm.config.vocab_size == 50257
+    return lm

@@ -19,11 +19,8 @@ import pytest
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
-from conftest import random_gpt  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-import gptmini  # noqa: E402
-from gptmini.checkpoint import save_checkpoint  # noqa: E402
 from gptmini.server import MAX_TOKENS, UNSUPPORTED, ServeSettings, create_app  # noqa: E402
 from gptmini.tokenizer import EOT  # noqa: E402
 
@@ -48,28 +45,6 @@ def app_client(lm, **settings):
 
 
 @pytest.fixture(scope="module")
-def base_lm():
-    return gptmini.load(BASE_CKPT, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def chat_lm():
-    return gptmini.load(CHAT_CKPT, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def gpt2_lm(tmp_path_factory):
-    """A random model with GPT-2's whole vocabulary: its logits rows are padded past 50,257 (to a multiple of 64)."""
-    path = tmp_path_factory.mktemp("gpt2vocab") / "ckpt"
-    save_checkpoint(
-        random_gpt(std=0.2, n_layer=1, n_embd=32, n_head=2, block_size=64, vocab_size=50257), path
-    )
-    lm = gptmini.load(path, device="cpu")
-    assert lm.config.padded_vocab_size > lm.config.vocab_size == 50257
-    return lm
-
-
-@pytest.fixture(scope="module")
 def base(base_lm):
     with app_client(base_lm) as client:
         yield client
@@ -90,18 +65,15 @@ def assert_error(r, status: int, param: str | None) -> dict:
 
 
 # ---- fields the server does not implement ---------------------------------------------------------------------
+# (structured output's fields — response_format, tools, tool_choice, guided_* — are tests/test_structured.py's)
 
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 # Each field OpenAI's requests have that the server does not implement, with a value that asks for something.
 REFUSED = {
     "best_of": 2,
     "suffix": " the end",
-    "response_format": {"type": "json_object"},
-    "tools": [TOOL],
-    "tool_choice": "required",
     "functions": [TOOL["function"]],
     "function_call": "auto",
-    "parallel_tool_calls": True,
     "audio": {"voice": "alloy", "format": "wav"},
     "modalities": ["text", "audio"],
     "prediction": {"type": "content", "content": "x"},
@@ -124,8 +96,6 @@ def test_each_unimplemented_field_is_a_400_naming_it(base, field):
         if field in COMPLETIONS_ONLY | CHAT_ONLY and field not in only:
             continue
         values = [REFUSED[field]]
-        if field == "response_format":
-            values += [{"type": "yaml"}, {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}]
         if field == "best_of":
             values += [True]  # not the number 1
         for value in values:
