@@ -5,6 +5,7 @@ torch is imported inside the commands, never at the top, so `gptmini --help` ans
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -147,9 +148,29 @@ def generate(
             "(same greedy text, same sampling distribution; faster on text that repeats). 0 = off.",
         ),
     ] = 0,
+    json_object: Annotated[
+        bool, typer.Option("--json", help="Structured output: the text is one JSON object.")
+    ] = False,
+    json_schema: Annotated[
+        Path | None,
+        typer.Option(
+            "--json-schema",
+            metavar="FILE",
+            help="Structured output: JSON valid under the JSON schema in FILE.",
+        ),
+    ] = None,
+    regex: Annotated[
+        str | None,
+        typer.Option("--regex", metavar="PATTERN", help="Structured output: text matching PATTERN."),
+    ] = None,
+    choice: Annotated[
+        list[str] | None,
+        typer.Option("--choice", help="Structured output: exactly one of these texts (repeatable)."),
+    ] = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Continue a prompt (greedy, temperature, top-k/top-p/min-p sampling, KV cache, stop strings)."""
+    """Continue a prompt (greedy, temperature, top-k/top-p/min-p sampling, KV cache, stop strings, structured
+    output)."""
     _use_threads(threads)
     import warnings
 
@@ -162,6 +183,11 @@ def generate(
     )
     sampling.validate()
     check_lookup(lookup, num_samples)
+    shape = _structure(json_object, json_schema, regex, choice)
+    if shape is not None and lookup:
+        raise UserError(
+            "--lookup does not combine with structured output (a draft skips the grammar): drop one"
+        )
     if show_attention is not None:
         if num_samples != 1:
             raise UserError("--show-attention shows one sample; drop --num-samples")
@@ -182,6 +208,7 @@ def generate(
             use_cache=kv_cache,
             stats=run_stats,
             lookup=lookup,
+            grammar=shape,
         )
         if show_attention is not None:
             from gptmini.inspect import GenerationAttention, check_generation_capture
@@ -217,6 +244,41 @@ def generate(
 
         title = f"what each token attended to: {checkpoint or 'checkpoints/default'}"
         _write_output(show_attention, generation_html(recorder, lm.tokenizer, title))
+
+
+def _structure(
+    json_object: bool, json_schema: Path | None, regex: str | None, choice: list[str] | None
+) -> str | None:
+    """The grammar `generate`'s structured-output flags ask for (at most one of them), or None."""
+    asked = [
+        name
+        for name, value in (
+            ("--json", json_object),
+            ("--json-schema", json_schema),
+            ("--regex", regex),
+            ("--choice", choice),
+        )
+        if value
+    ]
+    if len(asked) > 1:
+        raise UserError(f"{' and '.join(asked)}: ask for one structure at a time")
+    if not asked:
+        return None
+    from gptmini import grammar
+
+    if json_schema is not None:
+        try:
+            schema = json.loads(json_schema.read_text())
+        except OSError as e:
+            raise UserError(f"cannot read --json-schema {json_schema}: {e.strerror}") from None
+        except ValueError as e:
+            raise UserError(f"--json-schema {json_schema} is not JSON: {e}") from None
+        return grammar.json_schema(schema)
+    if regex is not None:
+        return grammar.regex(regex)
+    if choice:
+        return grammar.one_of(choice)
+    return grammar.json_schema(None)
 
 
 def _show_warnings(caught: list) -> None:

@@ -859,7 +859,10 @@ def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
 def _structure(state: State, body: _Common, *, chat: bool) -> Any:
     from gptmini.structured_api import structure
 
-    return structure(body, state.lm.tokenizer, state.lm.config.vocab_size, chat=chat)
+    wanted = structure(body, state.lm.tokenizer, state.lm.config.vocab_size, chat=chat)
+    if wanted.grammar is not None and body.lookup:  # (the server's --lookup just skips such rows)
+        raise APIError(400, "lookup: prompt lookup does not combine with structured output", param="lookup")
+    return wanted
 
 
 def _lookup(state: State, body: _Common) -> int:

@@ -314,3 +314,33 @@ def test_what_cannot_be_honoured_is_a_400_naming_it(chat_app):
         "stop",
         "length",
     }
+
+
+def test_generate_cli_structured_flags(tmp_path, capsys):
+    from conftest import main_in_process
+
+    def cli(*args):
+        return main_in_process(capsys, "generate", *args, "--device", "cpu")
+
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON))
+    code, out, err = cli("Who:", "--json-schema", schema, "-t", "1", "--seed", "3", "--no-stream")
+    assert code == 0, err
+    jsonschema.validate(json.loads(out.removeprefix("Who:").strip()), PERSON)
+    code, out, _ = cli("Pick:", "--choice", "yes", "--choice", "no", "-t", "1")
+    assert out.strip().removeprefix("Pick:") in {"yes", "no"}
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "objekt"}')
+    for args, message in [
+        (["--json", "--regex", "a"], "one structure at a time"),
+        (["--json-schema", tmp_path / "missing.json"], "cannot read"),
+        (["--json", "--lookup", "3"], "does not combine"),
+        (["--json-schema", bad], "objekt"),
+    ]:
+        code, out, err = cli("x", *args)
+        assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_request_lookup_with_a_structure_is_a_400(chat_app):
+    body = {"prompt": "x", "guided_choice": ["a", "b"], "lookup": 2}
+    assert_error(chat_app.post("/v1/completions", json=body), 400, "lookup")
