@@ -173,7 +173,7 @@ class CompletionBody(_Common):
     max_tokens: int | None = Field(16, ge=0, le=MAX_TOKENS)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)
-    best_of: Any = None  # not implemented
+    best_of: int | None = Field(None, ge=1, le=MAX_N)  # candidates per prompt; the n most likely are returned
     suffix: Any = None  # not implemented
 
 
@@ -195,7 +195,6 @@ class ChatBody(_Common):
 # OpenAI request fields this server does not implement, each with the values that ask for nothing (OpenAI's
 # defaults). Anything else is a 400 naming the field: a client must never believe a setting was applied.
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "best_of": (None, 1),
     "suffix": (None, ""),
     "functions": (None, []),  # the deprecated form of `tools`
     "function_call": (None, "none"),
@@ -889,19 +888,52 @@ def _check_context(state: State, ids: list[int], param: str) -> None:
         )
 
 
-def _check_capacity(state: State, prompts: int, n: int) -> None:
+def _check_capacity(state: State, prompts: int, n: int, name: str = "n") -> None:
     """A request with more choices than rows plus queue can never be taken: a 400, not a 429 to retry forever."""
     settings = state.settings
     limit = settings.parallel + settings.max_queue
     if prompts * n > limit:
-        asked = f"{prompts} prompts × n={n} = {prompts * n} choices" if prompts > 1 else f"n={n} choices"
+        asked = (
+            f"{prompts} prompts × {name}={n} = {prompts * n} choices"
+            if prompts > 1
+            else f"{name}={n} choices"
+        )
         raise APIError(
             400,
             f"this request asks for {asked}, but the server takes at most {limit} at once "
             f"(--parallel {settings.parallel} + --max-queue {settings.max_queue}); send fewer per request",
-            param="prompt" if prompts > 1 else "n",
+            param="prompt" if prompts > 1 else name,
             code="too_many_choices",
         )
+
+
+def _best_of(body: CompletionBody) -> int:
+    """Candidates to generate per prompt: `best_of` (OpenAI's: at least `n`, not streamed), else `n`."""
+    if body.best_of is None or body.best_of == body.n:
+        return body.n
+    if body.best_of < body.n:
+        raise APIError(400, f"best_of ({body.best_of}) must be at least n ({body.n})", param="best_of")
+    if body.stream:
+        raise APIError(
+            400, "best_of: candidates are ranked when complete, so they cannot stream", param="best_of"
+        )
+    return body.best_of
+
+
+def _most_likely(states: list[_ChoiceState], n: int) -> list[_ChoiceState]:
+    """Per prompt, the `n` candidates whose tokens have the highest mean log-probability, renumbered in order."""
+    by_prompt: dict[int, list[_ChoiceState]] = {}
+    for s in states:
+        by_prompt.setdefault(s.choice.prompt_index, []).append(s)
+
+    def mean_logprob(s: _ChoiceState) -> float:
+        scores = [t.logprob for t in s.tokens if t.logprob is not None]
+        return sum(scores) / len(scores) if scores else 0.0
+
+    kept = [s for group in by_prompt.values() for s in sorted(group, key=mean_logprob, reverse=True)[:n]]
+    for i, s in enumerate(kept):
+        s.index = i
+    return kept
 
 
 def _encode_prompt(tokenizer: Any, text: str) -> list[int]:
@@ -925,7 +957,8 @@ def _completion_requests(state: State, body: CompletionBody) -> list[_Choice]:
         prompts = list(body.prompt)
     if not prompts:
         raise APIError(400, "prompt: must not be an empty list", param="prompt")
-    _check_capacity(state, len(prompts), body.n)
+    candidates = _best_of(body)
+    _check_capacity(state, len(prompts), candidates, "n" if candidates == body.n else "best_of")
     for name, harmless in (("tools", (None, [])), ("tool_choice", (None, "none"))):
         if not _harmless(getattr(body, name), harmless):
             raise APIError(400, f"{name}: only /v1/chat/completions calls tools", param=name)
@@ -947,13 +980,14 @@ def _completion_requests(state: State, body: CompletionBody) -> list[_Choice]:
                 raise APIError(400, f"prompt: token id {bad[0]} is outside the vocabulary", param="prompt")
             text = tokenizer.decode(ids)
         _check_context(state, ids, "prompt")
-        for j in range(body.n):
+        for j in range(candidates):
             request = Request(
                 prompt_ids=ids,
                 sampling=_sampling(body, stops, j),
                 max_new_tokens=body.max_tokens if body.max_tokens is not None else 16,
                 ignore_eos=body.ignore_eos,
-                logprobs=body.logprobs,
+                # best_of ranks candidates by their tokens' mean log-probability
+                logprobs=body.logprobs if candidates == body.n else max(body.logprobs or 0, 0),
                 prompt_logprobs=body.echo,
                 lookup=_lookup(state, body),
                 grammar=wanted.grammar,
@@ -1132,7 +1166,10 @@ async def _serve(
         return _event_stream(state, stream, handles, events)
     await _gather(http, handles, states, events)
     result = []
-    for s in states:
+    shown = states
+    if not chat and len(states) > body.n * (1 + max(s.choice.prompt_index for s in states)):
+        shown = _most_likely(states, body.n)  # best_of
+    for s in shown:
         text = "".join(s.text)
         if chat:
             message, finish = _chat_message(s, text)
@@ -1146,7 +1183,7 @@ async def _serve(
             }
         else:
             logprobs = None
-            if s.choice.request.logprobs is not None:
+            if body.logprobs is not None:
                 tokens = [*(s.prompt_tokens_lp or []), *s.tokens] if body.echo else s.tokens
                 logprobs = _completion_logprobs(tokenizer, tokens, s)
             entry = {

@@ -70,7 +70,6 @@ def assert_error(r, status: int, param: str | None) -> dict:
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 # Each field OpenAI's requests have that the server does not implement, with a value that asks for something.
 REFUSED = {
-    "best_of": 2,
     "suffix": " the end",
     "functions": [TOOL["function"]],
     "function_call": "auto",
@@ -81,7 +80,7 @@ REFUSED = {
     "verbosity": "low",
     "web_search_options": {},
 }
-COMPLETIONS_ONLY = {"best_of", "suffix"}
+COMPLETIONS_ONLY = {"suffix"}
 CHAT_ONLY = {"audio", "modalities", "prediction", "reasoning_effort", "verbosity", "web_search_options"}
 
 
@@ -96,8 +95,6 @@ def test_each_unimplemented_field_is_a_400_naming_it(base, field):
         if field in COMPLETIONS_ONLY | CHAT_ONLY and field not in only:
             continue
         values = [REFUSED[field]]
-        if field == "best_of":
-            values += [True]  # not the number 1
         for value in values:
             r = base.post(path, json={**body, "max_tokens": 1, field: value})
             error = assert_error(r, 400, field)
@@ -239,7 +236,7 @@ def fuzz_requests(st):
         **common,
         "max_tokens": tokens,
         "logprobs": small,
-        "best_of": field(st.just(1)),
+        "best_of": field(st.integers(-1, 20)),
         "echo": st.booleans(),
     }
     chat = {**common, "max_tokens": tokens, "max_completion_tokens": tokens, "top_logprobs": small}
@@ -598,3 +595,30 @@ def test_openapi_documents_the_errors_this_server_answers(base):
     r = base.post("/v1/completions", json={"prompt": "x", "top_p": 2})
     assert r.status_code == 400 and set(r.json()["error"]) >= {"message", "type", "param", "code"}
     assert "text/plain" in schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+
+
+# ---- best_of ----------------------------------------------------------------------------------------------------
+
+
+def test_best_of_returns_the_most_likely_candidates(base):
+    """best_of=4, n=2 returns the two of the same four seeded candidates (n=4 with logprobs) whose tokens have the
+    highest mean log-probability, most likely first; usage counts every candidate; logprobs only if asked."""
+    body = {"prompt": "To be", "max_tokens": 8, "temperature": 1.2, "seed": 11, "ignore_eos": True}
+    every = base.post("/v1/completions", json={**body, "n": 4, "logprobs": 0}).json()
+    means = [sum(c["logprobs"]["token_logprobs"]) / 8 for c in every["choices"]]
+    ranked = [every["choices"][i]["text"] for i in sorted(range(4), key=lambda i: -means[i])]
+    assert len(set(ranked)) > 1  # the candidates differ: the choice matters
+    r = base.post("/v1/completions", json={**body, "n": 2, "best_of": 4})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [c["text"] for c in out["choices"]] == ranked[:2]
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    assert all(c["logprobs"] is None for c in out["choices"])
+    assert out["usage"]["completion_tokens"] == 4 * 8
+    with_lp = base.post("/v1/completions", json={**body, "n": 1, "best_of": 4, "logprobs": 1}).json()
+    assert with_lp["choices"][0]["text"] == ranked[0] and with_lp["choices"][0]["logprobs"]["top_logprobs"]
+    assert_error(base.post("/v1/completions", json={**body, "n": 3, "best_of": 2}), 400, "best_of")
+    assert_error(base.post("/v1/completions", json={**body, "best_of": 2, "stream": True}), 400, "best_of")
+    assert_error(
+        base.post("/v1/completions", json={**body, "best_of": 9}), 400, "best_of"
+    )  # > --parallel + queue
