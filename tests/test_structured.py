@@ -344,3 +344,30 @@ def test_generate_cli_structured_flags(tmp_path, capsys):
 def test_request_lookup_with_a_structure_is_a_400(chat_app):
     body = {"prompt": "x", "guided_choice": ["a", "b"], "lookup": 2}
     assert_error(chat_app.post("/v1/completions", json=body), 400, "lookup")
+
+
+def test_the_openai_clients_parse_helper_gets_a_validated_object(chat_app):
+    """`client.chat.completions.parse(response_format=PydanticModel)`: the SDK sends a strict json_schema and parses
+    the reply into the model; `pydantic` validates every bound."""
+    openai = pytest.importorskip("openai")
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=12)
+        age: int = Field(ge=0, le=120)
+        role: Literal["admin", "user", "guest"]
+
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=chat_app)
+    for seed in range(2):
+        done = client.chat.completions.parse(
+            model="m",
+            messages=[{"role": "user", "content": "Describe someone."}],
+            response_format=Person,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=120,
+        )
+        person = done.choices[0].message.parsed
+        assert isinstance(person, Person) and Person.model_validate_json(done.choices[0].message.content) == person
