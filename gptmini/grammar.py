@@ -41,15 +41,41 @@ def _llguidance() -> Any:
 
 
 def json_schema(schema: dict[str, Any] | bool | None = None) -> str:
-    """The grammar of JSON text valid under `schema` (None: any JSON object, OpenAI's `json_object`)."""
+    """The grammar of JSON text valid under `schema` (None: any JSON object, OpenAI's `json_object`).
+
+    An object schema that lists its `properties` and says nothing of others takes no others, as in OpenAI's strict
+    mode (the text stays valid under the schema as given): left open, a small model invents keys until max_tokens.
+    """
     if schema is None:
         schema = ANY_JSON_OBJECT
     if not isinstance(schema, dict | bool):
         raise UserError(f"a JSON schema must be an object, got {type(schema).__name__}")
     try:
-        return _llguidance().LLMatcher.grammar_from_json_schema(schema, overrides=JSON_STYLE)
+        return _llguidance().LLMatcher.grammar_from_json_schema(_closed(schema), overrides=JSON_STYLE)
     except ValueError as e:
         raise UserError(f"invalid JSON schema: {e}") from None
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_VALUES = ("const", "enum", "default", "examples")  # JSON values, not schemas
+
+
+def _closed(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on each object schema that lists properties and is silent on
+    others (a copy; everything else as it was)."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):  # name -> schema: the names are no keywords
+            out[key] = {name: _closed(sub) for name, sub in value.items()}
+        else:
+            out[key] = value if key in _VALUES else _closed(value)
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def regex(pattern: str) -> str:
