@@ -45,6 +45,14 @@
 #define STREAMS 4 /* weight rows per pass with one activation row (native.py sets 2 on AMD: see run_product) */
 #endif
 #define BATCH_STREAMS (STREAMS > 1 ? 2 : 1) /* weight rows per pass with several activation rows */
+#ifdef __AVX512VNNI__
+#define INT8_STREAMS BATCH_STREAMS /* int8 past two rows: 4 × 2 sums fit the registers with one set of them */
+#else
+#define INT8_STREAMS 1
+#endif
+#ifndef INT4_STREAMS
+#define INT4_STREAMS 1 /* int4 past two rows: 4 × 2 sums spill registers */
+#endif
 #define LANES (XROWS * BATCH_STREAMS > STREAMS ? XROWS * BATCH_STREAMS : STREAMS) /* sums per dot-product call */
 #define INT8 2
 #define INT4 3
@@ -265,13 +273,15 @@ INLINE void dot_i8(const Int8Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
         int64_t r = m0 + (m < mr ? m : 0);
         ls[m] = xr->lo + r * K, hs[m] = xr->hi + r * K;
     }
+    /* integer sums are exact in any order: one set of sums where 4 × 2 of them would need two sets' registers */
+    const int U = XR * NR > 4 ? 1 : UNROLL;
     __m512i lo[UNROLL][LANES], hi[UNROLL][LANES];
-    for (int u = 0; u < UNROLL; u++)
+    for (int u = 0; u < U; u++)
         for (int c = 0; c < XR * NR; c++) lo[u][c] = hi[u][c] = _mm512_setzero_si512();
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     int64_t k = 0;
-    for (; k + 64 * UNROLL <= K; k += 64 * UNROLL)
-        for (int u = 0; u < UNROLL; u++) {
+    for (; k + 64 * U <= K; k += 64 * U)
+        for (int u = 0; u < U; u++) {
             const int64_t i = k + 64 * u;
             __m512i xl[XROWS], xh[XROWS];
             for (int m = 0; m < XR; m++)
@@ -300,7 +310,7 @@ INLINE void dot_i8(const Int8Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
             }
         }
     }
-    for (int u = 1; u < UNROLL; u++)
+    for (int u = 1; u < U; u++)
         for (int c = 0; c < XR * NR; c++)
             lo[0][c] = _mm512_add_epi32(lo[0][c], lo[u][c]), hi[0][c] = _mm512_add_epi32(hi[0][c], hi[u][c]);
     for (int m = 0; m < XR; m++)
@@ -614,8 +624,9 @@ static int64_t claim(Claims *c, int from_back) {
  * stream a core leaves the memory bandwidth unused (on GPT-2 small's matrices with one activation row: 4 streams
  * 1.2–1.3× one on Sapphire Rapids; 2 streams 1.1–1.3× one on Zen 4, where 4 read slower than 2; adjacent rows side
  * by side gained nothing on the first and lost 1.3–1.6× on the second). S = STREAMS for one activation row,
- * BATCH_STREAMS for more (1.2–1.4× at 2–16 fp32 / bf16 rows; 4 × 4 sums would not fit the registers), one for the
- * integer formats past 2 rows, whose 4 × 2 sums spill registers (1.3× slower at 4 and 8 rows on Zen 4).
+ * BATCH_STREAMS for more (1.2–1.4× at 2–16 fp32 / bf16 rows; 4 × 4 sums would not fit the registers); past 2 rows,
+ * int8 with VNNI the same, its 4 × 2 sums in one set (1.14× at 8 rows, 1.19× at 16 on Zen 5, exact either way), int8
+ * without VNNI and int4 one, whose 4 × 2 sums spill registers (int4 with two: 0.86× at 4–16 rows on Zen 5).
  * The ranges are equal, the cores not: on a shared machine one ran 1.2–1.5× slower than the other for whole
  * minutes, and the other waited for it. So each range is read in pieces of CLAIM_BYTES a stream, claimed in
  * order by its owner, and a thread done with its own takes the last pieces of the others' (work stealing). A row's
@@ -623,7 +634,10 @@ static int64_t claim(Claims *c, int from_back) {
 static void run_product(const Product *p, int threads) {
     const int64_t N = p->N;
     const int T = threads > 1 && N > 1 ? threads : 1;
-    const int S = p->M == 1 ? STREAMS : p->wtype >= INT8 && p->M > 2 ? 1 : BATCH_STREAMS;
+    const int S = p->M == 1                        ? STREAMS
+                  : p->M > 2 && p->wtype == INT4 ? INT4_STREAMS
+                  : p->M > 2 && p->wtype == INT8 ? INT8_STREAMS
+                                                 : BATCH_STREAMS;
     const int64_t row_bytes = weight_row_bytes(p);
     const int64_t piece = row_bytes >= CLAIM_BYTES ? 1 : CLAIM_BYTES / row_bytes; /* rows a stream per claim */
     Claims *claims = aligned_alloc(64, (size_t)T * sizeof(Claims));
