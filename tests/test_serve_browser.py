@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from chromium import CHROMIUM, launch
 from test_serve import BASE_CKPT, serve, wait_for
@@ -76,7 +78,6 @@ def test_stop_button_cancels_the_request(page_of_server):
 def test_tokens_per_second_counts_from_the_request(page_of_server):
     """Chunks that arrive together (a proxy buffering the stream, here a route that answers after a second, all at
     once) must not read as thousands of tokens a second: 5 tokens over >= 1 s is at most 5 tokens/s."""
-    import json
     import time
 
     _, page, _ = page_of_server
@@ -100,3 +101,151 @@ def test_tokens_per_second_counts_from_the_request(page_of_server):
     assert "5 tokens" in meta
     rate = float(meta.split("·")[-1].split("tokens/s")[0])
     assert 0 < rate <= 5.0
+
+
+# A small bounded schema: the reply is checked against it with the jsonschema package, not with the server's grammar.
+SCHEMA = {
+    "type": "object",
+    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}, "w": {"enum": ["a", "b"]}},
+    "required": ["n", "w"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture
+def fresh_page(page_of_server):
+    """The module's page, reloaded before and after: the sidebar as it starts (text replies, no stop sequences)."""
+    server, page, requested = page_of_server
+    page.goto(server.url + "/")
+    yield server, page, requested
+    page.goto(server.url + "/")
+
+
+def _send(page, text: str) -> dict:
+    """Send `text`, wait for the reply to finish; the request body the page sent."""
+    page.fill("#input", text)
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.press("#input", "Enter")
+    # .meta is written when the reply has finished (empty, so not visible, after an error)
+    page.wait_for_selector(".meta", state="attached")
+    return sent.value.post_data_json
+
+
+def _chat_requests(page):
+    """The chat requests the page makes from now on (a list that fills as they go)."""
+    out = []
+    page.on("request", lambda r: out.append(r) if "/v1/chat/completions" in r.url else None)
+    return out
+
+
+def test_json_schema_mode_reply_validates_and_matches_the_api(fresh_page):
+    jsonschema = pytest.importorskip("jsonschema")
+    server, page, requested = fresh_page
+    assert page.is_hidden("#schema")
+    page.select_option("#format", "json_schema")
+    page.fill("#schema", json.dumps(SCHEMA, indent=2))
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "40")
+    body = _send(page, "Who goes there?")
+    fmt = {"type": "json_schema", "json_schema": {"name": "page", "schema": SCHEMA}}
+    assert body["response_format"] == fmt and "stop" not in body
+    reply = page.inner_text(".msg.assistant")
+    jsonschema.validate(json.loads(reply), SCHEMA)
+    ref = server.client().chat.completions.create(
+        model="m",
+        messages=[{"role": "user", "content": "Who goes there?"}],
+        temperature=0,
+        max_tokens=40,
+        response_format=fmt,
+    )
+    assert reply == ref.choices[0].message.content
+    assert page.locator(".msg.error").count() == 0
+    assert all(url.startswith(server.url) for url in requested)
+
+
+def test_json_object_mode_sends_response_format(fresh_page):
+    _, page, _ = fresh_page
+    page.select_option("#format", "json_object")
+    assert page.is_hidden("#schema")  # only "JSON schema" asks for one
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "8")
+    body = _send(page, "Hello")
+    assert body["response_format"] == {"type": "json_object"}
+    assert page.inner_text(".msg.assistant").startswith("{")
+    page.select_option("#format", "text")  # and back: no response_format at all
+    body = _send(page, "Hello")
+    assert "response_format" not in body
+
+
+def test_stop_sequences_are_sent_and_stop_the_reply(fresh_page):
+    server, page, _ = fresh_page
+    # commas and new lines separate; spaces around are trimmed; \n is a new line and \, a comma
+    page.fill("#stops", "zzqq,\n \\n\\n , PAGE, x\\,y\n\n")
+    stops = ["zzqq", "\n\n", "PAGE", "x,y"]
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "40")
+    body = _send(page, "Who goes there?")
+    assert body["stop"] == stops
+    reply = page.inner_text(".msg.assistant")
+    client, messages = server.client(), [{"role": "user", "content": "Who goes there?"}]
+    ref = client.chat.completions.create(
+        model="m", messages=messages, temperature=0, max_tokens=40, stop=stops
+    )
+    assert reply == ref.choices[0].message.content and reply
+    whole = client.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=40)
+    assert whole.choices[0].message.content.startswith(reply + "\n\n")  # the stop cut this reply short
+
+
+def test_unparsable_schema_is_refused_in_the_page(fresh_page):
+    _, page, _ = fresh_page
+    chats = _chat_requests(page)
+    page.select_option("#format", "json_schema")
+    page.fill("#schema", '{"type": "object",')
+    page.fill("#input", "Hello")
+    page.press("#input", "Enter")
+    error = page.wait_for_selector("#schema_error:not(:empty)")
+    assert "not valid JSON" in error.inner_text() and "Nothing was sent" in error.inner_text()
+    page.fill("#schema", "[1, 2]")  # JSON, but no schema
+    page.click("#send")
+    assert "is an object" in page.inner_text("#schema_error")
+    page.wait_for_timeout(300)
+    assert chats == [] and page.locator(".msg").count() == 0
+    assert page.input_value("#input") == "Hello"  # kept, to send once the schema is fixed
+    page.fill("#schema", json.dumps(SCHEMA))
+    assert page.is_hidden("#schema_error")  # editing clears the message
+    body = _send(page, "Hello")
+    assert body["response_format"]["json_schema"]["schema"] == SCHEMA
+
+
+def test_more_than_16_stop_sequences_are_refused_in_the_page(fresh_page):
+    _, page, _ = fresh_page
+    chats = _chat_requests(page)
+    page.fill("#stops", ",".join(f"s{i}" for i in range(17)))
+    page.fill("#max_tokens", "1")
+    page.fill("#input", "Hello")
+    page.press("#input", "Enter")
+    assert "At most 16" in page.wait_for_selector("#stops_error:not(:empty)").inner_text()
+    page.wait_for_timeout(300)
+    assert chats == [] and page.locator(".msg").count() == 0
+    page.fill("#stops", "\n".join(f"s{i}" for i in range(16)))  # 16 are fine
+    assert _send(page, "Hello")["stop"] == [f"s{i}" for i in range(16)]
+
+
+def test_a_schema_the_server_refuses_shows_its_message(fresh_page):
+    """Valid JSON the server cannot decode under: its 400 is shown as the error it sends, as for any failed request."""
+    import openai
+
+    server, page, _ = fresh_page
+    bad = {"type": "object", "properties": {"n": {"type": "string", "pattern": "("}}}
+    page.select_option("#format", "json_schema")
+    page.fill("#schema", json.dumps(bad))
+    page.fill("#max_tokens", "5")
+    _send(page, "Hello")
+    with pytest.raises(openai.BadRequestError) as refused:
+        server.client().chat.completions.create(
+            model="m",
+            messages=[{"role": "user", "content": "Hello"}],
+            max_tokens=5,
+            response_format={"type": "json_schema", "json_schema": {"name": "page", "schema": bad}},
+        )
+    assert page.inner_text(".msg.error") == "error: " + refused.value.body["message"]
