@@ -132,6 +132,75 @@ static void activate(float *y, int64_t n, int act) {
     }
 }
 
+/* ---- sums of a vector's lanes ---------------------------------------------------------------------------- */
+
+#ifdef __AVX512F__
+/* The lane sums of n ≤ 8 vectors (n a constant after inlining), each by the tree of GCC's _mm512_reduce_add_ps
+ * (lanes i and i + 8, then i and i + 4, then 0 + 2 and 1 + 3, then those two): the same bits as that intrinsic
+ * whatever n, so a sum does not depend on how many others were taken with it. The shuffles are shared between
+ * the vectors (a dot product of 768 inputs is 48 FMAs; reducing its 16 lanes alone took ~10 more instructions). */
+INLINE void sum_lanes(const __m512 *v, int n, float *out) {
+    if (n == 1) {
+        __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v[0]),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[0]), 1)));
+        __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        __m128 t = _mm_add_ps(q, _mm_shuffle_ps(q, q, 0x4E));
+        out[0] = _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 0xB1)));
+        return;
+    }
+    const int m = n <= 2 ? 2 : n <= 4 ? 4 : 8; /* padded with zero vectors, whose sums are dropped */
+    __m512 p[8], w[4], x[2];
+    for (int i = 0; i < m; i++) p[i] = i < n ? v[i] : _mm512_setzero_ps();
+    for (int k = 0; k < m / 2; k++) /* lanes i + 8: vector 2k in lanes 0-7, 2k + 1 in 8-15 */
+        w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(p[2 * k], p[2 * k + 1], 0x44),
+                             _mm512_shuffle_f32x4(p[2 * k], p[2 * k + 1], 0xEE));
+    for (int k = 0; k < (m + 3) / 4; k++) { /* lanes i + 4: vector 4k + b in 128-bit block b */
+        __m512 a = w[2 * k], b = m == 2 ? w[0] : w[2 * k + 1];
+        x[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+    }
+    float lanes[16];
+    if (m < 8) { /* 0 + 2, 1 + 3, then both: vector b's sum in lane 4b */
+        __m512 t = _mm512_add_ps(x[0], _mm512_permute_ps(x[0], 0x4E));
+        _mm512_storeu_ps(lanes, _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1)));
+        for (int b = 0; b < n; b++) out[b] = lanes[4 * b];
+    } else { /* the same for two at once: vector b's sum in lane 4b, vector 4 + b's in lane 4b + 2 */
+        __m512 y = _mm512_add_ps(_mm512_shuffle_ps(x[0], x[1], 0x44), _mm512_shuffle_ps(x[0], x[1], 0xEE));
+        _mm512_storeu_ps(lanes, _mm512_add_ps(y, _mm512_permute_ps(y, 0xB1)));
+        for (int b = 0; b < n; b++) out[b] = lanes[b < 4 ? 4 * b : 4 * (b - 4) + 2];
+    }
+}
+
+/* The same for int32 lanes (exact in any order) */
+INLINE void sum_lanes_i32(const __m512i *v, int n, int32_t *out) {
+    if (n == 1) {
+        out[0] = _mm512_reduce_add_epi32(v[0]);
+        return;
+    }
+    const int m = n <= 2 ? 2 : n <= 4 ? 4 : 8;
+    __m512i p[8], w[4], x[2];
+    for (int i = 0; i < m; i++) p[i] = i < n ? v[i] : _mm512_setzero_si512();
+    for (int k = 0; k < m / 2; k++)
+        w[k] = _mm512_add_epi32(_mm512_shuffle_i32x4(p[2 * k], p[2 * k + 1], 0x44),
+                                _mm512_shuffle_i32x4(p[2 * k], p[2 * k + 1], 0xEE));
+    for (int k = 0; k < (m + 3) / 4; k++) {
+        __m512i a = w[2 * k], b = m == 2 ? w[0] : w[2 * k + 1];
+        x[k] = _mm512_add_epi32(_mm512_shuffle_i32x4(a, b, 0x88), _mm512_shuffle_i32x4(a, b, 0xDD));
+    }
+    int32_t lanes[16];
+    if (m < 8) {
+        __m512i t = _mm512_add_epi32(x[0], _mm512_shuffle_epi32(x[0], (_MM_PERM_ENUM)0x4E));
+        _mm512_storeu_si512((void *)lanes, _mm512_add_epi32(t, _mm512_shuffle_epi32(t, (_MM_PERM_ENUM)0xB1)));
+        for (int b = 0; b < n; b++) out[b] = lanes[4 * b];
+    } else {
+        __m512i y = _mm512_add_epi32(
+            _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(x[0]), _mm512_castsi512_ps(x[1]), 0x44)),
+            _mm512_castps_si512(_mm512_shuffle_ps(_mm512_castsi512_ps(x[0]), _mm512_castsi512_ps(x[1]), 0xEE)));
+        _mm512_storeu_si512((void *)lanes, _mm512_add_epi32(y, _mm512_shuffle_epi32(y, (_MM_PERM_ENUM)0xB1)));
+        for (int b = 0; b < n; b++) out[b] = lanes[b < 4 ? 4 * b : 4 * (b - 4) + 2];
+    }
+}
+#endif
+
 /* ---- fp32 / bf16 weights ------------------------------------------------------------------------------------ */
 
 /* The dot products below compute acc[m·NR + j] = Σ_k x[m, k]·row_j[k] for m < XR activation rows and j < NR weight
@@ -175,11 +244,12 @@ INLINE void dot_float(const float *x, int XR, int64_t mr, int NR, int64_t K, con
             for (int m = 0; m < XR; m++) a[0][m * NR + j] = _mm512_fmadd_ps(w, xv[m], a[0][m * NR + j]);
         }
     }
+    __m512 s[LANES];
     for (int c = 0; c < XR * NR; c++) {
-        __m512 s = a[0][c];
-        for (int u = 1; u < UNROLL; u++) s = _mm512_add_ps(s, a[u][c]);
-        acc[c] = _mm512_reduce_add_ps(s);
+        s[c] = a[0][c];
+        for (int u = 1; u < UNROLL; u++) s[c] = _mm512_add_ps(s[c], a[u][c]);
     }
+    sum_lanes(s, XR * NR, acc);
 }
 #else
 INLINE void dot_float(const float *x, int XR, int64_t mr, int NR, int64_t K, const void *const *rows, int wtype,
@@ -313,11 +383,13 @@ INLINE void dot_i8(const Int8Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
     for (int u = 1; u < U; u++)
         for (int c = 0; c < XR * NR; c++)
             lo[0][c] = _mm512_add_epi32(lo[0][c], lo[u][c]), hi[0][c] = _mm512_add_epi32(hi[0][c], hi[u][c]);
+    /* Σ lo + 256·(Σ hi − 128·H) = Σ (lo + 256·hi) − 32768·H, modulo 2^32 */
+    __m512i v[LANES];
+    for (int c = 0; c < XR * NR; c++) v[c] = _mm512_add_epi32(lo[0][c], _mm512_slli_epi32(hi[0][c], 8));
+    sum_lanes_i32(v, XR * NR, acc);
     for (int m = 0; m < XR; m++)
-        for (int j = 0; j < NR; j++) {
-            uint32_t h = (uint32_t)_mm512_reduce_add_epi32(hi[0][m * NR + j]) - 128u * (uint32_t)xr->hsum[m0 + (m < mr ? m : 0)];
-            acc[m * NR + j] = (int32_t)(256u * h + (uint32_t)_mm512_reduce_add_epi32(lo[0][m * NR + j]));
-        }
+        for (int j = 0; j < NR; j++)
+            acc[m * NR + j] = (int32_t)((uint32_t)acc[m * NR + j] - 32768u * (uint32_t)xr->hsum[m0 + (m < mr ? m : 0)]);
 }
 #else
 /* int8: acc[m·NR + j] = Σ_k xq[m, k]·row_j[k], exactly */
@@ -345,11 +417,12 @@ INLINE void dot_i8(const Int8Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
                 a[0][m * NR + j] = madd16(a[0][m * NR + j], w, _mm512_maskz_loadu_epi16(mask, xs[m] + k));
         }
     }
+    __m512i t[LANES];
     for (int c = 0; c < XR * NR; c++) {
-        __m512i t = a[0][c];
-        for (int u = 1; u < UNROLL; u++) t = _mm512_add_epi32(t, a[u][c]);
-        acc[c] = _mm512_reduce_add_epi32(t);
+        t[c] = a[0][c];
+        for (int u = 1; u < UNROLL; u++) t[c] = _mm512_add_epi32(t[c], a[u][c]);
     }
+    sum_lanes_i32(t, XR * NR, acc);
 #else
     for (int m = 0; m < XR; m++)
         for (int j = 0; j < NR; j++) {
@@ -432,7 +505,8 @@ INLINE void dot_i4(const Int4Rows *xr, int64_t m0, int XR, int64_t mr, int NR, i
             }
         }
     }
-    for (int c = 0; c < XR * NR; c++) acc[c] = _mm512_reduce_add_ps(_mm512_add_ps(f[c], fz[c]));
+    for (int c = 0; c < XR * NR; c++) f[c] = _mm512_add_ps(f[c], fz[c]);
+    sum_lanes(f, XR * NR, acc);
 #else
     for (int m = 0; m < XR; m++)
         for (int j = 0; j < NR; j++) {
@@ -774,7 +848,9 @@ static inline float dot_cached(const float *q, const void *c, int bf16, int64_t 
                             : _mm512_loadu_ps((const float *)c + base + i);
             acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), k, acc);
         }
-        return _mm512_reduce_add_ps(acc);
+        float sum;
+        sum_lanes(&acc, 1, &sum); /* the tree attention_scores sums four keys by */
+        return sum;
     }
 #endif
     float s = 0.0f;
@@ -782,20 +858,6 @@ static inline float dot_cached(const float *q, const void *c, int bf16, int64_t 
     return s;
 }
 
-#ifdef __AVX512F__
-/* The lane sums of four vectors, each by _mm512_reduce_add_ps's tree (lanes i + 8, then i + 4, then 0 + 2 and
- * 1 + 3, then both), the shuffles shared four at a time: the same bits as that intrinsic. */
-static inline void sum_lanes4(const __m512 v[4], float out[4]) {
-    __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44), _mm512_shuffle_f32x4(v[0], v[1], 0xEE));
-    __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x44), _mm512_shuffle_f32x4(v[2], v[3], 0xEE));
-    __m512 s4 = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
-    __m512 t = _mm512_add_ps(s4, _mm512_permute_ps(s4, 0x4E));
-    __m512 u = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));
-    float lanes[16];
-    _mm512_storeu_ps(lanes, u);
-    out[0] = lanes[0], out[1] = lanes[4], out[2] = lanes[8], out[3] = lanes[12];
-}
-#endif
 
 /* p[t] = q · key t · scale for the n cached keys from `base` (each as dot_cached sums it, four keys at a time where
  * D allows); returns the largest. */
@@ -817,7 +879,7 @@ static float attention_scores(const float *q, const void *k, int bf16, int64_t b
                 }
             }
             float dots[4];
-            sum_lanes4(acc, dots);
+            sum_lanes(acc, 4, dots);
             for (int r = 0; r < 4; r++) {
                 p[t + r] = dots[r] * scale;
                 if (p[t + r] > top) top = p[t + r];
