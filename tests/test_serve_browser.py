@@ -42,6 +42,8 @@ def test_page_streams_a_reply(page_of_server):
     )
     assert reply == ref.choices[0].message.content and reply
     assert "tokens" in page.inner_text(".meta")
+    # the meta line says when max_tokens cut the reply, exactly when the server says so
+    assert ("cut at max tokens" in page.inner_text(".meta")) == (ref.choices[0].finish_reason == "length")
     assert all(url.startswith(server.url) for url in requested)  # nothing from outside: no CDN
 
 
