@@ -88,13 +88,15 @@ def _messages(body: ResponsesBody) -> list[dict[str, str]]:
             raise APIError(400, "input: only messages (role and text content) are supported", param="input")
         content = item.get("content")
         if isinstance(content, list):
-            texts = [p.get("text") for p in content if isinstance(p, dict)]
-            kinds = {p.get("type") for p in content if isinstance(p, dict)}
-            if len(texts) != len(content) or not kinds <= {"input_text", "output_text"}:
+            parts = [p for p in content if isinstance(p, dict)]
+            texts = [p.get("text") for p in parts]
+            kinds = all(p.get("type") in ("input_text", "output_text") for p in parts)
+            strings = all(isinstance(t, str) for t in texts)
+            if len(texts) != len(content) or not strings or not kinds:
                 raise APIError(
                     400, "input: only input_text and output_text parts are supported", param="input"
                 )
-            content = "".join(t for t in texts if isinstance(t, str))
+            content = "".join(texts)
         messages.append({"role": item.get("role"), "content": content})
     try:
         return _chat_messages(messages)

@@ -850,7 +850,7 @@ def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
     """OpenAI's `logit_bias` (token ids as JSON's string keys) as {id: bias}."""
     out = {}
     for key, bias in (raw or {}).items():
-        if not key.strip().isdigit():
+        if not (key.isascii() and key.isdigit()):  # "²" is a digit to str.isdigit, and no int
             raise APIError(400, f"logit_bias: keys must be token ids, got {key!r}", param="logit_bias")
         out[int(key)] = bias
     return out
@@ -967,10 +967,11 @@ def _chat_messages(raw: list[Any]) -> list[dict[str, str]]:
     messages = []
     for m in raw:
         if isinstance(m, dict):
-            m = history_message(dict(m))
+            m = dict(m)
             if m.get("role") == "developer":
                 m["role"] = "system"
             content = m.get("content")
+            # text parts (of any role, a tool's result's too) are joined before anything reads the content
             if isinstance(content, list):
                 texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
                 if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
@@ -978,6 +979,7 @@ def _chat_messages(raw: list[Any]) -> list[dict[str, str]]:
                 m["content"] = "".join(texts)
             elif content is None and m.get("role") == "assistant":
                 m["content"] = ""
+            m = history_message(m)
         messages.append(m)
     try:
         return check_messages(messages)

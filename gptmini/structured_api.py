@@ -195,17 +195,19 @@ def call_delta(s: Structure, state: Any, text: str, finished: bool) -> dict[str,
 
 def history_message(m: dict[str, Any]) -> dict[str, Any]:
     """An earlier call or its result, as a plain message the chat template can write: an assistant message with
-    `tool_calls` says the calls as JSON; a `tool` message is the user's turn holding the result."""
-    if m.get("role") == "tool":
-        content = m.get("content")
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    `tool_calls` says the calls as JSON; a `tool` message is the user's turn holding the result.
+
+    `content` is text here (the server joins text parts first); any other content is left for the caller to refuse.
+    """
+    content = m.get("content")
+    if m.get("role") == "tool" and isinstance(content, str):
         return {"role": "user", "content": f"Result of call {m.get('tool_call_id', '')}: {content}"}
     calls = m.get("tool_calls")
-    if m.get("role") == "assistant" and isinstance(calls, list) and calls:
+    if m.get("role") == "assistant" and isinstance(calls, list) and calls and isinstance(content, str | None):
         said = []
         for c in calls:
-            fn = c.get("function", {}) if isinstance(c, dict) else {}
+            fn = c.get("function") if isinstance(c, dict) else None
+            fn = fn if isinstance(fn, dict) else {}
             said.append(f'{{"name": {json.dumps(fn.get("name"))}, "arguments": {fn.get("arguments", "{}")}}}')
         text = m.get("content") or ""
         return {"role": "assistant", "content": (text + "\n" if text else "") + "\n".join(said)}

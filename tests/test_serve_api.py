@@ -129,6 +129,67 @@ def test_defaults_and_metadata_pass(base):
     assert r.status_code == 200, r.text
 
 
+CALL = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        # an earlier call whose `function` is no object: written as a call of nothing (a 500 before)
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "assistant", "tool_calls": [{"function": "s"}]}]},
+            200,
+            None,
+        ),
+        # an assistant's text parts beside its calls (a 500 before: a list + "\n")
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {"role": "assistant", "content": [{"type": "text", "text": "a"}], "tool_calls": [CALL]}
+                ]
+            },
+            200,
+            None,
+        ),
+        # a tool's result in parts that are no text (a 500 before)
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "tool", "content": [{"type": "text", "text": 5}]}]},
+            400,
+            "messages",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "x", "logit_bias": {"²": 1}},
+            400,
+            "logit_bias",
+        ),  # a digit, no int (a 500)
+        (
+            "/v1/responses",
+            {"input": [{"role": "user", "content": [{"type": {}, "text": ""}]}]},
+            400,
+            "input",
+        ),  # (a 500)
+        (
+            "/v1/responses",
+            {"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]},
+            400,
+            "input",
+        ),
+    ],
+)
+def test_what_schemathesis_found(base, path, body, status, param):
+    """Requests tests/test_schemathesis.py found answered with a 500 (or a part silently dropped)."""
+    limit = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+    r = base.post(path, json={**body, limit: 1})
+    if status == 200:
+        assert r.status_code == 200, r.text
+    else:
+        assert_error(r, status, param)
+
+
 # ---- numbers --------------------------------------------------------------------------------------------------
 
 
