@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import format_sse_event
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gptmini.errors import UserError
 from gptmini.server import (
@@ -40,6 +40,7 @@ from gptmini.server import (
     _require_ready,
     _submit,
     _take,
+    whole_numbers,
 )
 
 # Fields that ask for nothing when absent or at these values; any other value is a 400 naming the field.
@@ -61,6 +62,7 @@ METADATA = ("metadata", "user", "service_tier", "safety_identifier", "prompt_cac
 
 class ResponsesBody(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    _whole = field_validator("max_output_tokens", mode="before")(whole_numbers)
     model: str | None = None
     input: str | list[Any]
     instructions: str | None = None

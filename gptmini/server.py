@@ -36,7 +36,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.sse import format_sse_event
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from gptmini.errors import UserError
@@ -129,6 +129,16 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 # ---- request bodies -------------------------------------------------------------------------------------------
 
 
+def whole_numbers(value: Any) -> Any:
+    """JSON has one kind of number: 2.0 is the integer 2, as JSON Schema's `integer` says (strict pydantic models
+    refuse it for an int field; float fields take ints). Integral floats become ints, in lists too; 2.5 stays."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [whole_numbers(v) for v in value]
+    return value
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
@@ -139,6 +149,7 @@ class _Common(BaseModel):
     does not implement are declared (as `Any`) only to be refused by `_refuse_unsupported` unless harmless."""
 
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+    _whole = field_validator("*", mode="before")(whole_numbers)
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -244,6 +255,7 @@ class TokenizeBody(BaseModel):
 
 class DetokenizeBody(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
+    _whole = field_validator("tokens", mode="before")(whole_numbers)
     model: str | None = None
     tokens: list[int]
 

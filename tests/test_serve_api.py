@@ -193,6 +193,19 @@ def test_what_schemathesis_found(base, path, body, status, param):
 # ---- numbers --------------------------------------------------------------------------------------------------
 
 
+def test_a_whole_float_is_an_integer(base):
+    """JSON has one kind of number, and JSON Schema's `integer` takes 2.0: so does every integer field (schemathesis
+    sent `n: 1.0` and got a 400). 1.5 is still no integer."""
+    body = {"prompt": [1.0, 2.0], "n": 2.0, "max_tokens": 2.0, "seed": 3.0, "logprobs": 1.0, "top_k": 5.0}
+    r = base.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 2 and r.json()["usage"]["completion_tokens"] <= 4
+    assert base.post("/detokenize", json={"tokens": [1.0, 2.0]}).status_code == 200
+    assert base.post("/v1/responses", json={"input": "x", "max_output_tokens": 1.0}).status_code == 200
+    assert_error(base.post("/v1/completions", json={"prompt": "x", "n": 1.5}), 400, "n")
+    assert_error(base.post("/v1/completions", json={"prompt": "x", "seed": 2.0**64}), 400, "seed")
+
+
 def test_seed_is_any_int64_and_choices_wrap(base):
     def texts(seed: int, n: int) -> list[str]:
         body = {
