@@ -72,9 +72,14 @@ class ResponsesBody(BaseModel):
     stream: bool = False
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON values (1 is not true; `==` says it is)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 def _refuse(body: ResponsesBody) -> None:
     for name, value in (body.model_extra or {}).items():
-        harmless = name in METADATA or (name in HARMLESS and value in HARMLESS[name])
+        harmless = name in METADATA or any(_same(value, ok) for ok in HARMLESS.get(name, ()))
         if not harmless:
             raise APIError(
                 400, f"{name}: not supported by this server", param=name, code="unsupported_parameter"

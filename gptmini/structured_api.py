@@ -76,7 +76,7 @@ def _functions(tools: Any) -> dict[str, dict[str, Any]]:
 
 
 def _tool_structure(tools: Any, choice: Any) -> Structure:
-    functions = _functions(tools) if tools else {}
+    functions = _functions(tools) if tools is not None else {}
     if choice is None:
         choice = "auto" if functions else "none"
     if choice == "none":
@@ -104,7 +104,11 @@ def _tool_structure(tools: Any, choice: Any) -> Structure:
         return Structure(grammar.json_schema({"anyOf": calls}), functions=list(functions))
     if choice == "required":
         name = next(iter(functions))
-    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+    elif (
+        isinstance(choice, dict)
+        and choice.get("type") == "function"
+        and isinstance(choice.get("function"), dict)
+    ):
         name = choice["function"].get("name")
         if name not in functions:
             raise _bad("tool_choice", f"names the function {name!r}, which is not among the tools")
@@ -122,8 +126,8 @@ def structure(body: Any, tokenizer: Any, vocab_size: int, *, chat: bool) -> Stru
         for name in ("response_format", "guided_json", "guided_regex", "guided_choice")
         if getattr(body, name, None) is not None
     }
-    if asked.get("response_format") == {"type": "text"}:
-        del asked["response_format"]
+    if isinstance(asked.get("response_format"), dict) and asked["response_format"].get("type") == "text":
+        del asked["response_format"]  # plain text asks for nothing
     tools = getattr(body, "tools", None) if chat else None
     calls = Structure()
     if chat:

@@ -190,6 +190,23 @@ def test_what_schemathesis_found(base, path, body, status, param):
         assert_error(r, status, param)
 
 
+def test_values_read_as_the_document_says(base):
+    """Where the server's reading and its OpenAPI document differed (schemathesis' negative cases were accepted):
+    `tools` must be a list (0 read as none), a named `tool_choice` says `type: function`, a text `response_format`
+    asks for nothing whatever else it holds, and /v1/responses' `store: 1` is no boolean (1 == True in Python)."""
+    chat = {"messages": USER, "max_tokens": 1}
+    assert_error(base.post("/v1/chat/completions", json={**chat, "tools": 0}), 400, "tools")
+    named = {"tools": [TOOL], "tool_choice": {"function": {"name": "f"}}}
+    assert_error(base.post("/v1/chat/completions", json={**chat, **named}), 400, "tool_choice")
+    text = {"response_format": {"type": "text", "x": 1}, "guided_regex": "a"}
+    assert base.post("/v1/chat/completions", json={**chat, **text}).status_code == 200
+    assert_error(base.post("/v1/responses", json={"input": "x", "store": 1}), 400, "store")
+    assert (
+        base.post("/v1/responses", json={"input": "x", "store": True, "max_output_tokens": 1}).status_code
+        == 200
+    )
+
+
 # ---- numbers --------------------------------------------------------------------------------------------------
 
 
