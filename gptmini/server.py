@@ -455,51 +455,15 @@ def create_app(
     return app
 
 
-ERROR_SCHEMA = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["message", "type"],
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string"},
-                "param": {"type": ["string", "null"]},
-                "code": {"type": ["string", "null"]},
-            },
-        }
-    },
-}
-# What any route may answer besides its own success, as this server answers it (never FastAPI's 422).
-ERRORS = {
-    "400": "a field is missing, of the wrong type or out of range (`param` names it)",
-    "401": "no API key, or a wrong one (servers started with --api-key)",
-    "413": "the body is larger than --max-body",
-    "429": "every row is busy and the queue is full (retry after Retry-After)",
-    "503": "the model is still loading, or the server is stopping",
-}
-
-
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema, true to this server: its error shape on every route instead of a 422, /metrics as text."""
+    """The OpenAPI document, true to this server (`gptmini.openapi`); kept once the model's limits are known."""
     if app.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
+        from gptmini.openapi import document
 
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for name in ("HTTPValidationError", "ValidationError"):
-            components.pop(name, None)
-        components["Error"] = ERROR_SCHEMA
-        error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-        for path, operations in schema.get("paths", {}).items():
-            for operation in operations.values():
-                responses = operation.setdefault("responses", {})
-                responses.pop("422", None)
-                for code, why in ERRORS.items():
-                    responses.setdefault(code, {"description": why, "content": error})
-                if path == "/metrics":
-                    responses["200"] = {"description": "Prometheus metrics", "content": {"text/plain": {}}}
+        state = app.state.gptmini
+        schema = document(app, state)
+        if state.lm is None:
+            return schema
         app.openapi_schema = schema
     return app.openapi_schema
 
