@@ -6,7 +6,10 @@ Each narrows what is sent to what the OpenAPI document promises in words where J
   * a request's prompt must fit the model's context: a text's length in tokens is no JSON Schema length, so a
     positive case whose prompt would not fit (counted by the server's own POST /tokenize) is not sent;
   * prompts × n must not pass --parallel + --max-queue (each is bounded in the schema, their product is not);
-  * a named `tool_choice` must name one of `tools`: a positive case's is set to the first tool's name.
+  * a named `tool_choice` must name one of `tools`: a positive case's is set to the first tool's name;
+  * a JSON schema (`guided_json`, `response_format`'s, a tool's `parameters`) must be one llguidance compiles (it
+    cannot read an integer past 64 bits, for one): a positive case holding one it refuses (asked of
+    `gptmini.grammar`, as the server asks) is not sent.
 
 And one bounds the time the run takes: a valid `max_tokens` (`max_completion_tokens`, `max_output_tokens`) above
 `CAP` is lowered to it. The schema rightly allows 32768, about 15 s of decoding per choice on this model; what the
@@ -64,11 +67,35 @@ def _responses_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
+def _json_schemas(body: dict[str, Any]) -> list[Any]:
+    """The JSON schemas a request asks its reply to follow."""
+    schemas = [body.get("guided_json")]
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        schemas.append(response_format["json_schema"].get("schema"))
+    for tool in body.get("tools") or []:
+        schemas.append(tool["function"].get("parameters"))
+    return [s for s in schemas if isinstance(s, dict)]
+
+
+def _compiles(schema: dict[str, Any]) -> bool:
+    from gptmini import grammar
+    from gptmini.errors import UserError
+
+    try:
+        grammar.json_schema(schema)
+    except UserError:
+        return False
+    return True
+
+
 @schemathesis.hook
 def filter_case(context: Any, case: Any) -> bool:
     body = case.body
     if case.operation.path not in GENERATE or not _positive(case) or not isinstance(body, dict):
         return True
+    if not all(_compiles(s) for s in _json_schemas(body)):
+        return False
     path = case.operation.path
     if path == "/v1/completions":
         prompt = body["prompt"]
