@@ -24,7 +24,7 @@ from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import format_sse_event
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gptmini.errors import UserError
 from gptmini.server import (
@@ -40,6 +40,7 @@ from gptmini.server import (
     _require_ready,
     _submit,
     _take,
+    whole_numbers,
 )
 
 # Fields that ask for nothing when absent or at these values; any other value is a 400 naming the field.
@@ -61,6 +62,7 @@ METADATA = ("metadata", "user", "service_tier", "safety_identifier", "prompt_cac
 
 class ResponsesBody(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+    _whole = field_validator("max_output_tokens", mode="before")(whole_numbers)
     model: str | None = None
     input: str | list[Any]
     instructions: str | None = None
@@ -70,9 +72,14 @@ class ResponsesBody(BaseModel):
     stream: bool = False
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as JSON values (1 is not true; `==` says it is)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
 def _refuse(body: ResponsesBody) -> None:
     for name, value in (body.model_extra or {}).items():
-        harmless = name in METADATA or (name in HARMLESS and value in HARMLESS[name])
+        harmless = name in METADATA or any(_same(value, ok) for ok in HARMLESS.get(name, ()))
         if not harmless:
             raise APIError(
                 400, f"{name}: not supported by this server", param=name, code="unsupported_parameter"
@@ -88,13 +95,15 @@ def _messages(body: ResponsesBody) -> list[dict[str, str]]:
             raise APIError(400, "input: only messages (role and text content) are supported", param="input")
         content = item.get("content")
         if isinstance(content, list):
-            texts = [p.get("text") for p in content if isinstance(p, dict)]
-            kinds = {p.get("type") for p in content if isinstance(p, dict)}
-            if len(texts) != len(content) or not kinds <= {"input_text", "output_text"}:
+            parts = [p for p in content if isinstance(p, dict)]
+            texts = [p.get("text") for p in parts]
+            kinds = all(p.get("type") in ("input_text", "output_text") for p in parts)
+            strings = all(isinstance(t, str) for t in texts)
+            if len(texts) != len(content) or not strings or not kinds:
                 raise APIError(
                     400, "input: only input_text and output_text parts are supported", param="input"
                 )
-            content = "".join(t for t in texts if isinstance(t, str))
+            content = "".join(texts)
         messages.append({"role": item.get("role"), "content": content})
     try:
         return _chat_messages(messages)

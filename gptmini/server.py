@@ -36,7 +36,7 @@ from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.sse import format_sse_event
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException
 
 from gptmini.errors import UserError
@@ -129,6 +129,16 @@ def _validation_error(exc: RequestValidationError) -> APIError:
 # ---- request bodies -------------------------------------------------------------------------------------------
 
 
+def whole_numbers(value: Any) -> Any:
+    """JSON has one kind of number: 2.0 is the integer 2, as JSON Schema's `integer` says (strict pydantic models
+    refuse it for an int field; float fields take ints). Integral floats become ints, in lists too; 2.5 stays."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [whole_numbers(v) for v in value]
+    return value
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
@@ -139,6 +149,7 @@ class _Common(BaseModel):
     does not implement are declared (as `Any`) only to be refused by `_refuse_unsupported` unless harmless."""
 
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+    _whole = field_validator("*", mode="before")(whole_numbers)
     model: str | None = None
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -243,6 +254,7 @@ class TokenizeBody(BaseModel):
 
 class DetokenizeBody(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
+    _whole = field_validator("tokens", mode="before")(whole_numbers)
     model: str | None = None
     tokens: list[int]
 
@@ -442,51 +454,15 @@ def create_app(
     return app
 
 
-ERROR_SCHEMA = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["message", "type"],
-            "properties": {
-                "message": {"type": "string"},
-                "type": {"type": "string"},
-                "param": {"type": ["string", "null"]},
-                "code": {"type": ["string", "null"]},
-            },
-        }
-    },
-}
-# What any route may answer besides its own success, as this server answers it (never FastAPI's 422).
-ERRORS = {
-    "400": "a field is missing, of the wrong type or out of range (`param` names it)",
-    "401": "no API key, or a wrong one (servers started with --api-key)",
-    "413": "the body is larger than --max-body",
-    "429": "every row is busy and the queue is full (retry after Retry-After)",
-    "503": "the model is still loading, or the server is stopping",
-}
-
-
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema, true to this server: its error shape on every route instead of a 422, /metrics as text."""
+    """The OpenAPI document, true to this server (`gptmini.openapi`); kept once the model's limits are known."""
     if app.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
+        from gptmini.openapi import document
 
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for name in ("HTTPValidationError", "ValidationError"):
-            components.pop(name, None)
-        components["Error"] = ERROR_SCHEMA
-        error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-        for path, operations in schema.get("paths", {}).items():
-            for operation in operations.values():
-                responses = operation.setdefault("responses", {})
-                responses.pop("422", None)
-                for code, why in ERRORS.items():
-                    responses.setdefault(code, {"description": why, "content": error})
-                if path == "/metrics":
-                    responses["200"] = {"description": "Prometheus metrics", "content": {"text/plain": {}}}
+        state = app.state.gptmini
+        schema = document(app, state)
+        if state.lm is None:
+            return schema
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -849,7 +825,7 @@ def _logit_bias(raw: dict[str, float] | None) -> dict[int, float]:
     """OpenAI's `logit_bias` (token ids as JSON's string keys) as {id: bias}."""
     out = {}
     for key, bias in (raw or {}).items():
-        if not key.strip().isdigit():
+        if not (key.isascii() and key.isdigit()):  # "²" is a digit to str.isdigit, and no int
             raise APIError(400, f"logit_bias: keys must be token ids, got {key!r}", param="logit_bias")
         out[int(key)] = bias
     return out
@@ -1004,10 +980,11 @@ def _chat_messages(raw: list[Any]) -> list[dict[str, str]]:
     messages = []
     for m in raw:
         if isinstance(m, dict):
-            m = history_message(dict(m))
+            m = dict(m)
             if m.get("role") == "developer":
                 m["role"] = "system"
             content = m.get("content")
+            # text parts (of any role, a tool's result's too) are joined before anything reads the content
             if isinstance(content, list):
                 texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
                 if len(texts) != len(content) or not all(isinstance(t, str) for t in texts):
@@ -1015,6 +992,7 @@ def _chat_messages(raw: list[Any]) -> list[dict[str, str]]:
                 m["content"] = "".join(texts)
             elif content is None and m.get("role") == "assistant":
                 m["content"] = ""
+            m = history_message(m)
         messages.append(m)
     try:
         return check_messages(messages)

@@ -76,7 +76,7 @@ def _functions(tools: Any) -> dict[str, dict[str, Any]]:
 
 
 def _tool_structure(tools: Any, choice: Any) -> Structure:
-    functions = _functions(tools) if tools else {}
+    functions = _functions(tools) if tools is not None else {}
     if choice is None:
         choice = "auto" if functions else "none"
     if choice == "none":
@@ -104,7 +104,11 @@ def _tool_structure(tools: Any, choice: Any) -> Structure:
         return Structure(grammar.json_schema({"anyOf": calls}), functions=list(functions))
     if choice == "required":
         name = next(iter(functions))
-    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+    elif (
+        isinstance(choice, dict)
+        and choice.get("type") == "function"
+        and isinstance(choice.get("function"), dict)
+    ):
         name = choice["function"].get("name")
         if name not in functions:
             raise _bad("tool_choice", f"names the function {name!r}, which is not among the tools")
@@ -122,8 +126,8 @@ def structure(body: Any, tokenizer: Any, vocab_size: int, *, chat: bool) -> Stru
         for name in ("response_format", "guided_json", "guided_regex", "guided_choice")
         if getattr(body, name, None) is not None
     }
-    if asked.get("response_format") == {"type": "text"}:
-        del asked["response_format"]
+    if isinstance(asked.get("response_format"), dict) and asked["response_format"].get("type") == "text":
+        del asked["response_format"]  # plain text asks for nothing
     tools = getattr(body, "tools", None) if chat else None
     calls = Structure()
     if chat:
@@ -195,17 +199,19 @@ def call_delta(s: Structure, state: Any, text: str, finished: bool) -> dict[str,
 
 def history_message(m: dict[str, Any]) -> dict[str, Any]:
     """An earlier call or its result, as a plain message the chat template can write: an assistant message with
-    `tool_calls` says the calls as JSON; a `tool` message is the user's turn holding the result."""
-    if m.get("role") == "tool":
-        content = m.get("content")
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    `tool_calls` says the calls as JSON; a `tool` message is the user's turn holding the result.
+
+    `content` is text here (the server joins text parts first); any other content is left for the caller to refuse.
+    """
+    content = m.get("content")
+    if m.get("role") == "tool" and isinstance(content, str):
         return {"role": "user", "content": f"Result of call {m.get('tool_call_id', '')}: {content}"}
     calls = m.get("tool_calls")
-    if m.get("role") == "assistant" and isinstance(calls, list) and calls:
+    if m.get("role") == "assistant" and isinstance(calls, list) and calls and isinstance(content, str | None):
         said = []
         for c in calls:
-            fn = c.get("function", {}) if isinstance(c, dict) else {}
+            fn = c.get("function") if isinstance(c, dict) else None
+            fn = fn if isinstance(fn, dict) else {}
             said.append(f'{{"name": {json.dumps(fn.get("name"))}, "arguments": {fn.get("arguments", "{}")}}}')
         text = m.get("content") or ""
         return {"role": "assistant", "content": (text + "\n" if text else "") + "\n".join(said)}

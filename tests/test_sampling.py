@@ -235,6 +235,21 @@ def test_a_tiny_penalty_ties_the_seen_positive_logits():
     assert_probs(p[0].tolist(), [0.5, 0, 0, 0.5, 0, 0, 0, 0])
 
 
+@pytest.mark.parametrize("temperature", [1.0, 1e-4])
+def test_a_grammars_mask_holds_when_a_penalty_clamps_the_allowed_logits(temperature):
+    """Penalty 1e300 on a seen negative logit clamps it to float32's lowest value, which is what the mask's -inf
+    became after clamping too: the masked tokens tied the allowed one and were drawn (schemathesis found it, as a
+    tool call that broke its grammar: repetition_penalty 1.9e108). Only the allowed tokens have mass."""
+    logits = torch.tensor([LOGITS])
+    seen = torch.ones(1, 8, dtype=torch.bool)
+    allowed = torch.zeros(1, 8, dtype=torch.bool)
+    allowed[0, [1, 5]] = True  # logits -1.0 and -2.5: both clamped to the lowest value, so they tie
+    cfg = SamplingConfig(temperature=temperature, top_k=None, repetition_penalty=1e300)
+    assert_probs(next_token_probs(logits, cfg, seen, None, allowed)[0].tolist(), [0, 0.5, 0, 0, 0, 0.5, 0, 0])
+    gen = make_generator(0, torch.device("cpu"))
+    assert {sample_next(logits, cfg, gen, seen, None, allowed).item() for _ in range(50)} == {1, 5}
+
+
 def test_a_draw_from_a_row_without_mass_stays_in_the_row():
     gen = make_generator(0, torch.device("cpu"))
     for row in (torch.zeros(2, 5), torch.full((2, 5), math.nan)):

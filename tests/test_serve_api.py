@@ -126,7 +126,98 @@ def test_defaults_and_metadata_pass(base):
     assert r.status_code == 200, r.text
 
 
+CALL = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        # an earlier call whose `function` is no object: written as a call of nothing (a 500 before)
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "assistant", "tool_calls": [{"function": "s"}]}]},
+            200,
+            None,
+        ),
+        # an assistant's text parts beside its calls (a 500 before: a list + "\n")
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [
+                    {"role": "assistant", "content": [{"type": "text", "text": "a"}], "tool_calls": [CALL]}
+                ]
+            },
+            200,
+            None,
+        ),
+        # a tool's result in parts that are no text (a 500 before)
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "tool", "content": [{"type": "text", "text": 5}]}]},
+            400,
+            "messages",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "x", "logit_bias": {"²": 1}},
+            400,
+            "logit_bias",
+        ),  # a digit, no int (a 500)
+        (
+            "/v1/responses",
+            {"input": [{"role": "user", "content": [{"type": {}, "text": ""}]}]},
+            400,
+            "input",
+        ),  # (a 500)
+        (
+            "/v1/responses",
+            {"input": [{"role": "user", "content": [{"type": "input_text", "text": 5}]}]},
+            400,
+            "input",
+        ),
+    ],
+)
+def test_what_schemathesis_found(base, path, body, status, param):
+    """Requests tests/test_schemathesis.py found answered with a 500 (or a part silently dropped)."""
+    limit = "max_output_tokens" if path == "/v1/responses" else "max_tokens"
+    r = base.post(path, json={**body, limit: 1})
+    if status == 200:
+        assert r.status_code == 200, r.text
+    else:
+        assert_error(r, status, param)
+
+
+def test_values_read_as_the_document_says(base):
+    """Where the server's reading and its OpenAPI document differed (schemathesis' negative cases were accepted):
+    `tools` must be a list (0 read as none), a named `tool_choice` says `type: function`, a text `response_format`
+    asks for nothing whatever else it holds, and /v1/responses' `store: 1` is no boolean (1 == True in Python)."""
+    chat = {"messages": USER, "max_tokens": 1}
+    assert_error(base.post("/v1/chat/completions", json={**chat, "tools": 0}), 400, "tools")
+    named = {"tools": [TOOL], "tool_choice": {"function": {"name": "f"}}}
+    assert_error(base.post("/v1/chat/completions", json={**chat, **named}), 400, "tool_choice")
+    text = {"response_format": {"type": "text", "x": 1}, "guided_regex": "a"}
+    assert base.post("/v1/chat/completions", json={**chat, **text}).status_code == 200
+    assert_error(base.post("/v1/responses", json={"input": "x", "store": 1}), 400, "store")
+    assert (
+        base.post("/v1/responses", json={"input": "x", "store": True, "max_output_tokens": 1}).status_code
+        == 200
+    )
+
+
 # ---- numbers --------------------------------------------------------------------------------------------------
+
+
+def test_a_whole_float_is_an_integer(base):
+    """JSON has one kind of number, and JSON Schema's `integer` takes 2.0: so does every integer field (schemathesis
+    sent `n: 1.0` and got a 400). 1.5 is still no integer."""
+    body = {"prompt": [1.0, 2.0], "n": 2.0, "max_tokens": 2.0, "seed": 3.0, "logprobs": 1.0, "top_k": 5.0}
+    r = base.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 2 and r.json()["usage"]["completion_tokens"] <= 4
+    assert base.post("/detokenize", json={"tokens": [1.0, 2.0]}).status_code == 200
+    assert base.post("/v1/responses", json={"input": "x", "max_output_tokens": 1.0}).status_code == 200
+    assert_error(base.post("/v1/completions", json={"prompt": "x", "n": 1.5}), 400, "n")
+    assert_error(base.post("/v1/completions", json={"prompt": "x", "seed": 2.0**64}), 400, "seed")
 
 
 def test_seed_is_any_int64_and_choices_wrap(base):
@@ -460,7 +551,10 @@ def test_the_key_is_checked_before_the_body(base_lm):
             assert client.request(method, path).status_code == 401, path
         assert client.get("/health").status_code == 200
         key = {"Authorization": "Bearer k1"}
-        assert client.get("/openapi.json", headers=key).json()["info"]["title"] == "gptmini"
+        document = client.get("/openapi.json", headers=key).json()
+        assert document["info"]["title"] == "gptmini" and document["security"] == [{"key": []}]
+        assert "401" in document["paths"]["/v1/models"]["get"]["responses"]
+        assert document["paths"]["/health"]["get"]["security"] == []  # the one route without the key
         bad = client.post("/v1/completions", content=b'{"prompt": ', headers=key)
         assert bad.status_code == 400
         assert client.post("/v1/completions", json={"prompt": "x" * 5000}, headers=key).status_code == 413
@@ -581,19 +675,24 @@ def test_quiet_has_no_access_log():
 
 def test_openapi_documents_the_errors_this_server_answers(base):
     """No FastAPI 422 anywhere (every error is a 400 or another OpenAI-shaped answer), the error shape on every
-    route, /metrics as text."""
+    route that can fail, exactly the statuses each answers (no 401 without a key), /metrics as text.
+    tests/test_schemathesis.py holds the server to the whole document."""
     schema = base.get("/openapi.json").json()
     assert "422" not in json.dumps(schema["paths"])
     assert "HTTPValidationError" not in schema["components"]["schemas"]
     error = schema["components"]["schemas"]["Error"]
-    assert error["properties"]["error"]["required"] == ["message", "type"]
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize"):
+    assert error["properties"]["error"]["required"] == ["message", "type", "param", "code"]
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
         answers = schema["paths"][path]["post"]["responses"]
         assert answers["400"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/Error"
-        assert {"401", "413", "429", "503"} <= set(answers)
+        assert set(answers) == {"200", "400", "413", "429", "500", "503"}
+        assert set(answers["200"]["content"]) == {"application/json", "text/event-stream"}
+    assert set(schema["paths"]["/tokenize"]["post"]["responses"]) == {"200", "400", "413", "503"}
+    assert set(schema["paths"]["/v1/models/{model}"]["get"]["responses"]) == {"200", "404"}
+    assert "securitySchemes" not in schema["components"] and "security" not in schema
     # and a real bad request matches the documented shape
     r = base.post("/v1/completions", json={"prompt": "x", "top_p": 2})
-    assert r.status_code == 400 and set(r.json()["error"]) >= {"message", "type", "param", "code"}
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert "text/plain" in schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
 
 
