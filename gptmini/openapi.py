@@ -734,6 +734,12 @@ def _common(props: dict[str, Any], state: Any, *, unsupported: dict[str, tuple[A
     props["guided_choice"] = _nullable(GUIDED_CHOICE)
     props["tools"] = {"anyOf": [NULL, {"type": "array", "items": TOOL}]}
     props["tool_choice"] = {"anyOf": [NULL, {"enum": ["none", "required"]}, NAMED_CHOICE]}
+    if "lookup" in props:
+        props["lookup"] = {
+            **props["lookup"],
+            "description": "prompt-lookup draft tokens per pass (null: the server's --lookup); above 0 with a "
+            "structure (response_format json, guided_*, a tool call) it is a 400: a draft would skip the grammar",
+        }
     for name, allowed in unsupported.items():
         if name in props:
             props[name] = {

@@ -9,7 +9,8 @@ Each narrows what is sent to what the OpenAPI document promises in words where J
   * a named `tool_choice` must name one of `tools`: a positive case's is set to the first tool's name;
   * a JSON schema (`guided_json`, `response_format`'s, a tool's `parameters`) must be one llguidance compiles (it
     cannot read an integer past 64 bits, for one): a positive case holding one it refuses (asked of
-    `gptmini.grammar`, as the server asks) is not sent.
+    `gptmini.grammar`, as the server asks) is not sent;
+  * `lookup` above 0 does not combine with a structure: a positive case asking for both gets `lookup` 0.
 
 And one bounds the time the run takes: a valid `max_tokens` (`max_completion_tokens`, `max_output_tokens`) above
 `CAP` is lowered to it. The schema rightly allows 32768, about 15 s of decoding per choice on this model; what the
@@ -127,4 +128,16 @@ def map_case(context: Any, case: Any) -> Any:
     choice, tools = body.get("tool_choice"), body.get("tools")
     if _positive(case) and isinstance(choice, dict) and tools:
         choice["function"]["name"] = tools[0]["function"]["name"]
+    if _positive(case) and body.get("lookup") and _structured(body):
+        body["lookup"] = 0  # the document: lookup above 0 does not combine with a structure
     return case
+
+
+def _structured(body: dict[str, Any]) -> bool:
+    """Whether a request asks for a structure (what makes its `lookup` a 400)."""
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") != "text":
+        return True
+    if any(body.get(name) is not None for name in ("guided_json", "guided_regex", "guided_choice")):
+        return True
+    return bool(body.get("tools")) and body.get("tool_choice") not in (None, "none")
