@@ -458,9 +458,14 @@ class Engine:
             row.seen[0, tok] = True
         if row.counts is not None:
             row.counts[0, tok] += 1
-        if not row.req.ignore_eos and tok == row.eos_id:
+        eos = not row.req.ignore_eos and tok == row.eos_id
+        if eos or tok in row.stop_ids:
+            # The token that ends the text is no part of it, but it was generated: its logprob is listed (as
+            # vLLM's, and as lm-eval reads `echo` with `max_tokens: 1`: the prompt's tokens, then one more).
+            if info is not None:
+                row.pending.append((row.text_len, row.text_len, info))
             self._release(row, row.matcher.feed(self._flush(row)) + row.matcher.flush(), final=True)
-            return self._done(row, "stop", "eos")
+            return self._done(row, "stop", "eos" if eos else "stop")
         if row.constraint is not None:
             row.constraint.take(tok)
         piece = row.decoder.push(tok) if row.decoder is not None else ""

@@ -141,6 +141,10 @@ class Row:
         tokenizer = engine.tokenizer
         self.decoder: StreamDecoder | None = tokenizer.stream_decoder() if tokenizer is not None else None
         self.eos_id = req.eos_id if req.eos_id is not None else getattr(tokenizer, "eot_id", None)
+        # Stop strings that are a control token's whole text (a chat model's <|end|>, which the completions
+        # endpoint stops at): that token ends the text as <|endoftext|> does.
+        special = getattr(tokenizer, "special_ids", {})
+        self.stop_ids = {special[s] for s in req.sampling.stop if s in special}
         cached = engine.passes.cache is not None  # drafts save passes only where there is a cache
         # A grammar's row decodes plainly: a draft would need the grammar's mask at every drafted position.
         self.drafter = (

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
@@ -387,6 +388,42 @@ def test_endoftext_in_a_completions_prompt_is_the_special_token(base, base_lm):
         as_text["choices"][0]["logprobs"]["token_logprobs"]
         == as_ids["choices"][0]["logprobs"]["token_logprobs"]
     )
+
+
+@pytest.mark.parametrize("model", ["base", "chat"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_token_that_ends_a_completion_has_its_logprob(request, model, stream):
+    """lm-eval scores a text with `echo`, `logprobs` and `max_tokens: 1`, and takes the echoed logprobs but the
+    last as the text's. When the one new token ends the text (<|endoftext|>; a chat model's <|end|>, a stop for
+    completions), it was left out, and the text's last token with it (6 nats on a chat model's sentence ends).
+    Now it is listed as vLLM lists it: one logprob per generated token, the text without it."""
+    client, lm = request.getfixturevalue(model), request.getfixturevalue(f"{model}_lm")
+    tok = lm.tokenizer
+    end, end_text = (tok.eot_id, EOT) if model == "base" else (tok.special_ids["<|end|>"], "<|end|>")
+    prompt = "Things unattempted yet in prose or rhyme."
+    ids = tok.encode(prompt)
+    body = {"prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    body |= {"logit_bias": {str(end): 100}, "stream": stream}  # the end token, whatever the model thinks
+    r = client.post("/v1/completions", json=body)
+    if stream:
+        chunks = [json.loads(e[6:]) for e in r.text.split("\n\n") if e.startswith("data: {")]
+        choices = [c["choices"][0] for c in chunks if c["choices"]]
+        text = "".join(c["text"] for c in choices)
+        lp = {
+            k: [v for c in choices if c["logprobs"] for v in c["logprobs"][k]]
+            for k in ("tokens", "token_logprobs")
+        }
+        finish = choices[-1]["finish_reason"]
+    else:
+        choice = r.json()["choices"][0]
+        text, lp, finish = choice["text"], choice["logprobs"], choice["finish_reason"]
+        assert r.json()["usage"]["completion_tokens"] == 1
+    assert text == prompt and finish == "stop"
+    assert len(lp["tokens"]) == len(ids) + 1 and lp["tokens"][-1] == end_text
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([ids]))[0][0, -1, : lm.config.vocab_size]
+    # the raw model's log-probability: logit_bias is a sampling setting
+    assert lp["token_logprobs"][-1] == pytest.approx(torch.log_softmax(logits, -1)[end].item(), abs=1e-4)
 
 
 def test_chat_content_stays_literal(chat, chat_lm):
