@@ -703,7 +703,7 @@ def _token_ids(vocab: int | None) -> dict[str, Any]:
 
 def _common(props: dict[str, Any], state: Any, *, unsupported: dict[str, tuple[Any, ...]]) -> None:
     """The fields completions and chat share, as the server reads them."""
-    from gptmini.server import INT64_MAX, INT64_MIN, MAX_N, MAX_STOPS
+    from gptmini.openai_api import INT64_MAX, INT64_MIN, MAX_N, MAX_STOPS
 
     settings, lm = state.settings, state.lm
     capacity = settings.parallel + settings.max_queue
@@ -749,8 +749,8 @@ def _common(props: dict[str, Any], state: Any, *, unsupported: dict[str, tuple[A
 
 
 def _bodies(components: dict[str, Any], state: Any) -> None:
+    from gptmini.openai_api import UNSUPPORTED
     from gptmini.responses_api import HARMLESS, METADATA
-    from gptmini.server import UNSUPPORTED
 
     lm, settings = state.lm, state.settings
     capacity = settings.parallel + settings.max_queue

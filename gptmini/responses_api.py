@@ -27,21 +27,19 @@ from fastapi.sse import format_sse_event
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gptmini.errors import UserError
-from gptmini.server import (
+from gptmini.openai_api import (
     MAX_TOKENS,
-    APIError,
-    State,
     _chat_messages,
     _check_context,
     _Choice,
     _ChoiceState,
     _event_stream,
     _gather,
-    _require_ready,
     _submit,
     _take,
     whole_numbers,
 )
+from gptmini.server_state import APIError, State, _require_ready
 
 # Fields that ask for nothing when absent or at these values; any other value is a 400 naming the field.
 HARMLESS: dict[str, tuple[Any, ...]] = {

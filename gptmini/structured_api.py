@@ -23,7 +23,7 @@ from typing import Any
 
 from gptmini import grammar
 from gptmini.errors import UserError
-from gptmini.server import APIError
+from gptmini.server_state import APIError
 
 
 @dataclass

@@ -22,7 +22,8 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from gptmini.server import MAX_TOKENS, UNSUPPORTED, ServeSettings, create_app  # noqa: E402
+from gptmini.openai_api import MAX_TOKENS, UNSUPPORTED  # noqa: E402
+from gptmini.server import ServeSettings, create_app  # noqa: E402
 from gptmini.tokenizer import EOT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
