@@ -14,7 +14,8 @@ time) and once as strings (`tokenized_requests=False`, the server tokenizes). Th
   counted by the client and sliced off the echoed `token_logprobs`),
 - a perplexity task (`loglikelihood_rolling`: each text scored in disjoint windows of `max_length - 2` tokens, the
   first after `<|endoftext|>`, the others after the tokens before them), with texts of up to 4 windows,
-- a generation task (`generate_until`, greedy, stopping at a newline or `<|endoftext|>`, which lm-eval adds).
+- a generation task (`generate_until`, greedy, stopping at any of six stop strings — a newline, `.`, `!`, `?`, `;`,
+  `:` — or `<|endoftext|>`, which lm-eval adds: seven in all, past OpenAI's old limit of four).
 
 The reference does not go through the server: `gptmini.load(checkpoint).model`'s forward over the same tokens,
 log-softmax, summed over the scored tokens (the windows laid out here from lm-eval's documented rule); for
@@ -53,6 +54,7 @@ FALLBACK_TEXT = ROOT / "data" / "shakespeare.txt"
 EOT = "<|endoftext|>"
 
 MC_TASK, PPL_TASK, GEN_TASK = "gptmini_mc", "gptmini_ppl", "gptmini_gen"
+GEN_STOPS = ["\n", ".", "!", "?", ";", ":"]  # lm-eval adds the EOS text: seven stop strings in all
 
 
 # ---- the tasks --------------------------------------------------------------------------------------------------
@@ -120,7 +122,7 @@ def write_tasks(folder: Path, text: str, *, n_mc: int = 12, n_gen: int = 4, gen_
         GEN_TASK,
         "gen.jsonl",
         "output_type: generate_until\ndoc_to_text: '{{context}}'\ndoc_to_target: '{{target}}'\n"
-        f"generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: {gen_tokens}\n  do_sample: false\n"
+        f"generation_kwargs:\n  until: {json.dumps(GEN_STOPS)}\n  max_gen_toks: {gen_tokens}\n  do_sample: false\n"
         "metric_list:\n" + metrics("exact_match", "mean", True),
     )
     return folder

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -350,7 +351,6 @@ def test_the_openai_clients_parse_helper_gets_a_validated_object(chat_app):
     """`client.chat.completions.parse(response_format=PydanticModel)`: the SDK sends a strict json_schema and parses
     the reply into the model; `pydantic` validates every bound."""
     openai = pytest.importorskip("openai")
-    from typing import Literal
 
     from pydantic import BaseModel, Field
 
@@ -391,3 +391,44 @@ def test_an_open_object_schema_takes_only_its_listed_properties(base_lm):
         value = json.loads(text)
         jsonschema.validate(value, schema)
         assert set(value) == {"name", "properties"}
+
+
+def test_langchain_structured_output_and_bound_tools(chat_app):
+    """LangChain's ChatOpenAI: `with_structured_output` (json_schema and function_calling) returns a validated
+    object, `bind_tools(..., tool_choice="required")` and a named tool get tool calls whose arguments validate;
+    `bind_tools` with its default ("auto") is the server's clear 400, not text with tool_calls=[]."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+
+    import openai
+    from langchain_core.tools import tool
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        """A person."""
+
+        name: str = Field(max_length=12)
+        age: int = Field(ge=0, le=120)
+
+    @tool
+    def get_weather(city: str, unit: Literal["c", "f"]) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    llm = langchain_openai.ChatOpenAI(
+        base_url="http://testserver/v1",
+        api_key="none",
+        model="m",
+        temperature=0,
+        max_tokens=100,
+        http_client=chat_app,
+    )
+    for method in ("json_schema", "function_calling"):
+        person = llm.with_structured_output(Person, method=method).invoke("Describe someone.")
+        assert isinstance(person, Person)
+    weather = WEATHER | {"properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}}}
+    for choice in ("required", "get_weather"):
+        calls = llm.bind_tools([get_weather], tool_choice=choice).invoke("Weather in Paris?").tool_calls
+        assert len(calls) == 1 and calls[0]["name"] == "get_weather"
+        jsonschema.validate(calls[0]["args"], weather)
+    with pytest.raises(openai.BadRequestError, match="auto"):
+        llm.bind_tools([get_weather]).invoke("Weather?")
