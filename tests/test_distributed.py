@@ -23,6 +23,8 @@ from gptmini.cli import main
 from gptmini.config import TrainConfig
 from gptmini.train import train
 
+pytestmark = pytest.mark.slow  # torchrun: several processes each (run by .ci/run's second step)
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32)
 STEPS = 8

@@ -97,6 +97,7 @@ def test_an_ema_outside_0_1_is_a_one_line_exit_2(corpus, tmp_path, capsys, value
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_two_ranks_with_ema_average_like_one_process_with_twice_the_batch(corpus, tmp_path):
     # Every rank holds the same weights after each step, so each keeps the same average; rank 0 saves it.
     from test_distributed import FLAGS, ROOT, SETTINGS, STEPS, assert_same_weights, torchrun

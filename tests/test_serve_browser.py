@@ -9,7 +9,10 @@ from chromium import CHROMIUM, launch
 from test_serve import BASE_CKPT, serve, wait_for
 
 sync_api = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium"),
+    pytest.mark.slow,  # a browser: run by .ci/run's second step
+]
 
 
 @pytest.fixture(scope="module")
