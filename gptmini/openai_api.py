@@ -523,7 +523,8 @@ def _submit(
             headers={"Retry-After": "1"},
         ) from None
     except (ContextLengthExceeded, ValueError) as e:
-        raise APIError(400, str(e)) from None
+        named = str(e).split(":", 1)[0]  # the engine names the field its message is about ("logit_bias: …")
+        raise APIError(400, str(e), param=named if named in _Common.model_fields else None) from None
     states = [_ChoiceState(i, c) for i, c in enumerate(choices)]
     http.state.gptmini_choices = states  # for the access log's token counts
     return handles, states, events

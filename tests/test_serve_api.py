@@ -166,6 +166,12 @@ CALL = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
             "logit_bias",
         ),  # a digit, no int (a 500)
         (
+            "/v1/completions",
+            {"prompt": "x", "logit_bias": {"99999999": 1}},
+            400,
+            "logit_bias",
+        ),  # outside the vocabulary (param null before)
+        (
             "/v1/responses",
             {"input": [{"role": "user", "content": [{"type": {}, "text": ""}]}]},
             400,
