@@ -94,7 +94,11 @@ def _read_prompt(prompt: str | None) -> str:
 @app.command()
 def generate(
     prompt: Annotated[
-        str | None, typer.Argument(help="Text to continue; '-' or omitted reads stdin.")
+        str | None,
+        typer.Argument(
+            help="Text to continue; '-' reads stdin, as does no prompt when stdin is piped (on a terminal, no "
+            "prompt is an unconditional sample from <|endoftext|>)."
+        ),
     ] = None,
     checkpoint: CheckpointOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 200,
@@ -421,7 +425,12 @@ def train(
     warmup_iters: Annotated[int | None, typer.Option(help="Linear warm-up steps.")] = None,
     max_iters: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
     time: Annotated[
-        str | None, typer.Option("--time", help="Wall-clock budget, e.g. 90s, 10m, 1h [default: 10m]")
+        str | None,
+        typer.Option(
+            "--time",
+            help="Wall-clock budget of the whole run, e.g. 90s, 10m, 1h; --resume counts the time already trained "
+            "(--time 20m: 20 minutes in all) [default: 10m]",
+        ),
     ] = None,
     weight_decay: Annotated[
         float | None, typer.Option(help="Decoupled weight decay (matrices only).")
@@ -971,7 +980,12 @@ def finetune(
     ] = None,
     max_iters: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
     time: Annotated[
-        str | None, typer.Option("--time", help="Wall-clock budget, e.g. 90s, 10m, 1h (default: 10m)")
+        str | None,
+        typer.Option(
+            "--time",
+            help="Wall-clock budget of the whole run, e.g. 90s, 10m, 1h; --resume counts the time already trained "
+            "(default: 10m)",
+        ),
     ] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: 5e-4).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Conversations per micro-batch.")] = None,

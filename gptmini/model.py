@@ -122,11 +122,16 @@ class CausalSelfAttention(nn.Module):
     def position(self, q: torch.Tensor, k: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """The modern block's queries and keys: normalised per head (QK-norm), then rotated to their positions.
 
-        Both in fp32 (RMSNorm's fused kernel needs its input in the weight's dtype), back in the input's dtype.
+        Both in fp32, the norms' weights too (a bf16 weight against an fp32 input made PyTorch warn of a dtype
+        mismatch on every call), back in the input's dtype.
         """
         dtype = q.dtype
-        q = rotate(self.q_norm(q.float()), rope).to(dtype)
-        return q, rotate(self.k_norm(k.float()), rope).to(dtype)
+        q = rotate(_rms_norm_fp32(self.q_norm, q), rope).to(dtype)
+        return q, rotate(_rms_norm_fp32(self.k_norm, k), rope).to(dtype)
+
+
+def _rms_norm_fp32(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.eps)
 
 
 # (cos, sin) of each position's rotation angles, `[..., T, head_dim/2]`, broadcast over batch and heads.

@@ -156,3 +156,20 @@ def test_kill_while_saving_keeps_previous_checkpoint(tmp_path):
     assert torch.equal(loaded.lm_head.weight, old.lm_head.weight)
     leftovers = {p.name for p in directory.iterdir()} - before
     assert all(name.endswith(".tmp") for name in leftovers)  # only an orphaned temp file, never a torn one
+
+
+def test_checkpoint_files_follow_the_umask_not_mkstemps_0600(tmp_path):
+    """A run shared with a teammate or a service user must be readable: files as the umask says (022: 0644)."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(random_gpt(), tmp_path / "ckpt")
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ckpt").iterdir()}
+        os.umask(0o077)
+        save_checkpoint(random_gpt(), tmp_path / "private")
+        private = {p.stat().st_mode & 0o777 for p in (tmp_path / "private").iterdir()}
+    finally:
+        os.umask(old)
+    assert set(modes.values()) == {0o644}, modes
+    assert private == {0o600}

@@ -191,3 +191,19 @@ def test_resuming_with_another_arch_is_a_one_line_error(modern_run, corpus, caps
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "arch modern → gpt2" in err and len(err.splitlines()) == 1
+
+
+def test_a_bf16_modern_model_runs_without_pytorch_dtype_warnings():
+    """QK-norm in fp32 with its weight in fp32 too: a bf16 weight against an fp32 input made PyTorch warn
+    ("Mismatch dtype between input and weight") on every call; the output stays the bf16 model's."""
+    import warnings
+
+    model = random_gpt(arch="modern", pos_embedding="rotary", bias=False).to(torch.bfloat16)
+    idx = torch.randint(0, 50257, (1, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            logits = model(idx)[0].float()
+    with torch.no_grad():
+        reference = model.float()(idx)[0]
+    assert torch.allclose(logits, reference, atol=0.1, rtol=0.05)
