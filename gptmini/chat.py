@@ -624,15 +624,18 @@ def run_chat(
     settings: ChatSettings | None = None,
     system: str | None = None,
     device: str = "auto",
+    dtype: str = "auto",
+    quantize: str | None = None,
     history_file: Path | None = None,
 ) -> int:
-    """`gptmini chat`: load the model, then serve the REPL on stdin/stdout. Returns the exit code."""
+    """`gptmini chat`: load the model (`dtype`, `quantize` as `gptmini.load` takes them), then serve the REPL on
+    stdin/stdout. Returns the exit code."""
     from gptmini.api import load
 
     settings = settings or ChatSettings()
     settings.validate()  # before the (slow) load, so a bad flag answers at once
     path = checkpoint or default_chat_checkpoint()
-    lm = load(path, device=device)
+    lm = load(path, device=device, dtype=dtype, quantize=quantize)
     session = ChatSession(lm, settings=settings, system=system)
     repl = Repl(session, history_file=history_file or default_history_file(), source=str(path))
     return repl.run()

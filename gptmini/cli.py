@@ -38,6 +38,32 @@ CheckpointOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto (cuda > mps > cpu), cpu, cuda, mps")]
+
+# Options several commands share, each defined once (a new sampling flag is one line here and one per command).
+TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens.")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling threshold in (0, 1].")]
+MinPOpt = Annotated[float | None, typer.Option("--min-p", help="Drop tokens below min_p × top probability.")]
+RepetitionPenaltyOpt = Annotated[float, typer.Option(help="> 1 discourages repeats (1 = off).")]
+DecodeDtypeOpt = Annotated[
+    str, typer.Option(help="auto (bf16 on CUDA, else fp32), float32, bfloat16, float16")
+]
+QuantizeOpt = Annotated[
+    str,
+    typer.Option(
+        help="none; int8, int4 (CPU): 8- or 4-bit weights, faster decoding (int4: a larger quality cost; "
+        "int4-64 / int4-32: smaller groups, better quality, more bytes)."
+    ),
+]
+LookupOpt = Annotated[
+    int,
+    typer.Option(
+        "--lookup",
+        metavar="N",
+        help="Prompt-lookup decoding: check up to N tokens copied from earlier in the text per forward pass "
+        "(same greedy text, same sampling distribution; faster on text that repeats). 0 = off.",
+    ),
+]
 ThreadsOpt = Annotated[
     int | None,
     typer.Option(
@@ -102,15 +128,11 @@ def generate(
     ] = None,
     checkpoint: CheckpointOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate.")] = 200,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.8,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens.")] = 200,
-    top_p: Annotated[
-        float | None, typer.Option("--top-p", help="Nucleus sampling threshold in (0, 1].")
-    ] = None,
-    min_p: Annotated[
-        float | None, typer.Option("--min-p", help="Drop tokens below min_p × top probability.")
-    ] = None,
-    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats (1 = off).")] = 1.0,
+    temperature: TemperatureOpt = 0.8,
+    top_k: TopKOpt = 200,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = 1.0,
     greedy: Annotated[bool, typer.Option("--greedy", help="Same as --temperature 0.")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text (repeatable).")] = None,
@@ -122,16 +144,8 @@ def generate(
     ] = True,
     stats: Annotated[bool, typer.Option("--stats", help="Print timing and memory to stderr.")] = False,
     device: DeviceOpt = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="auto (bf16 on CUDA, else fp32), float32, bfloat16, float16")
-    ] = "auto",
-    quantize: Annotated[
-        str,
-        typer.Option(
-            help="none; int8, int4 (CPU): 8- or 4-bit weights, faster decoding (int4: a larger quality cost; "
-            "int4-64 / int4-32: smaller groups, better quality, more bytes)."
-        ),
-    ] = "none",
+    dtype: DecodeDtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     compile: Annotated[
         bool, typer.Option("--compile", help="Compile the decode step (slow start; for long runs).")
     ] = False,
@@ -143,15 +157,7 @@ def generate(
             help="Also write a page of what each new token attended to when it was generated.",
         ),
     ] = None,
-    lookup: Annotated[
-        int,
-        typer.Option(
-            "--lookup",
-            metavar="N",
-            help="Prompt-lookup decoding: check up to N tokens copied from earlier in the text per forward pass "
-            "(same greedy text, same sampling distribution; faster on text that repeats). 0 = off.",
-        ),
-    ] = 0,
+    lookup: LookupOpt = 0,
     json_object: Annotated[
         bool, typer.Option("--json", help="Structured output: the text is one JSON object.")
     ] = False,
@@ -923,29 +929,17 @@ def chat(
             help="gptmini or Hugging Face GPT-2 dir (default: checkpoints/default-chat, else checkpoints/default)",
         ),
     ] = None,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.8,
-    top_k: Annotated[int | None, typer.Option("--top-k", help="Keep the k most likely tokens.")] = 200,
-    top_p: Annotated[
-        float | None, typer.Option("--top-p", help="Nucleus sampling threshold in (0, 1].")
-    ] = None,
-    min_p: Annotated[
-        float | None, typer.Option("--min-p", help="Drop tokens below min_p × top probability.")
-    ] = None,
-    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats (1 = off).")] = 1.0,
+    temperature: TemperatureOpt = 0.8,
+    top_k: TopKOpt = 200,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = 1.0,
     system: Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")] = None,
     max_new_tokens: Annotated[
         int, typer.Option("--max-new-tokens", "-n", help="Maximum tokens per reply.")
     ] = 200,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible replies.")] = None,
-    lookup: Annotated[
-        int,
-        typer.Option(
-            "--lookup",
-            metavar="N",
-            help="Prompt-lookup decoding: check up to N tokens copied from earlier in the conversation per "
-            "pass (0: off). Same replies greedy, same distribution sampled; faster where text repeats.",
-        ),
-    ] = 0,
+    lookup: LookupOpt = 0,
     history: Annotated[
         Path | None,
         typer.Option(
@@ -953,6 +947,8 @@ def chat(
         ),
     ] = None,
     device: DeviceOpt = "auto",
+    dtype: DecodeDtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     threads: ThreadsOpt = None,
 ) -> None:
     """Multi-turn chat: replies streamed, history kept and trimmed to the context, /help for commands.
@@ -965,7 +961,15 @@ def chat(
     settings = ChatSettings(
         temperature, top_k, top_p, min_p, repetition_penalty, seed, max_new_tokens, lookup
     )
-    code = run_chat(checkpoint, settings=settings, system=system, device=device, history_file=history)
+    code = run_chat(
+        checkpoint,
+        settings=settings,
+        system=system,
+        device=device,
+        dtype=dtype,
+        quantize=quantize,
+        history_file=history,
+    )
     raise typer.Exit(code)
 
 
@@ -1067,13 +1071,8 @@ def serve(
     ] = None,
     ui: Annotated[bool, typer.Option("--ui/--no-ui", help="Serve the web chat page at /.")] = True,
     device: DeviceOpt = "auto",
-    dtype: Annotated[
-        str, typer.Option(help="auto (bf16 on CUDA, else fp32), float32, bfloat16, float16")
-    ] = "auto",
-    quantize: Annotated[
-        str,
-        typer.Option(help="none; int8, int4, int4-64, int4-32 (CPU): 8- or 4-bit weights, faster decoding."),
-    ] = "none",
+    dtype: DecodeDtypeOpt = "auto",
+    quantize: QuantizeOpt = "none",
     threads: ThreadsOpt = None,
     drain_timeout: Annotated[
         float, typer.Option(help="Seconds Ctrl-C / SIGTERM waits for in-flight requests.")

@@ -293,12 +293,24 @@ def test_pipe_answers_and_obeys_every_command(base_ckpt, tmp_path):
     assert "Traceback" not in err
 
 
-def test_pipe_chat_token_model_matches_a_hand_built_prompt(chat_ckpt, tok):
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_pipe_chat_token_model_matches_a_hand_built_prompt(chat_ckpt, tok, quantize):
+    """Greedy replies equal an argmax over the (int8 with --quantize int8) model's own full recompute."""
     out = run_chat(
-        "-c", chat_ckpt, "-t", 0, "-n", 8, "--system", "Be kind.", input="hi\n/exit\nnever answered\n"
+        "-c",
+        chat_ckpt,
+        "-t",
+        0,
+        "-n",
+        8,
+        "--system",
+        "Be kind.",
+        "--quantize",
+        quantize,
+        input="hi\n/exit\nnever answered\n",
     )
     assert out.returncode == 0, out.stderr
-    model = gptmini.load(str(chat_ckpt), device="cpu").model
+    model = gptmini.load(str(chat_ckpt), device="cpu", quantize=quantize).model
     ids = [SYSTEM, *tok.encode("Be kind."), END, USER, *tok.encode("hi"), END, ASSISTANT]
     reply = []
     with torch.no_grad():
