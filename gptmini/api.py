@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gptmini.checkpoint import load_checkpoint
 from gptmini.config import GPTConfig, SamplingConfig
 from gptmini.decoding import AttentionStep, GenerationStats
 from gptmini.devices import resolve_device, resolve_dtype, set_threads
 from gptmini.errors import UserError
 from gptmini.generation import generate_texts, make_engine, stream_text
 from gptmini.grammar import check as check_grammar
+from gptmini.loading import load_checkpoint
 from gptmini.lookup import check_lookup
 from gptmini.model import GPT
 from gptmini.quantize import check_quantize, prepare_for_decoding

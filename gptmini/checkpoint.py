@@ -3,6 +3,7 @@
 Nothing in a checkpoint is ever unpickled: weights are safetensors and the training state loads with
 `weights_only=True`. Every file is written atomically (temp file in the same directory, fsync, `os.replace`), so a
 run killed while saving leaves the previous checkpoint whole. Every problem on load is a one-line `UserError`.
+A directory of either kind gptmini reads (this format, or Hugging Face's) loads through `gptmini.loading`.
 """
 
 from __future__ import annotations
@@ -203,34 +204,6 @@ def load_state_into(model: GPT, tensors: dict[str, torch.Tensor], source: Path) 
         for name, ref in expected.items():
             ref.copy_(tensors[name])
     return model
-
-
-def read_model_config(path: str | Path) -> tuple[GPTConfig, dict[str, Any]]:
-    """The model config (and checkpoint info) of a gptmini or Hugging Face GPT-2 directory, without the weights."""
-    path = check_checkpoint_dir(path)
-    from gptmini import hf
-
-    if hf.is_hf_gpt2_dir(path):
-        config = hf.config_from_hf(read_json(path / CONFIG_FILE, ""), path)
-        return config, {"format": "huggingface-gpt2", "tokenizer": "gpt2", "model": config.to_dict()}
-    info = read_checkpoint_info(path)
-    return info["model_config"], info
-
-
-def load_checkpoint(
-    path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[GPT, dict[str, Any]]:
-    """A model from a gptmini checkpoint or a Hugging Face GPT-2 directory, in eval mode on `device`/`dtype`."""
-    path = check_checkpoint_dir(path)
-    from gptmini import hf
-
-    if hf.is_hf_gpt2_dir(path):
-        return hf.load_hf_gpt2(path, device=device, dtype=dtype)
-    info = read_checkpoint_info(path)
-    tensors = read_safetensors(path / WEIGHTS_FILE)
-    model = GPT.skeleton(info["model_config"], device=device, dtype=dtype)
-    load_state_into(model, tensors, path / WEIGHTS_FILE)
-    return model.eval(), info
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:

@@ -330,7 +330,7 @@ def info(
     import json
 
     from gptmini.api import default_checkpoint
-    from gptmini.checkpoint import read_model_config
+    from gptmini.loading import read_model_config
     from gptmini.model import GPT
 
     config, meta = read_model_config(checkpoint or default_checkpoint())
@@ -377,9 +377,9 @@ def export_hf_cmd(
     dtype: Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16, float16.")] = "float32",
 ) -> None:
     """Write a Hugging Face GPT-2 directory that transformers' GPT2LMHeadModel.from_pretrained loads."""
-    from gptmini.checkpoint import load_checkpoint
     from gptmini.devices import DTYPES
     from gptmini.hf import export_hf
+    from gptmini.loading import load_checkpoint
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
@@ -1130,7 +1130,7 @@ def serve(
             "pip install 'gptmini[serve]'"
         )
     from gptmini.chat import default_chat_checkpoint
-    from gptmini.checkpoint import read_model_config
+    from gptmini.loading import read_model_config
 
     path = checkpoint or default_chat_checkpoint()
     read_model_config(path)  # a missing or damaged checkpoint is reported now, not after the server started

@@ -157,9 +157,9 @@ def evaluate_checkpoint(
     the files recorded in the checkpoint's run. `quantize` ("int8" / "int4", CPU) scores the weights `generate
     --quantize` decodes with.
     """
-    from gptmini.checkpoint import load_checkpoint, read_model_config
     from gptmini.data import load_corpus, remap_splits, token_byte_lengths
     from gptmini.devices import resolve_device, resolve_train_dtype
+    from gptmini.loading import load_checkpoint, read_model_config
     from gptmini.quantize import check_quantize, prepare_for_decoding
     from gptmini.tokenizer import Tokenizer
 

@@ -24,16 +24,11 @@ import torch
 
 from gptmini.api import default_checkpoint
 from gptmini.chat import Message, TokenTemplate, check_messages
-from gptmini.checkpoint import (
-    load_checkpoint,
-    load_state_into,
-    read_model_config,
-    save_checkpoint,
-    weights_for_saving,
-)
+from gptmini.checkpoint import load_state_into, save_checkpoint, weights_for_saving
 from gptmini.config import TrainConfig
 from gptmini.errors import UserError
 from gptmini.evaluate import EvalResult
+from gptmini.loading import load_checkpoint, read_model_config
 from gptmini.loss import IGNORE_INDEX, linear_cross_entropy
 from gptmini.model import GPT
 from gptmini.rundir import check_out_dir, run_in

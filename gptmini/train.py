@@ -29,14 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gptmini.checkpoint import (
-    WEIGHTS_FILE,
-    load_checkpoint,
-    load_state_into,
-    load_train_state,
-    read_model_config,
-    read_safetensors,
-)
+from gptmini.checkpoint import WEIGHTS_FILE, load_state_into, load_train_state, read_safetensors
 from gptmini.config import PRESETS, GPTConfig, TrainConfig
 from gptmini.data import (
     BatchSource,
@@ -69,6 +62,7 @@ from gptmini.distributed import (
 )
 from gptmini.errors import UserError
 from gptmini.evaluate import EvalResult, evaluate_tokens
+from gptmini.loading import load_checkpoint, read_model_config
 from gptmini.loss import IGNORE_INDEX, linear_cross_entropy
 from gptmini.model import GPT
 from gptmini.optim import WeightEMA, make_optimizer, restore_live_weights

@@ -461,7 +461,7 @@ def main() -> None:
     shapes = ["checkpoint"] if args.checkpoint else args.shapes.split(",")
     for name in shapes:
         if args.checkpoint:
-            from gptmini.checkpoint import load_checkpoint
+            from gptmini.loading import load_checkpoint
 
             base, _ = load_checkpoint(args.checkpoint)
         else:

@@ -7,15 +7,9 @@ import pytest
 import torch
 from conftest import random_gpt
 
-from gptmini.checkpoint import (
-    CONFIG_FILE,
-    TRAIN_STATE_FILE,
-    WEIGHTS_FILE,
-    load_checkpoint,
-    load_train_state,
-    save_checkpoint,
-)
+from gptmini.checkpoint import CONFIG_FILE, TRAIN_STATE_FILE, WEIGHTS_FILE, load_train_state, save_checkpoint
 from gptmini.errors import UserError
+from gptmini.loading import load_checkpoint
 
 
 def logits_of(model, idx):

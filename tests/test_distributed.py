@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptmini.checkpoint import load_checkpoint, load_train_state, read_safetensors
+from gptmini.checkpoint import load_train_state, read_safetensors
 from gptmini.cli import main
 from gptmini.config import TrainConfig
+from gptmini.loading import load_checkpoint
 from gptmini.train import train
 
 pytestmark = pytest.mark.slow  # torchrun: several processes each (run by .ci/run's second step)

@@ -8,8 +8,9 @@ import os
 import pytest
 import torch
 
-from gptmini.checkpoint import load_checkpoint, load_train_state, read_safetensors
+from gptmini.checkpoint import load_train_state, read_safetensors
 from gptmini.cli import main
+from gptmini.loading import load_checkpoint
 from gptmini.train import train
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32)

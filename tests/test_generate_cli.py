@@ -10,7 +10,8 @@ from conftest import main_in_process, random_gpt
 from test_generation import naive_greedy
 
 from gptmini.api import load
-from gptmini.checkpoint import load_checkpoint, save_checkpoint
+from gptmini.checkpoint import save_checkpoint
+from gptmini.loading import load_checkpoint
 from gptmini.quantize import quantize_int8
 from gptmini.tokenizer import Tokenizer
 

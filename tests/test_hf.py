@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from conftest import hf_gpt2, random_gpt
 
-from gptmini.checkpoint import load_checkpoint, save_checkpoint
+from gptmini.checkpoint import save_checkpoint
 from gptmini.errors import UserError
 from gptmini.hf import export_hf
+from gptmini.loading import load_checkpoint
 from gptmini.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -10,9 +10,10 @@ import torch
 from conftest import hf_gpt2, random_gpt
 from test_generation import naive_greedy, run
 
-from gptmini.checkpoint import load_checkpoint, save_checkpoint
+from gptmini.checkpoint import save_checkpoint
 from gptmini.errors import UserError
 from gptmini.kv_cache import KVCache
+from gptmini.loading import load_checkpoint
 from gptmini.quantize import Int4Linear, Int8Linear, check_quantize, int4_supported, quantize_int4
 from gptmini.tokenizer import Tokenizer
 

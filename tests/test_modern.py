@@ -12,10 +12,11 @@ from conftest import random_gpt
 from test_generation import naive_greedy, run
 from test_train import TINY, interrupted_and_resumed_equals_uninterrupted, settings
 
-from gptmini.checkpoint import CONFIG_FILE, load_checkpoint
+from gptmini.checkpoint import CONFIG_FILE
 from gptmini.cli import main
 from gptmini.config import GPTConfig
 from gptmini.kv_cache import KVCache
+from gptmini.loading import load_checkpoint
 from gptmini.train import train
 
 MODERN = dict(arch="modern")

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 from conftest import main_in_process, random_gpt
 
 import gptmini.train as train_mod
-from gptmini.checkpoint import CONFIG_FILE, TRAIN_STATE_FILE, load_checkpoint, load_train_state
+from gptmini.checkpoint import CONFIG_FILE, TRAIN_STATE_FILE, load_train_state
 from gptmini.cli import main
 from gptmini.evaluate import eval_windows, evaluate_checkpoint, evaluate_tokens
+from gptmini.loading import load_checkpoint
 from gptmini.rundir import recover_staged
 from gptmini.tokenizer import EOT_ID, Tokenizer
 from gptmini.train import train
@@ -427,8 +428,8 @@ def test_eval_quantize_scores_the_quantized_weights(saved_run, corpus, capsys):
     """`eval --quantize`: the int8 / int4 model's own full logits, scored by hand, on the same windows."""
     import torch.nn.functional as F
 
-    from gptmini.checkpoint import load_checkpoint
     from gptmini.evaluate import head_loss_sum
+    from gptmini.loading import load_checkpoint
     from gptmini.loss import IGNORE_INDEX
     from gptmini.quantize import prepare_for_decoding
 
