@@ -26,7 +26,7 @@ weight bytes read per token divided by the memory bandwidth. Ways to read fewer 
 
 All swap `nn.Linear` modules in place for inference only (the model can no longer be trained or saved); the tied
 LM head keeps pointing at the embedding matrix as `.weight`, so code that asks for the model's dtype still works.
-With fp32, bf16, int8 or int4 linears a batch-1 decode step runs as one native call (`gptmini.native.DecodeStep`).
+With fp32, bf16, int8 or int4 linears a batch-1 decode step runs as one native call (`gptmini.decode_step.DecodeStep`).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ A row is one sequence in one row ("slot") of the KV cache. The engine asks for t
     positions after its window, and their logits.
 
 Kinds:
-  * `native`: the CPU kernels (`gptmini.native.DecodeStep`): every row of a `forward` in one C call that reads the
+  * `native`: the CPU kernels (`gptmini.decode_step.DecodeStep`): every row of a `forward` in one C call that reads the
     weights once, any slot at any position; a row's bits do not depend on the others. Prompts and slid windows go
     through the same kernels (a 512-token prompt of GPT-2 small: as fast as PyTorch's BLAS in fp32, faster in
     int8 and int4), so a row's keys and values are the same bits however its text reached the cache.
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gptmini.decode_step import DecodeStep
 from gptmini.kv_cache import KVCache
 from gptmini.model import GPT
-from gptmini.native import DecodeStep
 
 KINDS = ("auto", "native", "torch", "recompute")
 

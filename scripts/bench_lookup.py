@@ -30,11 +30,11 @@ import torch
 import gptmini
 from gptmini import lookup
 from gptmini.config import GPTConfig, SamplingConfig
+from gptmini.decode_step import DecodeStep
 from gptmini.decoding import GenerationStats
 from gptmini.generation import generate_tokens
 from gptmini.kv_cache import KVCache
 from gptmini.model import GPT
-from gptmini.native import DecodeStep
 from gptmini.quantize import prepare_for_decoding
 
 QUOTE = (

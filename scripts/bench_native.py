@@ -32,9 +32,9 @@ import torch
 
 from gptmini import native
 from gptmini.config import GPTConfig
+from gptmini.decode_step import DecodeStep
 from gptmini.kv_cache import KVCache
 from gptmini.model import GPT
-from gptmini.native import DecodeStep
 from gptmini.quantize import prepare_for_decoding
 
 

@@ -11,8 +11,8 @@ from conftest import random_gpt
 from test_generation import naive_greedy, run
 
 import gptmini.native as native
+from gptmini.decode_step import DecodeStep
 from gptmini.kv_cache import KVCache
-from gptmini.native import DecodeStep
 from gptmini.quantize import Int8Linear, int4_quantize, prepare_for_decoding, quantize_int8
 
 pytestmark = pytest.mark.skipif(
