@@ -196,3 +196,87 @@ def test_scored_prompts_that_share_a_context_reuse_its_cache_and_its_scores():
     second, cached = scores(warm, scored([10, 11, 12, 13]))
     assert cached == len(context) - 1  # the context's last token is scored again: its ending differs after it
     assert second == scores(Engine(lm, parallel=2), scored([10, 11, 12, 13]))[0]
+
+
+# ---- the engine's life cycle, driven by the calling thread (no engine thread, no HTTP) ----------------------------
+
+
+def greedy(prompt: list[int], n: int) -> Request:
+    return Request(
+        prompt_ids=prompt, sampling=SamplingConfig(temperature=0.0), max_new_tokens=n, ignore_eos=True
+    )
+
+
+def alone(lm: LM, request: Request, step: str = "auto") -> list[int]:
+    engine = Engine(lm, parallel=1, max_queue=0, step=step)
+    return [t for _, out in engine.generate_many([request]) for t in out.ids]
+
+
+def test_a_full_queue_refuses_and_a_cancelled_request_frees_its_row_for_the_next():
+    from gptmini.rows import QueueFull
+
+    lm = tiny_lm("fp32")
+    engine = Engine(lm, parallel=1, max_queue=1)
+    got: dict[int, list] = {0: [], 1: []}
+    first = engine.submit(greedy([5, 6, 7], 40), got[0].append)
+    engine.submit(greedy([9, 10], 6), got[1].append)
+    with pytest.raises(QueueFull):
+        engine.submit(greedy([1], 4), lambda out: None)
+    for _ in range(3):
+        engine.run_step()
+    assert engine.running == 1 and engine.waiting == 1  # one row: the second waits
+    first.cancel()
+    while not got[1] or got[1][-1].finish_reason is None:
+        engine.run_step()
+    assert got[0][-1].finish_reason == "cancelled"
+    assert sum(len(o.ids) for o in got[0]) < 40
+    assert [t for o in got[1] for t in o.ids] == alone(
+        lm, greedy([9, 10], 6)
+    )  # the freed row, cold or cached
+
+
+@pytest.mark.parametrize("step", ["auto", "torch"])
+def test_a_request_admitted_mid_flight_and_rows_packed_after_a_removal_decode_as_alone(step):
+    """Rows leave at different steps and one joins late; on the PyTorch path the last row moves into a freed slot
+    (`packed`). Every request's tokens are its tokens alone."""
+    lm = tiny_lm("fp32")
+    batch = [greedy([3 + i, 4, 5 + 2 * i], 4 + 6 * i) for i in range(3)]
+    late = greedy([11, 12, 13, 14], 12)
+    engine = Engine(lm, parallel=3, max_queue=4, step=step)
+    got: list[list[int]] = [[] for _ in range(4)]
+    finished = [False] * 4
+
+    def emit(i):
+        def take(out):
+            got[i].extend(out.ids)
+            finished[i] = finished[i] or out.finish_reason is not None
+
+        return take
+
+    engine.submit_many([(r, emit(i)) for i, r in enumerate(batch)])
+    for _ in range(5):
+        engine.run_step()
+    assert (
+        finished[0] and not finished[2]
+    )  # the first left; its slot is free (and, packed, refilled by a move)
+    engine.submit(late, emit(3))
+    while not all(finished):
+        engine.run_step()
+    for request, tokens in zip([*batch, late], got, strict=True):
+        assert tokens == alone(lm, request, step)
+
+
+def test_each_row_slides_its_own_window_as_the_naive_recompute_does():
+    """A 48-token context: a long request slides its window (several times) beside a short one that never does;
+    both equal a full recompute under the documented window policy."""
+    from test_generation import naive_greedy
+
+    lm = tiny_lm("fp32")
+    long_prompt, short_prompt = list(range(100, 140)), [7, 8, 9]
+    engine = Engine(lm, parallel=2, max_queue=0)
+    got: dict[int, list[int]] = {0: [], 1: []}
+    for i, out in engine.generate_many([greedy(long_prompt, 70), greedy(short_prompt, 10)]):
+        got[i] += out.ids
+    with torch.no_grad():
+        assert got[0] == naive_greedy(lm.model, long_prompt, 70)
+        assert got[1] == naive_greedy(lm.model, short_prompt, 10)
