@@ -421,11 +421,17 @@ def train(
     batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
     lr: Annotated[
-        float | None, typer.Option(help="Peak learning rate [default: 5e-3 with muon, 2e-3 with adamw].")
+        float | None,
+        typer.Option(
+            help="Peak learning rate [default: 5e-3 with muon, 2e-3 with adamw: the one auto picks]."
+        ),
     ] = None,
     optimizer: Annotated[
         str | None,
-        typer.Option(help="muon (default: Muon for the blocks' matrices, AdamW for the rest) or adamw."),
+        typer.Option(
+            help="auto (default: Muon for the blocks' matrices, AdamW for the rest, where Newton–Schulz costs at "
+            "most one forward and backward; else AdamW), muon or adamw."
+        ),
     ] = None,
     min_lr_ratio: Annotated[float | None, typer.Option(help="Final lr as a fraction of the peak.")] = None,
     warmup_iters: Annotated[int | None, typer.Option(help="Linear warm-up steps.")] = None,
@@ -627,7 +633,9 @@ class _TrainView:
             f"{verb} {info['params'] / 1e6:.1f}M params ({m['n_layer']} layers, {m['n_head']} heads, "
             f"{m['n_embd']} wide, context {m['block_size']}) on {where} · "
             f"{info['train_tokens']:,} train / {info['val_tokens']:,} val tokens · budget {' or '.join(budget)} · "
-            f"→ {info['out']}"
+            f"optimizer {info['train']['optimizer']}"
+            + (f" ({info['optimizer_choice']})" if info.get("optimizer_choice") else "")
+            + f" · → {info['out']}"
         )
         self.progress = Progress(
             TextColumn("{task.description}"),

@@ -252,7 +252,7 @@ def check_encoding_errors(value: str) -> None:
 VOCABS = ("corpus", "gpt2")
 TRAIN_DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
-OPTIMIZERS = ("muon", "adamw")
+OPTIMIZERS = ("auto", "muon", "adamw")  # auto: Muon where its cost is small against the step (optim.py)
 # Peak lr per optimizer at 4×128 on Shakespeare: Muon 5e-3 beat 3e-3 and 2e-3 over 1,200 steps (1.926 bits/byte
 # in ten minutes); AdamW 2e-3 (3e-3: worse at 4×256, within noise at 4×128).
 DEFAULT_LR = {"muon": 5e-3, "adamw": 2e-3}
@@ -271,7 +271,9 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1
     lr: float | None = None  # peak; None: the optimizer's default (DEFAULT_LR)
-    optimizer: str = "muon"  # Muon for the blocks' matrices + AdamW for the rest, or "adamw" for everything
+    # Muon for the blocks' matrices + AdamW for the rest, "adamw" for everything, or "auto": Muon where its
+    # Newton–Schulz iterations cost little against a step (`gptmini.optim.choose_optimizer`), decided at the start
+    optimizer: str = "auto"
     min_lr_ratio: float = 0.1  # the cosine ends at lr × min_lr_ratio
     warmup_iters: int = 50
     max_iters: int | None = None
@@ -307,7 +309,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"unknown optimizer {self.optimizer!r}; choose muon or adamw")
+            raise UserError(f"unknown optimizer {self.optimizer!r}; choose auto, muon or adamw")
         for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -318,8 +320,10 @@ class TrainConfig:
             raise UserError(f"time must be positive, got {self.time_budget_s!r} seconds")
         if not isinstance(self.warmup_iters, int) or self.warmup_iters < 0:
             raise UserError(f"warmup-iters must be >= 0, got {self.warmup_iters!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise UserError(f"lr must be positive, got {self.lr}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0) and not (
+            self.lr is None and self.optimizer == "auto"
+        ):
+            raise UserError(f"lr must be positive, got {self.lr}")  # (auto's default lr follows its choice)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UserError(f"min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0:

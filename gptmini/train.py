@@ -65,7 +65,7 @@ from gptmini.evaluate import EvalResult, evaluate_tokens
 from gptmini.loading import load_checkpoint, read_model_config
 from gptmini.loss import IGNORE_INDEX, linear_cross_entropy
 from gptmini.model import GPT
-from gptmini.optim import WeightEMA, make_optimizer, restore_live_weights
+from gptmini.optim import WeightEMA, choose_optimizer, make_optimizer, restore_live_weights
 from gptmini.rundir import (
     BEST_DIR,
     append_metrics,
@@ -332,7 +332,8 @@ def _train(
         device = dist.device(resolve_device(tcfg.device))
         dtype = resolve_train_dtype(tcfg.dtype, device)
         state = load_train_state(out) if run is not None else None
-    plan = _Plan(tcfg, data, device, dtype, state)
+    tcfg, chosen = _resolve_optimizer(tcfg, data.mcfg, dist.world_size)
+    plan = _Plan(tcfg, data, device, dtype, state, chosen)
     # 2. The model, its optimizer and the batches (restored from the checkpoint when resuming).
     loop = _Loop(
         dist, plan, out, init_from=init_from, train_data=train_data, evaluator=evaluator, report=report
@@ -366,6 +367,20 @@ class _Plan:
     device: torch.device
     dtype: torch.dtype
     state: dict[str, Any] | None  # the train state to resume from
+    optimizer_choice: str = ""  # why `--optimizer auto` chose the optimizer it did ("" when it was given)
+
+
+def _resolve_optimizer(tcfg: TrainConfig, mcfg: GPTConfig, world_size: int) -> tuple[TrainConfig, str]:
+    """`--optimizer auto` made concrete from the model's shapes and the tokens a step (AdamW under FSDP, which
+    Muon cannot run), with the reason the run's first line gives."""
+    if tcfg.optimizer != "auto":
+        return tcfg, ""
+    if tcfg.fsdp:
+        return dataclasses.replace(tcfg, optimizer="adamw"), "auto: AdamW, as --fsdp needs"
+    tokens = tcfg.batch_size * tcfg.grad_accum * world_size * mcfg.block_size
+    name, cost = choose_optimizer(GPT.skeleton(mcfg, device="meta"), tokens)
+    reason = f"auto: Newton–Schulz costs {cost:.2f}× a step's forward and backward"
+    return dataclasses.replace(tcfg, optimizer=name), reason
 
 
 def _check_settings(
@@ -388,6 +403,8 @@ def _check_settings(
             {**run["train"], **{k: v for k, v in overrides.items() if v is not None}}
         )
         saved_optimizer = TrainConfig.from_dict(run["train"]).optimizer
+        if tcfg.optimizer == "auto":  # (what auto chose then, whatever it would choose now)
+            tcfg = dataclasses.replace(tcfg, optimizer=saved_optimizer)
         if tcfg.optimizer != saved_optimizer:
             raise UserError(
                 f"the run in {out} trained with --optimizer {saved_optimizer}; resume it with the same optimizer"
@@ -585,6 +602,7 @@ class _Loop:
             "flops_per_token": self.flops_per_token,
             "max_iters": tcfg.max_iters,
             "time_budget_s": tcfg.time_budget_s,
+            "optimizer_choice": plan.optimizer_choice,
         }
         self.report(TrainEvent("start", self.step, info))
 

@@ -71,7 +71,9 @@ def test_orthogonalize_approximates_the_polar_factor():
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     gpt = GPT(GPTConfig(vocab_size=300, n_layer=2, n_head=2, n_embd=16, block_size=8))
-    optimizer = make_optimizer(gpt, TrainConfig(max_iters=1), torch.device("cpu"), dtype=torch.float32)
+    optimizer = make_optimizer(
+        gpt, TrainConfig(max_iters=1, optimizer="muon"), torch.device("cpu"), dtype=torch.float32
+    )
     names = {id(p): name for name, p in gpt.named_parameters()}
     muon = {names[id(p)] for g in optimizer.param_groups if g["muon"] for p in g["params"]}
     other = {names[id(p)] for g in optimizer.param_groups if not g["muon"] for p in g["params"]}
@@ -122,7 +124,10 @@ def test_muon_orthogonalises_in_the_training_dtype():
     gpt = GPT(GPTConfig(vocab_size=300, n_layer=1, n_head=2, n_embd=16, block_size=8))
     cpu = torch.device("cpu")
     for compute, expected in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]:
-        assert make_optimizer(gpt, TrainConfig(max_iters=1), cpu, dtype=compute).ns_dtype == expected
+        assert (
+            make_optimizer(gpt, TrainConfig(max_iters=1, optimizer="muon"), cpu, dtype=compute).ns_dtype
+            == expected
+        )
     # An fp32 Muon step is the float64 recompute of the same update, to float32 rounding.
     w = torch.randn(24, 8, generator=torch.Generator().manual_seed(4))
     ours = w.clone().requires_grad_()
@@ -143,3 +148,24 @@ def test_a_stack_of_matrices_orthogonalises_each_as_alone():
         for one, alone in zip(batched, stack, strict=True):
             torch.testing.assert_close(one, orthogonalize(alone, dtype=torch.float32), rtol=0, atol=1e-6)
             assert (one.double() - _newton_schulz_float64(alone)).abs().max() < 1e-5
+
+
+def test_auto_takes_muon_where_newton_schulz_is_cheap_against_a_step_and_adamw_where_not():
+    """Newton–Schulz FLOPs by hand (5 iterations of 4m²n + 2m³ on each block matrix, m ≤ n) over the model's training
+    FLOPs: the shipped shape with 8 × 256 tokens takes Muon, GPT-2 small with 4 × 64 tokens takes AdamW."""
+    from gptmini.config import GPTConfig
+    from gptmini.model import GPT
+    from gptmini.optim import MUON_MAX_COST, choose_optimizer
+
+    def by_hand(c: GPTConfig, tokens: int) -> float:
+        d, h = c.n_embd, 4 * c.n_embd
+        mats = [(d, 3 * d), (d, d), (d, h), (d, h)]
+        ns = c.n_layer * sum(5 * (4 * m * m * n + 2 * m**3) for m, n in mats)
+        return ns / (GPT.skeleton(c, device="meta").flops_per_token(training=True) * tokens)
+
+    shipped = GPTConfig(n_layer=4, n_head=4, n_embd=192, block_size=256, vocab_size=4096)
+    gpt2 = GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=64)
+    for config, tokens, want in [(shipped, 8 * 256, "muon"), (gpt2, 4 * 64, "adamw")]:
+        name, cost = choose_optimizer(GPT.skeleton(config, device="meta"), tokens)
+        assert abs(cost - by_hand(config, tokens)) < 1e-9 * cost
+        assert name == want and (cost <= MUON_MAX_COST) == (want == "muon")

@@ -575,7 +575,7 @@ def test_train_compile_follows_the_eager_run(corpus, tmp_path):
         (["CORPUS", "--out", "EMPTYDIR", "--resume"], "nothing to resume"),
         (["CORPUS", "--out", "RUN"], "already holds a training run"),
         (["CORPUS", "--out", "RUN", "--resume", "--n-embd", "128"], "different model config"),
-        (["CORPUS", "--optimizer", "sgd"], "unknown optimizer 'sgd'; choose muon or adamw"),
+        (["CORPUS", "--optimizer", "sgd"], "unknown optimizer 'sgd'; choose auto, muon or adamw"),
         (["CORPUS", "--out", "RUN", "--resume", "--optimizer", "adamw"], "trained with --optimizer muon"),
     ],
 )
