@@ -295,7 +295,10 @@ def test_fsdp_without_torchrun_is_a_one_line_error(env, corpus, tmp_path, capsys
 
 
 def test_fsdp_with_muon_is_a_one_line_error(env, corpus, tmp_path):
-    done = torchrun(env, corpus, "--out", tmp_path / "run", *FLAGS, "--fsdp", timeout=120)
+    """Asked for by name: `--optimizer auto` (the default) takes AdamW under --fsdp instead."""
+    done = torchrun(
+        env, corpus, "--out", tmp_path / "run", *FLAGS, "--fsdp", "--optimizer", "muon", timeout=120
+    )
     # Rank 0 says it once and exits 2 (torchrun itself then exits 1, with its own report).
     assert done.returncode != 0 and "exitcode  : 2" in done.stderr, done.stderr[-3000:]
     assert done.stderr.count("error: Muon orthogonalises whole matrices") == 1, done.stderr[-3000:]
