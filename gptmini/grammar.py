@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from gptmini.errors import UserError
+from gptmini.tokenizer import byte_token_ids
 
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
@@ -120,8 +121,8 @@ class _Vocabulary:
     def __call__(self, text: bytes) -> list[int]:
         try:
             return self._tokenizer.encode(text.decode("utf-8"))
-        except UnicodeDecodeError:  # a piece of a character: its bytes one token each
-            return [self._tokenizer.encode(bytes([b]).decode("latin-1"))[0] for b in text]
+        except UnicodeDecodeError:  # a piece of a character: its bytes one byte token each
+            return self._tokenizer.from_gpt2(byte_token_ids()[list(text)]).tolist()
 
 
 def lltokenizer(tokenizer: Any, vocab_size: int) -> Any:

@@ -432,3 +432,12 @@ def test_langchain_structured_output_and_bound_tools(chat_app):
         jsonschema.validate(calls[0]["args"], weather)
     with pytest.raises(openai.BadRequestError, match="auto"):
         llm.bind_tools([get_weather]).invoke("Weather?")
+
+
+def test_the_grammar_engines_encoder_spells_a_broken_character_with_its_own_bytes(base_lm, gpt2_lm):
+    """llguidance asks the vocabulary to encode bytes that may end mid-character: each such byte is its byte token
+    (decoding gives the bytes back), on a compact vocabulary and on GPT-2's."""
+    for lm in (base_lm, gpt2_lm):
+        vocabulary = grammar._Vocabulary(lm.tokenizer, lm.config.vocab_size)
+        for raw in (b"caf\xc3", b"\xe9t\xe9", "naïve".encode()):
+            assert lm.tokenizer.decode_bytes(vocabulary(raw)) == raw
