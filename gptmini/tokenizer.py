@@ -222,6 +222,30 @@ class Tokenizer:
 
 
 @functools.lru_cache(maxsize=1)
+def _byte_chars() -> list[str]:
+    """GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves, the rest for chars from U+0100 on."""
+    printable = {
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    }
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def byte_level(raw: bytes) -> str:
+    """Bytes as GPT-2's byte-level BPE spells them in its vocab.json and merges.txt (Hugging Face's tokens)."""
+    chars = _byte_chars()
+    return "".join(chars[b] for b in raw)
+
+
+@functools.lru_cache(maxsize=1)
 def byte_token_ids() -> np.ndarray:
     """GPT-2 ids of the 256 single-byte tokens: any byte string can be spelled with them."""
     encoding = _gpt2_encoding()

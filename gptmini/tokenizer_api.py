@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from gptmini.openai_api import _chat_messages, _encode_prompt, whole_numbers
 from gptmini.server_state import APIError, State, _require_ready
+from gptmini.tokenizer import byte_level
 
 
 class TokenizeBody(BaseModel):
@@ -54,7 +55,7 @@ def _add_tokenizer_routes(app: FastAPI, state: State) -> None:
             "count": len(ids),
             "max_model_len": state.lm.config.block_size,
             "tokens": ids,
-            "token_strs": [_byte_level(tokenizer.token_bytes(i)) for i in ids]
+            "token_strs": [byte_level(tokenizer.token_bytes(i)) for i in ids]
             if body.return_token_strs
             else None,
         }
@@ -95,31 +96,6 @@ def _add_tokenizer_routes(app: FastAPI, state: State) -> None:
             "vocab_size": state.lm.config.vocab_size,
             "eos_token_id": state.lm.tokenizer.eot_id,
         }
-
-
-def _byte_level(raw: bytes) -> str:
-    """A token's bytes as GPT-2's byte-level BPE spells them (Hugging Face's `convert_ids_to_tokens`)."""
-    return "".join(_BYTE_CHARS[b] for b in raw)
-
-
-def _gpt2_byte_chars() -> list[str]:
-    # GPT-2's bytes_to_unicode: printable Latin-1 bytes stand for themselves, the rest for chars from U+0100 on.
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
-_BYTE_CHARS = _gpt2_byte_chars()
 
 
 def _piece(raw: bytes) -> str | list[int]:

@@ -70,18 +70,16 @@ def write_gpt2_tokenizer(path: Path) -> list[str]:
     They are written from the GPT-2 ranks gptmini ships (no download): every multi-byte token is a merge of the two
     tokens it was merged from, in rank order, spelled in GPT-2's byte-to-unicode alphabet.
     """
-    from gptmini.tokenizer import EOT, EOT_ID, _gpt2_ranks, merged_from
+    from gptmini.tokenizer import EOT, EOT_ID, _gpt2_ranks, byte_level, merged_from
 
-    byte_chars = _bytes_to_unicode()
-    spell = lambda b: "".join(byte_chars[x] for x in b)  # noqa: E731
     ranks = _gpt2_ranks()
-    vocab = {spell(token): rank for token, rank in ranks.items()}
+    vocab = {byte_level(token): rank for token, rank in ranks.items()}
     vocab[EOT] = EOT_ID
     merges = ["#version: 0.2"]
     for token, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(token) > 1:
             a, b = merged_from(token)
-            merges.append(f"{spell(a)} {spell(b)}")
+            merges.append(f"{byte_level(a)} {byte_level(b)}")
     (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (path / "merges.txt").write_text("\n".join(merges) + "\n", encoding="utf-8")
     (path / "tokenizer_config.json").write_text(
@@ -94,23 +92,6 @@ def write_gpt2_tokenizer(path: Path) -> list[str]:
     for token, i in vocab.items():
         by_id[i] = token
     return by_id
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte → printable character table."""
-    keep = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + n)
-            n += 1
-    return chars
 
 
 class Running:
