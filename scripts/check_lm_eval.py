@@ -36,9 +36,6 @@ import argparse
 import json
 import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +46,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_serve import Running, free_port, write_gpt2_tokenizer  # noqa: E402 (the scripts' folder first)
+
 HELD_OUT = ROOT.parent / "shared" / "data" / "paradise-lost.txt"  # never trained on
 FALLBACK_TEXT = ROOT / "data" / "shakespeare.txt"
 EOT = "<|endoftext|>"
@@ -131,17 +131,9 @@ def write_tasks(folder: Path, text: str, *, n_mc: int = 12, n_gen: int = 4, gen_
 # ---- the server -------------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serve(checkpoint: Path | str, *args: str, timeout: float = 120) -> Iterator[str]:
-    """A real `gptmini serve` process on a free loopback port; yields its base URL."""
-    import httpx
-
+    """A real `gptmini serve` process of this checkout on a free loopback port; yields its base URL."""
     port = free_port()
     cmd = [sys.executable, "-m", "gptmini", "serve", "-c", str(checkpoint), "--device", "cpu"]
     cmd += ["--threads", "1", "--port", str(port), "--quiet", "--no-ui", *args]
@@ -149,31 +141,12 @@ def serve(checkpoint: Path | str, *args: str, timeout: float = 120) -> Iterator[
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    url = f"http://127.0.0.1:{port}"
+    server = Running(cmd, port, env)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"gptmini serve exited with {proc.returncode}: {proc.stdout.read()}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("gptmini serve did not become ready")
-            time.sleep(0.1)
-        yield url
+        server.wait_ready("/health", timeout)
+        yield server.url
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        proc.stdout.close()
+        server.stop()
 
 
 # ---- lm-eval ----------------------------------------------------------------------------------------------------
@@ -504,9 +477,6 @@ def write_random_gpt2(path: Path, *, n_positions: int = 128) -> Path:
     tokenizer files (written from the ranks gptmini ships: no download)."""
     import torch
     import transformers
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from bench_serve import write_gpt2_tokenizer
 
     torch.manual_seed(0)
     config = transformers.GPT2Config(
