@@ -177,6 +177,21 @@ TOOL_CALL = _shared(
     ),
 )
 _HEAD = {"id": STRING, "created": INTEGER, "model": STRING, "system_fingerprint": NULL}
+
+
+def _text_choice(finish_reasons: list[str | None]) -> dict[str, Any]:
+    """A completions choice (whole or a stream's chunk: they differ in the finish reasons they may hold)."""
+    return _object(
+        {
+            "index": INTEGER,
+            "text": STRING,
+            "logprobs": _nullable(COMPLETION_LOGPROBS),
+            "finish_reason": {"enum": finish_reasons},
+        },
+        ("index", "text", "logprobs", "finish_reason"),
+    )
+
+
 COMPLETION = _shared(
     "Completion",
     _object(
@@ -185,15 +200,7 @@ COMPLETION = _shared(
             "object": {"const": "text_completion"},
             "choices": {
                 "type": "array",
-                "items": _object(
-                    {
-                        "index": INTEGER,
-                        "text": STRING,
-                        "logprobs": _nullable(COMPLETION_LOGPROBS),
-                        "finish_reason": {"enum": ["stop", "length"]},
-                    },
-                    ("index", "text", "logprobs", "finish_reason"),
-                ),
+                "items": _text_choice(["stop", "length"]),
             },
             "usage": USAGE,
         },
@@ -241,15 +248,7 @@ COMPLETION_CHUNK = _shared(
             "object": {"const": "text_completion"},
             "choices": {
                 "type": "array",
-                "items": _object(
-                    {
-                        "index": INTEGER,
-                        "text": STRING,
-                        "logprobs": _nullable(COMPLETION_LOGPROBS),
-                        "finish_reason": {"enum": ["stop", "length", None]},
-                    },
-                    ("index", "text", "logprobs", "finish_reason"),
-                ),
+                "items": _text_choice(["stop", "length", None]),  # None until the choice's last chunk
             },
         },
         ("id", "object", "created", "model", "choices"),
