@@ -113,9 +113,8 @@ def next_token_probs(
     if cfg.greedy:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     tempered = _finite(logits / cfg.temperature)
-    if (
-        allowed is not None
-    ):  # _finite made the mask's -inf the lowest finite value: penalised tokens could tie it
+    if allowed is not None:
+        # _finite made the mask's -inf the lowest finite value, which a penalised token can reach and tie
         tempered = tempered.masked_fill(~allowed, float("-inf"))
     return filter_logits(tempered, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p).softmax(dim=-1)
 
