@@ -464,7 +464,7 @@ class Engine:
             # vLLM's, and as lm-eval reads `echo` with `max_tokens: 1`: the prompt's tokens, then one more).
             if info is not None:
                 row.pending.append((row.text_len, row.text_len, info))
-            self._release(row, row.matcher.feed(self._flush(row)) + row.matcher.flush(), final=True)
+            self._release_rest(row)
             return self._done(row, "stop", "eos" if eos else "stop")
         if row.constraint is not None:
             row.constraint.take(tok)
@@ -477,7 +477,7 @@ class Engine:
             self._release(row, text, final=True)
             return self._done(row, "stop", "stop")
         if row.constraint is not None and (row.constraint.done or row.constraint.error):
-            self._release(row, text + row.matcher.feed(self._flush(row)) + row.matcher.flush(), final=True)
+            self._release_rest(row, text)
             if row.constraint.error:  # no allowed token was left: a grammar llguidance could not follow
                 self._finish_handle(
                     row.handle, "error", len(row.req.prompt_ids), row.generated, error=row.constraint.error
@@ -485,7 +485,7 @@ class Engine:
                 return True
             return self._done(row, "stop", "grammar")
         if row.generated >= row.req.max_new_tokens:
-            self._release(row, text + row.matcher.feed(self._flush(row)) + row.matcher.flush(), final=True)
+            self._release_rest(row, text)
             return self._done(row, "length", "max_new_tokens")
         self._release(row, text)
         return False
@@ -510,9 +510,10 @@ class Engine:
             self._emit(row.handle, Output(text=text, tokens=tokens, ids=row.new_ids))
             row.new_ids = []
 
-    @staticmethod
-    def _flush(row: Row) -> str:
-        return row.decoder.flush() if row.decoder is not None else ""
+    def _release_rest(self, row: Row, text: str = "") -> None:
+        """The row's last output: `text`, then what its decoder and stop matcher still hold."""
+        flushed = row.decoder.flush() if row.decoder is not None else ""
+        self._release(row, text + row.matcher.feed(flushed) + row.matcher.flush(), final=True)
 
     def _done(self, row: Row, reason: str, stop_reason: str) -> bool:
         row.stats.stop_reason = stop_reason
