@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gptmini import grammar
-from gptmini.errors import UserError
 from gptmini.server_state import APIError
 
 
@@ -155,7 +154,7 @@ def structure(body: Any, tokenizer: Any, vocab_size: int, *, chat: bool) -> Stru
             return Structure()
         if out.grammar is not None:
             grammar.check(out.grammar, tokenizer, vocab_size)
-    except (UserError, ValueError) as e:
+    except ValueError as e:  # UserError is one
         param = next(iter(asked), "tools")
         raise APIError(400, f"{param}: {e}", param=param, code="invalid_value") from None
     return out
